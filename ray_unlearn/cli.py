@@ -1,0 +1,115 @@
+"""`ray-unlearn`: run (unlearn + evaluate + report), data (build the built-in benchmark), config.
+
+Bad input ends with `error: <one line>` on stderr and exit status 2; nothing is written before
+the inputs have been checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ray_unlearn.config import JobConfig, dump_config, load_config, to_dict
+from ray_unlearn.errors import UnlearnError
+
+
+def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[JOB.yaml] [key=value ...]` -> (job path or None, overrides)."""
+    job, overrides = None, []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif job is None:
+            job = a
+        else:
+            raise UnlearnError(f"unexpected argument {a!r}: give one job file and key=value overrides")
+    return job, overrides
+
+
+def _load(ns: argparse.Namespace) -> JobConfig:
+    job, overrides = _split_args(ns.args)
+    if getattr(ns, "output_dir", None):
+        overrides.append(f"output_dir={ns.output_dir}")
+    return load_config(job, overrides)
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from ray_unlearn.pipeline import run_job
+
+    run_job(_load(ns))
+    return 0
+
+
+def cmd_data(ns: argparse.Namespace) -> int:
+    from ray_unlearn.pipeline import console, progress_reporter
+    from ray_unlearn.models.build import ensure_benchmark
+
+    cfg = _load(ns)
+    with progress_reporter() as report:
+        built = ensure_benchmark(cfg.benchmark, cfg.data.prompt_template, report)
+    console.print(f"benchmark [bold]{cfg.benchmark.size}[/] at {built.root}")
+    for k, v in built.manifest.items():
+        console.print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = _load(ns)
+    if ns.write:
+        dump_config(cfg, ns.write)
+        print(f"wrote {ns.write}")
+    else:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ray-unlearn", description="Distributed LLM unlearning on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="unlearn with Ray Train, then evaluate and write the report")
+    run.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...] (no job file: the built-in default)")
+    run.add_argument("--output-dir", help="output directory (same as output_dir=...)")
+    run.set_defaults(fn=cmd_run)
+    data = sub.add_parser("data", help="build (or show the cached) built-in benchmark and its models")
+    data.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...], e.g. benchmark.size=micro")
+    data.set_defaults(fn=cmd_data)
+    conf = sub.add_parser("config", help="print the complete resolved config as YAML")
+    conf.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...]")
+    conf.add_argument("--write", help="write it to this file instead")
+    conf.set_defaults(fn=cmd_config)
+    return p
+
+
+def quiet_libraries() -> None:
+    """Keep HF's per-file progress bars and advisory warnings out of the job's output."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        return ns.fn(ns)
+    except UnlearnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Typed job configuration: complete YAML files plus dotted `key=value` overrides.
+
+Every field has a help string (``field(metadata={"help": ...})``). Loading checks every key
+against the dataclasses: unknown keys, wrong types and invalid values raise `UnlearnError`
+with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ray_unlearn.errors import UnlearnError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (dict, list, tuple)) and not isinstance(default, tuple):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UnlearnError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if not (value > 0 or (allow_zero and value == 0)) or (isinstance(value, float) and not math.isfinite(value)):
+        raise UnlearnError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class BenchmarkConfig:
+    size: str = _f("small", "Size of the built-in benchmark and its models: micro (tests), small (demo), medium.")
+    seed: int = _f(0, "Seed of the fictitious-entity generator and of the model builds.")
+    cache_dir: str = _f("~/.cache/ray_unlearn", "Where built benchmarks are cached, keyed by their config.")
+
+    def __post_init__(self) -> None:
+        _choice("benchmark.size", self.size, ("micro", "small", "medium"))
+
+
+@dataclass
+class DataConfig:
+    forget_split: str = _f("forget10", "Built-in forget split (forget01, forget05, forget10).")
+    forget_path: str = _f("", "TOFU-format file (.json/.jsonl/.parquet), load_from_disk dir, hub dataset id, "
+                              "or .txt corpus (one document per line) to forget; empty = built-in split.")
+    retain_path: str = _f("", "Retain data in the same formats; empty = the built-in retain split.")
+    hub_split: str = _f("train", "Split to read when a path is a hub dataset id or a DatasetDict.")
+    max_length: int = _f(128, "Maximum tokens per (prompt + answer) sequence.")
+    prompt_template: str = _f("Question: {question}\nAnswer:", "Prompt around each question ({question}).")
+    refusal: str = _f("I don't know.", "Refusal answer used by idk_dpo and refusal terms.")
+    overlap: str = _f("warn", "Forget items also in the retain set: warn (and drop them from retain) or error.")
+
+    def __post_init__(self) -> None:
+        _choice("data.overlap", self.overlap, ("warn", "error"))
+        _positive("data.max_length", self.max_length)
+        if "{question}" not in self.prompt_template:
+            raise UnlearnError("data.prompt_template: must contain {question}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "HF model directory or hub id to unlearn; empty = the built-in benchmark's target model.")
+    tokenizer: str = _f("", "Tokenizer directory or hub id; empty = same as model.path.")
+    retain_model: str = _f("", "Retain (retrained) model for forget quality; empty = built-in retain model.")
+    trust_remote_code: bool = _f(False, "Allow custom model code from the model directory (off unless set).")
+    dtype: str = _f("float32", "Parameter dtype: float32, bfloat16, float16.")
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class ObjectiveConfig:
+    terms: dict[str, float] = _f({"npo": 1.0, "retain_nll": 1.0},
+                                 "Weighted objective terms, name -> weight (ga, retain_nll, retain_kl, npo, "
+                                 "simnpo, idk_dpo, refusal).")
+    npo_beta: float = _f(0.1, "NPO inverse temperature beta.")
+    simnpo_beta: float = _f(2.5, "SimNPO inverse temperature beta.")
+    simnpo_delta: float = _f(0.0, "SimNPO reward margin delta.")
+    dpo_beta: float = _f(0.1, "IdkDPO inverse temperature beta.")
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise UnlearnError("objective.terms: needs at least one term, e.g. {ga: 1.0}")
+        for name, w in self.terms.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
+                raise UnlearnError(f"objective.terms.{name}: weight must be a finite number, got {w!r}")
+        for key in ("npo_beta", "simnpo_beta", "dpo_beta"):
+            _positive(f"objective.{key}", getattr(self, key))
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("sophia", "Optimizer: sophia (SOUL, second order) or adamw (first order).")
+    lr: float = _f(1e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.1, "Decoupled weight decay.")
+    betas: list[float] = _f([0.9, 0.95], "(beta1, beta2): momentum and Hessian EMA (Sophia) / AdamW betas.")
+    rho: float = _f(0.04, "Sophia clipping threshold rho.")
+    hessian: str = _f("gnb", "Sophia Hessian estimator: gnb, hutchinson or empirical.")
+    hessian_interval: int = _f(10, "Update the Hessian estimate every k optimizer steps (empirical: every step).")
+    bs: int = _f(0, "Sophia's bs scale of h in rho*bs*h; 0 = the estimator's natural scale "
+                    "(gnb: answer tokens per batch; hutchinson: 1; empirical: 5120).")
+    soul_compat: bool = _f(False, "Reproduce the SOUL code exactly (momentum updated twice per step, bs 5120).")
+    grad_clip: float = _f(1.0, "Clip the gradient norm to this value; 0 = no clipping.")
+
+    def __post_init__(self) -> None:
+        _choice("optim.hessian", self.hessian, ("gnb", "hutchinson", "empirical"))
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.rho", self.rho)
+        _positive("optim.hessian_interval", self.hessian_interval)
+        _positive("optim.bs", self.bs, allow_zero=True)
+        _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UnlearnError(f"optim.betas: needs two values in [0, 1), got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(60, "Optimizer steps of unlearning.")
+    batch_size: int = _f(8, "Forget items per worker per micro-batch (retain batches are the same size).")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+    lr_schedule: str = _f("constant", "LR schedule after warmup: constant, linear or cosine decay.")
+    log_every: int = _f(5, "Log (and report to Ray) every N steps.")
+    checkpoint_every: int = _f(0, "Checkpoint every N steps; 0 = only at the end.")
+    seed: int = _f(0, "Seed for data order and stochastic estimators.")
+
+    def __post_init__(self) -> None:
+        _choice("train.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = _f(2, "Ray Train workers; 0 runs the loop in the driver process.")
+    use_gpu: bool = _f(False, "One GPU per worker (NCCL); CPU workers use gloo.")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker.")
+    strategy: str = _f("ddp", "Data-parallel strategy: ddp.")
+    address: str = _f("", "Ray cluster address; empty = start or join a local one.")
+    max_failures: int = _f(0, "Worker-group restarts allowed before the run fails.")
+
+    def __post_init__(self) -> None:
+        _choice("ray.strategy", self.strategy, ("ddp",))
+        _positive("ray.num_workers", self.num_workers, allow_zero=True)
+        _positive("ray.cpus_per_worker", self.cpus_per_worker)
+        _positive("ray.max_failures", self.max_failures, allow_zero=True)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = _f(True, "Evaluate target, unlearned and retain models after unlearning.")
+    max_items: int = _f(0, "Items per split to evaluate; 0 = all.")
+    batch_size: int = _f(32, "Evaluation batch size.")
+    max_new_tokens: int = _f(32, "Greedy generation length for ROUGE.")
+
+    def __post_init__(self) -> None:
+        _positive("eval.max_items", self.max_items, allow_zero=True)
+        _positive("eval.batch_size", self.batch_size)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
+class JobConfig:
+    name: str = _f("unlearn", "Run name: resuming reuses it with the same output_dir.")
+    output_dir: str = _f("runs/unlearn", "Where checkpoints, the final model, eval and report go.")
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig, metadata={"help": "Built-in benchmark."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Forget/retain data."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model to unlearn."})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "Unlearning objective."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Unlearning loop."})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray Train scaling."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation after unlearning."})
+
+
+# ---------------------------------------------------------------- loading and checking
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` coerced to `tp` (int -> float only), or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UnlearnError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)[:1]
+        return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UnlearnError(f"{key}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _check_type(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type {tp}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 as a string
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UnlearnError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UnlearnError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise UnlearnError(f"unknown config key {prefix}{key!s} (valid: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(f"{prefix}{key}", value, tp)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (what the YAML file holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["optim.lr=1e-4", "objective.terms.ga=1"]` -> nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UnlearnError(f"override {pair!r}: expected key=value, e.g. optim.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UnlearnError(f"override {pair!r}: {part} is not a section")
+        node[leaf] = value
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `over` into a copy of `base` (dict values merge, others replace)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a job YAML (or the defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UnlearnError(f"job file {p} does not exist or is not a file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise UnlearnError(f"job file {p} cannot be read: {e}") from None
+        except yaml.YAMLError as e:
+            raise UnlearnError(f"job file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UnlearnError(f"job file {p}: expected a mapping of sections at the top level")
+    objective = data.setdefault("objective", {}) if isinstance(data.get("objective", {}), dict) else {}
+    if isinstance(objective, dict) and "terms" not in objective:
+        objective["terms"] = dict(ObjectiveConfig().terms)  # overrides then add to the default terms
+    data = merge(data, parse_overrides(overrides or []))
+    return from_dict(JobConfig, data)
+
+
+def dump_config(cfg: JobConfig, path: str | Path) -> None:
+    """Write the complete config as YAML (loadable by `load_config`)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,74 @@
+"""Resolve a job's inputs before any work starts: benchmark, model, tokenizer, data.
+
+Everything a run needs is checked here, in the driver, so bad input fails in seconds with a
+one-line error instead of inside a Ray worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ray_unlearn.config import JobConfig
+from ray_unlearn.errors import UnlearnError
+
+BUILTIN_FORGET_SPLITS = ("forget01", "forget05", "forget10")
+
+
+@dataclass
+class JobInputs:
+    """What a run reads: model/tokenizer locations and the forget, retain and evaluation items."""
+
+    bench: str
+    model_path: str
+    tokenizer_path: str
+    retain_model_path: str | None
+    forget: list[dict]
+    retain: list[dict]
+    kind: str = "qa"
+    eval_splits: dict[str, list[dict]] = field(default_factory=dict)
+    build_figures: dict[str, Any] | None = None
+
+
+def resolve_inputs(cfg: JobConfig, report: Callable[[str, int, int], None] | None = None) -> JobInputs:
+    """Build the benchmark if needed, load and check data, and pick model paths."""
+    from ray_unlearn.data.loaders import load_forget_items, load_qa, resolve_overlap
+
+    built = None
+    if not cfg.model.path or not cfg.data.forget_path or not cfg.data.retain_path:
+        from ray_unlearn.models.build import ensure_benchmark
+
+        built = ensure_benchmark(cfg.benchmark, cfg.data.prompt_template, report)
+    splits = built.splits() if built is not None else {}
+    if cfg.data.forget_path:
+        forget, kind = load_forget_items(cfg.data.forget_path)
+    else:
+        if cfg.data.forget_split not in BUILTIN_FORGET_SPLITS:
+            raise UnlearnError(f"data.forget_split: {cfg.data.forget_split!r} is not one of "
+                               f"{', '.join(BUILTIN_FORGET_SPLITS)}")
+        forget, kind = splits[cfg.data.forget_split], "qa"
+    retain = load_qa(cfg.data.retain_path, cfg.data.hub_split) if cfg.data.retain_path else splits["retain"]
+    if not forget:
+        raise UnlearnError("the forget set is empty; give data.forget_path with at least one item")
+    retain = resolve_overlap(forget, retain, cfg.data.overlap)
+    model_path = cfg.model.path or str(built.target_dir)
+    retain_model = cfg.model.retain_model or (str(built.retain_dir) if built is not None and not cfg.model.path
+                                              else None)
+    eval_splits = {"forget": forget} if kind == "qa" else {}
+    eval_splits["retain"] = retain
+    if "world_facts" in splits:
+        eval_splits["world_facts"] = splits["world_facts"]
+    bench = (f"BUILTIN_{cfg.benchmark.size}_{cfg.data.forget_split}" if not cfg.data.forget_path else "CUSTOM")
+    return JobInputs(bench=bench, model_path=model_path, tokenizer_path=cfg.model.tokenizer or model_path,
+                     retain_model_path=retain_model, forget=forget, retain=retain, kind=kind,
+                     eval_splits=eval_splits, build_figures=built.manifest if built is not None else None)
+
+
+def load_checked(cfg: JobConfig, inputs: JobInputs) -> tuple[Any, Any]:
+    """Load the model and tokenizer and check that they fit together."""
+    from ray_unlearn.models.io import check_vocab, load_model, load_tokenizer
+
+    model = load_model(inputs.model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(inputs.tokenizer_path, cfg.model.trust_remote_code)
+    check_vocab(model, tokenizer)
+    return model, tokenizer

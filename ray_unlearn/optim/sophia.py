@@ -1,0 +1,159 @@
+"""SophiaG (Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer"), as in the
+authors' reference code (github.com/Liuhong99/Sophia, sophia.py), plus SOUL's variant.
+
+Per parameter tensor, with g the gradient, m the momentum, h the diagonal Hessian EMA:
+
+    update_hessian (every k steps):  h <- b2*h + (1-b2)*h_hat          (h_hat = g*g by default)
+    step(bs):                         m <- b1*m + (1-b1)*g
+                                      theta <- theta*(1 - lr*wd)
+                                      theta <- theta - lr*sign(m)*min(|m| / (rho*bs*h + 1e-15), 1)
+
+`bs` scales the Hessian: the reference feeds h_hat = g_hat*g_hat of a mean loss over B sampled
+tokens and passes bs=B to step, so rho*bs*h is rho times the Gauss-Newton-Bartlett estimate
+B*g_hat*g_hat. A coordinate is "clipped" when its ratio reaches 1 (it then moves by exactly lr);
+`clip_rate` is the fraction of coordinates NOT clipped, which the authors log as `win_rate` and
+keep near 0.1-0.5 by tuning rho.
+
+SOUL (Jia et al. 2024, github.com/OPTML-Group/SOUL, src/optim/sophia.py): its `step()` calls
+`update_hessian()` (h <- b2*h + (1-b2)*g*g with the unlearning gradient, every step) and then
+`update_exp_avg()` (m <- b1*m + (1-b1)*g) before running the reference rule above, which folds g
+into m a second time; the HF Trainer calls `step()` without bs, so bs = 5120. `soul_compat=True`
+reproduces that: `update_hessian` also does m <- b1*m + (1-b1)*g, so with an update_hessian every
+step (the empirical estimator) one step does
+
+    h <- b2*h + (1-b2)*g*g ;  m <- b1^2*m + (1-b1^2)*g ;  theta as above with bs = 5120
+
+i.e. the reference rule with an effective momentum b1^2 (0.81 for b1 = 0.9). The fixed bs and the
+every-step empirical estimator come from `build_hessian_estimator` (see ray_unlearn.optim).
+What this class does not reproduce: SOUL's `update_exp_avg` ignores `maximize` (here the fold
+uses the same signed gradient as the step; SOUL never sets maximize), and SOUL's parameter groups
+exempt biases and LayerNorm weights from weight decay (pass such groups to get the same).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+_EPS = 1e-15  # the reference's denominator guard
+
+
+def _sophia_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, hessian: Tensor, *,
+                    lr: float, beta1: float, rho: float, weight_decay: float, bs: float) -> Tensor:
+    """`sophia_update` without the host sync: returns the not-clipped count as a 0-d tensor."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    param.mul_(1 - lr * weight_decay)
+    ratio = (exp_avg.abs() / (rho * bs * hessian + _EPS)).clamp(max=1)
+    param.addcmul_(exp_avg.sign(), ratio, value=-lr)
+    return (ratio < 1).sum()
+
+
+@torch.no_grad()
+def sophia_update(param: Tensor, grad: Tensor, exp_avg: Tensor, hessian: Tensor, *,
+                  lr: float, beta1: float, rho: float, weight_decay: float, bs: float) -> int:
+    """One in-place SophiaG step on one tensor; returns how many coordinates were NOT clipped.
+
+    param:   [*S]  updated in place
+    grad:    [*S]  gradient g (already negated when maximizing)
+    exp_avg: [*S]  momentum m, updated in place: m <- b1*m + (1-b1)*g
+    hessian: [*S]  diagonal Hessian EMA h (read only)
+
+    theta <- theta*(1 - lr*wd);  ratio = min(|m| / (rho*bs*h + 1e-15), 1);
+    theta <- theta - lr*sign(m)*ratio.  Not clipped means ratio < 1.
+    """
+    return int(_sophia_update_(param, grad, exp_avg, hessian, lr=lr, beta1=beta1, rho=rho,
+                               weight_decay=weight_decay, bs=bs))
+
+
+class SophiaG(torch.optim.Optimizer):
+    """SophiaG with the reference `update_hessian()` / `step(bs=...)` protocol (see module doc).
+
+    Per-group hyperparameters: lr, betas=(b1, b2), rho, weight_decay, maximize.
+    `soul_compat=True` makes `update_hessian` also fold the gradient into the momentum, as the
+    SOUL code does (momentum updated twice per step). After each `step`, `clip_rate` holds the
+    fraction of coordinates NOT clipped (ratio < 1); it is NaN before the first step.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), rho: float = 0.04,
+                 weight_decay: float = 0.1, *, maximize: bool = False, soul_compat: bool = False):
+        if not lr >= 0:
+            raise ValueError(f"SophiaG: invalid lr {lr} (needs >= 0)")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"SophiaG: invalid betas {betas} (needs two values in [0, 1))")
+        if not rho > 0:
+            raise ValueError(f"SophiaG: invalid rho {rho} (needs > 0)")
+        if not weight_decay >= 0:
+            raise ValueError(f"SophiaG: invalid weight_decay {weight_decay} (needs >= 0)")
+        defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+        self.soul_compat = soul_compat
+        self.clip_rate = math.nan  # fraction of coordinates not clipped in the last step
+
+    def _state(self, p: Tensor) -> dict:
+        """The state of `p`, created on first use: step count, momentum m and Hessian EMA h."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _grad(self, p: Tensor, group: dict) -> Tensor:
+        """g = p.grad, negated when the group maximizes."""
+        return -p.grad if group["maximize"] else p.grad
+
+    def _trainable(self) -> list[tuple[Tensor, dict]]:
+        """(param, group) for every param of every group that requires grad, in order."""
+        return [(p, g) for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    @torch.no_grad()
+    def update_hessian(self, estimates: Sequence[Tensor] | None = None) -> None:
+        """Fold a diagonal Hessian estimate into h: h <- b2*h + (1-b2)*h_hat.
+
+        estimates=None is the reference protocol, h_hat = p.grad*p.grad for each param with a
+        grad; otherwise `estimates` are aligned with the params (of all groups) that require grad,
+        in order. With soul_compat, also m <- b1*m + (1-b1)*g for each param with a grad.
+        """
+        pairs = self._trainable()
+        if estimates is None:
+            pairs = [(p, g) for p, g in pairs if p.grad is not None]
+            estimates = [p.grad * p.grad for p, _ in pairs]
+        elif len(estimates) != len(pairs):
+            raise ValueError(f"update_hessian: got {len(estimates)} estimates for {len(pairs)} trainable params")
+        for (p, group), est in zip(pairs, estimates):
+            if est.shape != p.shape:
+                raise ValueError(f"update_hessian: estimate of shape {tuple(est.shape)} for a param of "
+                                 f"shape {tuple(p.shape)}")
+            beta1, beta2 = group["betas"]
+            state = self._state(p)
+            state["hessian"].mul_(beta2).add_(est.to(p.dtype), alpha=1 - beta2)
+            if self.soul_compat and p.grad is not None:
+                state["exp_avg"].mul_(beta1).add_(self._grad(p, group), alpha=1 - beta1)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None, bs: float = 5120):
+        """One SophiaG step on every param with a grad (rule in `sophia_update`); sets clip_rate."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        kept, total = [], 0
+        for group in self.param_groups:
+            beta1, _ = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SophiaG does not support sparse gradients")
+                state = self._state(p)
+                state["step"] += 1
+                kept.append(_sophia_update_(p, self._grad(p, group), state["exp_avg"], state["hessian"],
+                                            lr=group["lr"], beta1=beta1, rho=group["rho"],
+                                            weight_decay=group["weight_decay"], bs=bs))
+                total += p.numel()
+        if total:
+            self.clip_rate = float(sum(k.to(kept[0].device) for k in kept)) / total  # one host sync
+        return loss

@@ -1,0 +1,147 @@
+"""The main job, driver side: check inputs, unlearn on Ray Train, save, evaluate, report.
+
+Only `run_job` reaches Ray, through `ray_unlearn.train` (imported when the run starts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ray_unlearn.config import JobConfig, dump_config
+from ray_unlearn.errors import UnlearnError
+from ray_unlearn.job import JobInputs, load_checked, resolve_inputs
+
+console = Console(stderr=False, highlight=False)
+
+
+@contextmanager
+def progress_reporter() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress display; yields report(task, done, total)."""
+    tasks: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as prog:
+        def report(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = prog.add_task(task, total=total)
+            prog.update(tasks[task], completed=done, total=total)
+
+        yield report
+
+
+def validate(cfg: JobConfig) -> None:
+    """Check names that only the objective and optimizer registries know."""
+    from ray_unlearn.objectives import build_objective
+    from ray_unlearn.optim import OPTIMIZERS
+
+    build_objective(cfg.objective)
+    if cfg.optim.name not in OPTIMIZERS:
+        raise UnlearnError(f"optim.name: unknown optimizer {cfg.optim.name!r} (valid: {', '.join(sorted(OPTIMIZERS))})")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
+    """Unlearn, save the model, evaluate and report; returns the summaries by model name."""
+    t0 = time.time()
+    validate(cfg)
+    with progress_reporter() as report:
+        inputs = resolve_inputs(cfg, report)
+    model, tokenizer = load_checked(cfg, inputs)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    console.print(f"unlearning {inputs.model_path} on {len(inputs.forget)} forget / {len(inputs.retain)} retain "
+                  f"items with {cfg.optim.name} ({cfg.ray.num_workers} Ray Train workers)")
+    from ray_unlearn.loop import checkpoint_history, load_checkpoint_weights
+    from ray_unlearn.models.io import save_model
+    from ray_unlearn.train import fit
+
+    ckpt, _ = fit(cfg, inputs)
+    load_checkpoint_weights(model, ckpt)
+    history = checkpoint_history(ckpt)
+    train_s = time.time() - t0
+    save_model(model, tokenizer, out / "model")
+    _write_json(out / "history.json", history)
+    summaries: dict[str, dict[str, float]] = {}
+    if cfg.eval.enabled:
+        summaries = evaluate_all(cfg, inputs, model, tokenizer, out)
+        _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"})
+    console.print(f"outputs in [bold]{out.resolve()}[/] (model: {out / 'model'})")
+    return summaries
+
+
+def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Any, tokenizer: Any,
+                 out: Path) -> dict[str, dict[str, float]]:
+    """Evaluate retain (when known), target and unlearned models; write their EVAL/SUMMARY files."""
+    from ray_unlearn.eval.suite import evaluate_model, summary, write_eval
+    from ray_unlearn.models.io import load_model
+
+    models: dict[str, Callable[[], Any]] = {}
+    if inputs.retain_model_path:
+        models["retain"] = lambda: load_model(inputs.retain_model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    models["target"] = lambda: load_model(inputs.model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    models["unlearned"] = lambda: unlearned
+    summaries, retain_tr = {}, None
+    for name, make in models.items():
+        with console.status(f"evaluating {name} model") as status:
+            results = evaluate_model(make(), tokenizer, inputs.eval_splits, cfg.eval, cfg.data.prompt_template,
+                                     cfg.data.max_length, retain_truth_ratios=retain_tr,
+                                     progress=lambda msg, n=name: status.update(f"evaluating {n} model: {msg}"))
+        if name == "retain":
+            retain_tr = truth_ratios(results)
+        eval_dir = out / "eval" if name == "unlearned" else out / "eval" / name
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        write_eval(eval_dir, inputs.bench, results)
+        summaries[name] = summary(results)
+    order = [n for n in ("target", "unlearned", "retain") if n in summaries]
+    return {n: summaries[n] for n in order}
+
+
+def truth_ratios(results: dict[str, Any]) -> list[float] | None:
+    """Per-item forget truth ratios from an EVAL result (for forget quality against this model)."""
+    by_index = results.get("forget_truth_ratio", {}).get("value_by_index")
+    if not by_index:
+        return None
+    vals = [v["score"] if isinstance(v, dict) else v for v in by_index.values()]
+    return [float(v) for v in vals if v is not None]
+
+
+def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
+            history: list[dict[str, float]], facts: dict[str, Any]) -> None:
+    from ray_unlearn.eval.report import (comparison_rows, gap_closed, plot_metrics, plot_training,
+                                         write_report)
+
+    plots_dir = out / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    plots = [p for p in (plot_training(history, plots_dir / "training_curves.png"),
+                         plot_metrics(summaries, plots_dir / "metrics.png")) if p is not None]
+    gap = gap_closed(summaries, "target", "unlearned", "retain")
+    facts = {"model": inputs.model_path, "benchmark": inputs.bench, "optimizer": cfg.optim.name,
+             "objective": ", ".join(f"{k}×{v:g}" for k, v in cfg.objective.terms.items()),
+             "steps": cfg.train.max_steps, "workers": cfg.ray.num_workers, **facts}
+    if inputs.build_figures:
+        facts["benchmark build"] = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in inputs.build_figures.items())
+    write_report(out, summaries, gap, facts, plots)
+    table = Table(title="ray_unlearn summary")
+    table.add_column("metric")
+    for name in summaries:
+        table.add_column(name, justify="right")
+    for row in comparison_rows(summaries):
+        table.add_row(*row)
+    console.print(table)
+    for k, v in gap.items():
+        console.print(f"{k}: {v:.3f}")

@@ -1,0 +1,140 @@
+"""Ray Train glue: run the unlearning loop in a TorchTrainer (DDP over gloo on CPU, NCCL on GPU).
+
+This module and tune.py / serve.py are the only ones that import ray. The loop itself is
+`ray_unlearn.loop.Unlearner`; here we only translate between it and Ray: ranks, devices,
+`ray.train.report`, checkpoints, resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ray_unlearn.config import JobConfig, from_dict, to_dict
+from ray_unlearn.errors import UnlearnError
+from ray_unlearn.job import JobInputs
+from ray_unlearn.loop import LoopEnv, Unlearner, encode_data
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Per-worker entry point: load, wrap, resume, run the loop, report."""
+    cfg: JobConfig = from_dict(JobConfig, config["cfg"])
+    inputs: JobInputs = config["inputs"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.ray.num_workers > 0 else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed + rank)
+
+    from ray_unlearn.job import load_checked
+    from ray_unlearn.objectives import build_objective, objective_ref_streams
+
+    model, tokenizer = load_checked(cfg, inputs)
+    ref = None
+    if objective_ref_streams(build_objective(cfg.objective)):
+        ref = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    if cfg.ray.num_workers > 0:
+        model = ray.train.torch.prepare_model(model)  # DDP when world > 1, device placement always
+    data = encode_data(cfg, tokenizer, inputs.forget, inputs.retain, inputs.kind)
+
+    def report(metrics: dict[str, float], ckpt: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
+        ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+    def on_step(step: int, total: int, logs: dict[str, float]) -> None:
+        if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
+            shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith(("loss/total", "nll/")))
+            print(f"[unlearn] step {step}/{total} {shown}", flush=True)
+
+    local_ckpts = Path(config["local_checkpoints"]) if config.get("local_checkpoints") else \
+        Path(tempfile.mkdtemp(prefix="ray_unlearn_ckpt_"))
+    env = LoopEnv(rank=rank, world_size=world, device=device, checkpoint_dir=local_ckpts,
+                  report=report, on_step=on_step)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        env.resume_from = Path(config["resume_from"])
+        Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env).run()
+    elif checkpoint is None:
+        Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env).run()
+    else:
+        with checkpoint.as_directory() as d:
+            env.resume_from = Path(d)
+            unlearner = Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env)
+        if rank == 0:
+            print(f"[unlearn] resumed from step {unlearner.step}", flush=True)
+        unlearner.run()
+
+
+def init_ray(cfg: JobConfig) -> None:
+    """Start or join Ray, then check the cluster can hold the requested workers."""
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or None, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise UnlearnError(f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
+                           f"needs {need:g} CPUs but the cluster has {have:g}; lower ray.num_workers")
+    if cfg.ray.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.ray.num_workers:
+        raise UnlearnError(f"ray.use_gpu=true needs {cfg.ray.num_workers} GPUs but the cluster has "
+                           f"{ray.cluster_resources().get('GPU', 0):g}; set ray.use_gpu=false")
+
+
+def _latest_local(path: Path) -> Path | None:
+    ckpts = sorted(path.glob("step-*")) if path.is_dir() else []
+    return ckpts[-1] if ckpts else None
+
+
+def fit(cfg: JobConfig, inputs: JobInputs) -> tuple[Path, ray.train.Result]:
+    """Run the unlearning with Ray Train; returns (final checkpoint directory, result).
+
+    Run again with the same `name` and `output_dir` to resume from the latest checkpoint.
+    """
+    init_ray(cfg)
+    out = Path(cfg.output_dir).resolve()
+    local = cfg.ray.num_workers == 0
+    loop_config: dict[str, Any] = {"cfg": to_dict(cfg), "inputs": inputs}
+    if local:  # local mode keeps no Ray checkpoints: the loop writes them under the output dir itself
+        loop_config["local_checkpoints"] = str(out / "checkpoints")
+        latest = _latest_local(out / "checkpoints")
+        loop_config["resume_from"] = str(latest) if latest else None
+    trainer = TorchTrainer(
+        train_func, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise UnlearnError(_worker_error(e)) from None
+    if result.checkpoint is None:
+        raise UnlearnError("the run reported no checkpoint; see the worker logs above")
+    if local:
+        for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        return Path(result.checkpoint.path), result
+    final = Path(tempfile.mkdtemp(prefix="ray_unlearn_final_"))
+    result.checkpoint.to_directory(str(final))
+    return final, result
+
+
+def _worker_error(e: Exception) -> str:
+    """A one-line message for a failed Train run (an UnlearnError from a worker keeps its text)."""
+    text = str(e)
+    for line in text.splitlines():
+        if "UnlearnError:" in line:
+            return line.split("UnlearnError:", 1)[1].strip()
+    last = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"unlearning failed on a Ray Train worker: {last[-1] if last else type(e).__name__}"
+

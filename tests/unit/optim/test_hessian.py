@@ -1,0 +1,160 @@
+"""Hessian estimators: Hutchinson on a known quadratic, GNB on a tiny Llama, empirical, dispatch."""
+
+import pytest
+import torch
+
+from ray_unlearn.errors import UnlearnError
+from ray_unlearn.optim.hessian import (HessianEstimator, empirical_estimate, gnb_estimate,
+                                       hutchinson_estimate)
+
+D = torch.tensor([1e-2, 0.3, 1.0, 7.0, 1e2], dtype=torch.float64)  # f(x) = 1/2 sum d_i x_i^2
+
+
+def _quadratic():
+    x = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    return x, lambda: 0.5 * (D * x * x).sum()
+
+
+def test_hutchinson_mean_is_hessian_diagonal():
+    # u * (H u) = d * u^2 for H = diag(d); E[u^2] = 1, std of a mean of N samples = d*sqrt(2/N)
+    torch.manual_seed(0)
+    x, f = _quadratic()
+    n = 4000
+    total = torch.zeros_like(D)
+    for _ in range(n):
+        (est,), bs = hutchinson_estimate([x], f())
+        total += est
+        assert bs == 1.0
+    torch.testing.assert_close(total / n, D, rtol=0.1, atol=0)
+    assert x.grad is None
+
+
+def test_hutchinson_linear_and_unused_params_give_zero():
+    x, f = _quadratic()
+    b = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))  # enters linearly: H = 0
+    unused = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    (hx, hb, hu), _ = hutchinson_estimate([x, b, unused], f() + (b * 2.0).sum())
+    assert hx.shape == (5,) and (hx >= 0).all()
+    assert torch.equal(hb, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(hu, torch.zeros(2, dtype=torch.float64))
+
+
+def test_hutchinson_exact_for_one_probe():
+    # with u drawn from a known seed, the estimate is exactly u * (d * u)
+    x, f = _quadratic()
+    torch.manual_seed(7)
+    (est,), _ = hutchinson_estimate([x], f())
+    torch.manual_seed(7)
+    u = torch.randn_like(x)
+    torch.testing.assert_close(est, u * D * u)
+
+
+# ----------------------------------------------------------- GNB on a tiny Llama
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=32, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _batch():
+    ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # item 1 right-padded by 2
+    labels = ids.clone()
+    labels[:, :3] = -100  # prompt
+    labels[1, 5:] = -100  # padding
+    # scored after the shift by one: item 0 positions 3..6 (4), item 1 positions 3..4 (2) -> B = 6
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_gnb_shapes_nonnegative_and_token_count(tiny_llama):
+    params = [p for p in tiny_llama.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    ests, bs = gnb_estimate(tiny_llama, _batch())
+    assert bs == 6.0
+    assert len(ests) == len(params)
+    for e, p in zip(ests, params):
+        assert e.shape == p.shape
+        assert torch.isfinite(e).all() and (e >= 0).all()
+    assert sum(float(e.sum()) for e in ests) > 0
+
+
+def test_gnb_does_not_touch_grad(tiny_llama):
+    params = list(tiny_llama.parameters())
+    for p in params:
+        p.grad = torch.full_like(p, 0.25)
+    gnb_estimate(tiny_llama, _batch())
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in params)
+    for p in params:
+        p.grad = None
+    gnb_estimate(tiny_llama, _batch())
+    assert all(p.grad is None for p in params)
+
+
+def test_gnb_skips_frozen_params_and_is_seeded(tiny_llama):
+    emb = tiny_llama.get_input_embeddings().weight
+    emb.requires_grad_(False)
+    try:
+        torch.manual_seed(3)
+        a, _ = gnb_estimate(tiny_llama, _batch())
+        torch.manual_seed(3)
+        b, _ = gnb_estimate(tiny_llama, _batch())
+        n_trainable = sum(1 for p in tiny_llama.parameters() if p.requires_grad)
+    finally:
+        emb.requires_grad_(True)
+    assert len(a) == n_trainable
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_gnb_without_scored_tokens_is_an_error(tiny_llama):
+    batch = _batch()
+    batch["labels"].fill_(-100)
+    with pytest.raises(UnlearnError, match="no scored"):
+        gnb_estimate(tiny_llama, batch)
+
+
+# ----------------------------------------------------------- empirical and the dispatcher
+def test_empirical_is_grad_squared_with_soul_bs():
+    p = torch.nn.Parameter(torch.zeros(3))
+    q = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([1.0, -2.0, 0.5])
+    (ep, eq), bs = empirical_estimate([p, q])
+    torch.testing.assert_close(ep, torch.tensor([1.0, 4.0, 0.25]))
+    assert torch.equal(eq, torch.zeros(2))
+    assert bs == 5120.0
+
+
+def test_due():
+    assert [HessianEstimator("gnb", interval=3).due(s) for s in range(7)] == [
+        True, False, False, True, False, False, True]
+    assert all(HessianEstimator("empirical", interval=10).due(s) for s in range(5))
+    with pytest.raises(UnlearnError, match="gnb, hutchinson, empirical"):
+        HessianEstimator("fisher")
+
+
+def test_estimate_dispatch_and_bs_override(tiny_llama):
+    batch = _batch()
+    n = sum(1 for p in tiny_llama.parameters() if p.requires_grad)
+
+    ests, bs = HessianEstimator("gnb").estimate(tiny_llama, batch, lambda: pytest.fail("gnb calls no loss_fn"))
+    assert (len(ests), bs) == (n, 6.0)
+    _, bs = HessianEstimator("gnb", bs_override=100.0).estimate(tiny_llama, batch, lambda: None)
+    assert bs == 100.0
+
+    def loss_fn():
+        return tiny_llama(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+    ests, bs = HessianEstimator("hutchinson").estimate(tiny_llama, batch, loss_fn)
+    assert (len(ests), bs) == (n, 1.0)
+    assert all(p.grad is None for p in tiny_llama.parameters())
+
+    loss_fn().backward()
+    ests, bs = HessianEstimator("empirical").estimate(tiny_llama, batch, loss_fn)
+    assert bs == 5120.0
+    for e, p in zip(ests, tiny_llama.parameters()):
+        torch.testing.assert_close(e, p.grad * p.grad)
+    tiny_llama.zero_grad(set_to_none=True)
