@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -98,9 +99,14 @@ def quiet_libraries() -> None:
         pass
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     quiet_libraries()
+    warnings.formatwarning = _one_line_warning
     try:
         return ns.fn(ns)
     except UnlearnError as e:

@@ -282,7 +282,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise UnlearnError(f"job file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise UnlearnError(f"job file {p}: expected a mapping of sections at the top level")
-    objective = data.setdefault("objective", {}) if isinstance(data.get("objective", {}), dict) else {}
+    if data.get("objective") is None:  # absent, or an empty `objective:` section
+        data["objective"] = {}
+    objective = data["objective"]
     if isinstance(objective, dict) and "terms" not in objective:
         objective["terms"] = dict(ObjectiveConfig().terms)  # overrides then add to the default terms
     data = merge(data, parse_overrides(overrides or []))

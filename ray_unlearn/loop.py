@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -200,11 +201,11 @@ class Unlearner:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
             sums["grad_norm"] = float(norm)
         step_kwargs = self._hessian_update(batch)
+        sums["lr"] = self.scheduler.get_last_lr()[0]  # the LR of this step's update, before the schedule moves on
         self.optimizer.step(**step_kwargs)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        sums["lr"] = self.scheduler.get_last_lr()[0]
         if hasattr(self.optimizer, "clip_rate"):
             sums["clip_rate"] = float(self.optimizer.clip_rate)
         return sums
@@ -214,8 +215,11 @@ class Unlearner:
         if self.hessian is None:
             return {}
         if self.hessian.due(self.step) or not hasattr(self, "_bs"):
-            estimates, bs = self.hessian.estimate(self.module, batch["forget"],
-                                                  lambda: self.loss_on(self.module, batch)[0])
+            # seeded by (seed, step, rank): a resumed run draws the same samples as an uninterrupted one
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.cfg.train.seed * 1_000_003 + self.step) * 1009 + self.env.rank)
+                estimates, bs = self.hessian.estimate(self.module, batch["forget"],
+                                                      lambda: self.loss_on(self.module, batch)[0])
             if self.env.world_size > 1:
                 import torch.distributed as dist
 
@@ -233,7 +237,7 @@ class Unlearner:
 
             dist.all_reduce(bad)
         if bad.item() > 0:
-            raise UnlearnError(f"non-finite loss at step {self.step}: stopped before writing a checkpoint, "
+            raise UnlearnError(f"non-finite loss at step {self.step + 1}: stopped before writing a checkpoint, "
                                "the last good one is kept; lower optim.lr or check the data")
 
     # ------------------------------------------------------------------ the loop
@@ -264,13 +268,21 @@ class Unlearner:
             return None
         from safetensors.torch import save_model
 
-        out = Path(self.env.checkpoint_dir) / f"step-{self.step:06d}"
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(self.module, str(out / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   out / "optimizer.pt")
-        (out / "state.json").write_text(json.dumps({"step": self.step, "history": self.history}))
-        return out
+        from ray_unlearn.models.io import atomic_dir, commit_dir
+
+        final = Path(self.env.checkpoint_dir) / f"step-{self.step:06d}"
+        out = atomic_dir(final)  # written under a temporary name, renamed when complete
+        try:
+            out.mkdir()
+            save_model(self.module, str(out / "model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       out / "optimizer.pt")
+            (out / "state.json").write_text(json.dumps({"step": self.step, "history": self.history,
+                                                        "hessian_bs": getattr(self, "_bs", None)}))
+            commit_dir(out, final)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return final
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `save_checkpoint` wrote."""
@@ -282,6 +294,8 @@ class Unlearner:
         self.scheduler.load_state_dict(opt["scheduler"])
         state = json.loads((Path(path) / "state.json").read_text())
         self.step, self.history = int(state["step"]), list(state["history"])
+        if state.get("hessian_bs") is not None:  # Sophia's h is in the optimizer state; its scale is here
+            self._bs = float(state["hessian_bs"])
 
 
 def load_checkpoint_weights(model: Any, path: Path) -> Any:

@@ -8,6 +8,8 @@ This module and tune.py / serve.py are the only ones that import ray. The loop i
 from __future__ import annotations
 
 import copy
+import logging
+import sys
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +30,7 @@ from ray_unlearn.loop import LoopEnv, Unlearner, encode_data
 
 def train_func(config: dict[str, Any]) -> None:
     """Per-worker entry point: load, wrap, resume, run the loop, report."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
     cfg: JobConfig = from_dict(JobConfig, config["cfg"])
     inputs: JobInputs = config["inputs"]
     ctx = ray.train.get_context()
@@ -53,7 +56,7 @@ def train_func(config: dict[str, Any]) -> None:
     def on_step(step: int, total: int, logs: dict[str, float]) -> None:
         if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
             shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith(("loss/total", "nll/")))
-            print(f"[unlearn] step {step}/{total} {shown}", flush=True)
+            _say(f"[unlearn] step {step}/{total} {shown}")
 
     local_ckpts = Path(config["local_checkpoints"]) if config.get("local_checkpoints") else \
         Path(tempfile.mkdtemp(prefix="ray_unlearn_ckpt_"))
@@ -70,8 +73,14 @@ def train_func(config: dict[str, Any]) -> None:
             env.resume_from = Path(d)
             unlearner = Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env)
         if rank == 0:
-            print(f"[unlearn] resumed from step {unlearner.step}", flush=True)
+            _say(f"[unlearn] resumed from step {unlearner.step}")
         unlearner.run()
+
+
+def _say(line: str) -> None:
+    """Write a progress line to the worker's stdout (Ray Train's print patch would log it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def init_ray(cfg: JobConfig) -> None:

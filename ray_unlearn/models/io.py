@@ -36,6 +36,7 @@ def _check_model_dir(path: Path) -> None:
 
 def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = False) -> Any:
     """AutoModelForCausalLM from a local directory or a hub id (safetensors weights only)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     if looks_like_path(source):
@@ -44,7 +45,7 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: corrupt or truncated weights
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnlearnError(f"cannot load model {source}: {first}") from None
     return model

@@ -55,7 +55,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>", model_max_length=512)
+                                   pad_token="<pad>", unk_token="<unk>", model_max_length=512,
+                                   clean_up_tokenization_spaces=False)
 
 
 def new_llama(spec: TinySpec, tokenizer: Any, seed: int) -> Any:

@@ -1,0 +1,254 @@
+"""`ray-unlearn`: bad input ends with exit 2, one `error:` line on stderr, and nothing written.
+
+Every check happens in the driver before Ray starts: `ray_unlearn.train` is replaced by a
+stand-in whose `fit` raises, so a test that got as far as training fails loudly.
+"""
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_unlearn.cli import main
+
+
+class ReachedTraining(Exception):
+    """Raised by the stand-in `fit`: every input check passed."""
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """Replace ray_unlearn.train so no test here can start Ray; returns the stand-in module."""
+    fake = types.ModuleType("ray_unlearn.train")
+
+    def fit(cfg, inputs):
+        fake.inputs = inputs
+        raise ReachedTraining()
+
+    def init_ray(cfg):
+        raise ReachedTraining()
+
+    fake.fit, fake.init_ray = fit, init_ray
+    monkeypatch.setitem(sys.modules, "ray_unlearn.train", fake)
+    return fake
+
+
+def run_cli(capsys, *args):
+    """main([...]) -> (exit status, stdout, stderr lines)."""
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err.splitlines()
+
+
+def expect_exit_2(capsys, out_dir, *args, match=""):
+    """The run must exit 2 with one `error: ...` line containing `match`, and create no output dir."""
+    rc, _, err = run_cli(capsys, "run", *args, f"output_dir={out_dir}")
+    assert rc == 2
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    assert match in err[0]
+    assert not Path(out_dir).exists()
+    return err[0]
+
+
+def micro_args(bench_cache):
+    return ["benchmark.size=micro", f"benchmark.cache_dir={bench_cache}", "ray.num_workers=0"]
+
+
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(it) + "\n" for it in items))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    return tmp_path / "out"
+
+
+@pytest.fixture
+def files(micro_bench, tmp_path):
+    """Paths of the micro benchmark's model and data for runs that need no benchmark build."""
+    retain = read_jsonl(micro_bench.data_dir / "retain.jsonl")
+    forget = read_jsonl(micro_bench.data_dir / "forget10.jsonl")
+    return types.SimpleNamespace(model=str(micro_bench.target_dir), retain_items=retain, forget_items=forget,
+                                 retain=str(micro_bench.data_dir / "retain.jsonl"),
+                                 forget=str(micro_bench.data_dir / "forget10.jsonl"))
+
+
+# ---------------------------------------------------------------------------- config errors
+
+
+def test_missing_job_file(capsys, tmp_path, out_dir):
+    missing = tmp_path / "missing.yaml"
+    expect_exit_2(capsys, out_dir, str(missing), match=f"job file {missing} does not exist")
+
+
+def test_unknown_config_key(capsys, out_dir):
+    expect_exit_2(capsys, out_dir, "optim.lrr=1e-3", match="unknown config key optim.lrr")
+
+
+def test_bad_value(capsys, out_dir):
+    expect_exit_2(capsys, out_dir, "optim.lr=-1", match="optim.lr: must be > 0")
+
+
+def test_two_job_files(capsys, out_dir):
+    expect_exit_2(capsys, out_dir, "a.yaml", "b.yaml", match="unexpected argument 'b.yaml'")
+
+
+def test_unknown_objective_term(capsys, bench_cache, out_dir):
+    expect_exit_2(capsys, out_dir, *micro_args(bench_cache), "objective.terms.foo=1",
+                  match="unknown objective term 'foo'")
+
+
+def test_unknown_optimizer(capsys, bench_cache, out_dir):
+    msg = expect_exit_2(capsys, out_dir, *micro_args(bench_cache), "optim.name=lion",
+                        match="optim.name: unknown optimizer 'lion'")
+    assert "adamw" in msg and "sophia" in msg
+
+
+# ---------------------------------------------------------------------------- model errors
+
+
+def test_model_path_does_not_exist(capsys, micro_bench, bench_cache, tmp_path, out_dir):
+    missing = tmp_path / "no-model"
+    expect_exit_2(capsys, out_dir, *micro_args(bench_cache), f"model.path={missing}",
+                  match=f"model path {missing} does not exist")
+
+
+def test_model_path_holds_no_model(capsys, micro_bench, bench_cache, tmp_path, out_dir):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    expect_exit_2(capsys, out_dir, *micro_args(bench_cache), f"model.path={empty}",
+                  match=f"model path {empty} holds no model")
+
+
+def test_tokenizer_vocab_does_not_match_model(capsys, micro_bench, files, tmp_path, out_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(micro_bench.target_dir)
+    rows = json.loads((micro_bench.target_dir / "config.json").read_text())["vocab_size"]
+    assert len(tok) <= rows
+    added = [f"zzextra{i}" for i in range(rows - len(tok) + 5)]
+    tok.add_tokens(added)
+    tok.save_pretrained(tmp_path / "big-tokenizer")
+    expect_exit_2(capsys, out_dir, f"model.path={files.model}", f"model.tokenizer={tmp_path / 'big-tokenizer'}",
+                  f"data.forget_path={files.forget}", f"data.retain_path={files.retain}",
+                  match=f"tokenizer has {rows + 5} tokens but model embeds only {rows}")
+
+
+# ---------------------------------------------------------------------------- data errors
+
+
+def test_data_file_with_missing_fields(capsys, files, tmp_path, out_dir):
+    bad = write_jsonl(tmp_path / "forget.jsonl", [{"question": q["question"]} for q in files.forget_items[:3]])
+    expect_exit_2(capsys, out_dir, f"model.path={files.model}", f"data.forget_path={bad}",
+                  f"data.retain_path={files.retain}", match="item 0 has no 'answer' field")
+
+
+def test_empty_forget_set(capsys, files, tmp_path, out_dir):
+    empty = tmp_path / "forget.jsonl"
+    empty.write_text("")
+    expect_exit_2(capsys, out_dir, f"model.path={files.model}", f"data.forget_path={empty}",
+                  f"data.retain_path={files.retain}", match="holds no items")
+
+
+def overlapping_retain(files, tmp_path, n=3):
+    """A retain file holding the whole retain split plus the first n forget items."""
+    items = files.retain_items + files.forget_items[:n]
+    return write_jsonl(tmp_path / "retain.jsonl", [{k: v for k, v in it.items() if k != "index"} for it in items])
+
+
+def test_overlap_error_mode(capsys, files, tmp_path, out_dir):
+    retain = overlapping_retain(files, tmp_path)
+    expect_exit_2(capsys, out_dir, f"model.path={files.model}", f"data.forget_path={files.forget}",
+                  f"data.retain_path={retain}", "data.overlap=error",
+                  match="3 retain items also appear in the forget set")
+
+
+def test_overlap_warn_mode_drops_them_from_retain(capsys, files, tmp_path, out_dir, no_ray):
+    retain = overlapping_retain(files, tmp_path)
+    with pytest.warns(UserWarning, match="3 retain items also appear in the forget set"):
+        with pytest.raises(ReachedTraining):
+            main(["run", f"model.path={files.model}", f"data.forget_path={files.forget}",
+                  f"data.retain_path={retain}", f"output_dir={out_dir}"])
+    assert len(no_ray.inputs.retain) == len(files.retain_items)
+    assert len(no_ray.inputs.forget) == len(files.forget_items)
+
+
+def test_keyboard_interrupt_exits_130(capsys, monkeypatch):
+    import ray_unlearn.pipeline
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_unlearn.pipeline, "run_job", interrupted)
+    rc, _, err = run_cli(capsys, "run", "train.max_steps=1")
+    assert rc == 130
+    assert len(err) == 1 and "run the same command again to resume" in err[0]
+
+
+def test_console_script_exit_2_one_line(tmp_path):
+    script = Path(sys.executable).parent / "ray-unlearn"
+    if not script.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    out = tmp_path / "out"
+    proc = subprocess.run([str(script), "run", "optim.lrr=1", f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: unknown config key optim.lrr")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- config and data commands
+
+
+def test_config_prints_yaml(capsys):
+    rc, out, err = run_cli(capsys, "config", "optim.lr=3e-4", "objective.terms.ga=1")
+    assert rc == 0 and err == []
+    printed = yaml.safe_load(out)
+    assert printed["optim"]["lr"] == 3e-4
+    assert printed["objective"]["terms"] == {"npo": 1.0, "retain_nll": 1.0, "ga": 1.0}
+    assert set(printed) >= {"benchmark", "data", "model", "objective", "optim", "train", "ray", "eval"}
+
+
+def test_config_write_then_load(capsys, tmp_path):
+    from ray_unlearn.config import load_config
+
+    path = tmp_path / "job.yaml"
+    rc, out, _ = run_cli(capsys, "config", "train.max_steps=9", "--write", str(path))
+    assert rc == 0 and f"wrote {path}" in out
+    assert load_config(path).train.max_steps == 9
+    rc, out, _ = run_cli(capsys, "config", str(path), "optim.name=adamw")
+    assert rc == 0
+    assert yaml.safe_load(out)["train"]["max_steps"] == 9
+    assert yaml.safe_load(out)["optim"]["name"] == "adamw"
+
+
+def test_config_bad_input_exit_2(capsys):
+    rc, out, err = run_cli(capsys, "config", "optim.hessian=exact")
+    assert rc == 2 and out == ""
+    assert err == ["error: optim.hessian: 'exact' is not one of gnb, hutchinson, empirical"]
+
+
+def test_data_prints_the_cached_manifest(capsys, micro_bench, bench_cache, monkeypatch):
+    import ray_unlearn.models.build as build
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cached micro benchmark was rebuilt")
+
+    monkeypatch.setattr(build, "_build_into", no_rebuild)
+    rc, out, err = run_cli(capsys, "data", "benchmark.size=micro", f"benchmark.cache_dir={bench_cache}")
+    assert rc == 0
+    assert "benchmark micro at" in out
+    manifest = micro_bench.manifest
+    for key, value in manifest.items():
+        assert f"{key}: {value}" in out

@@ -1,0 +1,241 @@
+"""Job configs: defaults, YAML files plus dotted overrides, and one-line errors naming the key."""
+
+import os
+
+import pytest
+import yaml
+
+from ray_unlearn.config import JobConfig, dump_config, load_config, parse_overrides, to_dict
+from ray_unlearn.errors import UnlearnError
+
+
+def expect_error(match, path=None, overrides=()):
+    """load_config must raise UnlearnError matching `match`, on a single line."""
+    with pytest.raises(UnlearnError, match=match) as info:
+        load_config(path, list(overrides))
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def write_yaml(tmp_path, data, name="job.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def test_defaults_load():
+    cfg = load_config()
+    assert isinstance(cfg, JobConfig)
+    assert cfg.optim.name == "sophia"
+    assert cfg.optim.lr == 1e-4
+    assert cfg.optim.betas == [0.9, 0.95]
+    assert cfg.objective.terms == {"npo": 1.0, "retain_nll": 1.0}
+    assert cfg.train.max_steps == 60
+    assert cfg.ray.num_workers == 2
+    assert cfg.model.trust_remote_code is False
+
+
+def test_defaults_are_not_shared_between_instances():
+    a, b = load_config(), load_config()
+    a.objective.terms["ga"] = 1.0
+    a.optim.betas[0] = 0.5
+    assert b.objective.terms == {"npo": 1.0, "retain_nll": 1.0}
+    assert b.optim.betas == [0.9, 0.95]
+    assert JobConfig().objective.terms == {"npo": 1.0, "retain_nll": 1.0}
+
+
+def test_yaml_file_plus_overrides(tmp_path):
+    path = write_yaml(tmp_path, {"name": "demo", "optim": {"name": "adamw", "lr": "1e-3"},
+                                 "train": {"max_steps": 7}})
+    cfg = load_config(path, ["optim.lr=1e-4", "train.batch_size=3", "ray.use_gpu=true"])
+    assert cfg.name == "demo"
+    assert cfg.optim.name == "adamw"
+    # YAML 1.1 reads 1e-4 (no dot) as a string; the float field turns it into a number
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-4
+    assert cfg.train.max_steps == 7 and cfg.train.batch_size == 3
+    assert cfg.ray.use_gpu is True
+    assert cfg.optim.weight_decay == 0.1  # untouched defaults stay
+
+
+def test_yaml_string_number_in_file_becomes_float(tmp_path):
+    path = write_yaml(tmp_path, "optim:\n  lr: 5e-5\n  rho: 1\n")  # written by hand: 5e-5 is a string to YAML 1.1
+    cfg = load_config(path)
+    assert cfg.optim.lr == 5e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.rho == 1.0 and isinstance(cfg.optim.rho, float)
+
+
+def test_override_adds_a_term_to_the_default_terms():
+    cfg = load_config(None, ["objective.terms.ga=1"])
+    assert cfg.objective.terms == {"npo": 1.0, "retain_nll": 1.0, "ga": 1.0}
+    assert isinstance(cfg.objective.terms["ga"], float)
+
+
+def test_file_terms_replace_the_defaults(tmp_path):
+    path = write_yaml(tmp_path, {"objective": {"terms": {"ga": 1.0}}})
+    assert load_config(path).objective.terms == {"ga": 1.0}
+    # ... and an override then adds to the file's terms
+    assert load_config(path, ["objective.terms.retain_nll=0.5"]).objective.terms == {"ga": 1.0, "retain_nll": 0.5}
+
+
+def test_file_without_terms_keeps_default_terms(tmp_path):
+    path = write_yaml(tmp_path, {"objective": {"npo_beta": 0.2}})
+    cfg = load_config(path)
+    assert cfg.objective.terms == {"npo": 1.0, "retain_nll": 1.0}
+    assert cfg.objective.npo_beta == 0.2
+
+
+def test_empty_objective_section_behaves_like_a_missing_one(tmp_path):
+    path = write_yaml(tmp_path, "objective:\ntrain:\n  max_steps: 4\n")
+    assert load_config(path).objective.terms == {"npo": 1.0, "retain_nll": 1.0}
+    assert load_config(path, ["objective.terms.ga=1"]).objective.terms == {"npo": 1.0, "retain_nll": 1.0, "ga": 1.0}
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = write_yaml(tmp_path, "")
+    assert to_dict(load_config(path)) == to_dict(load_config())
+
+
+def test_later_override_wins():
+    assert load_config(None, ["train.max_steps=3", "train.max_steps=5"]).train.max_steps == 5
+
+
+def test_override_value_with_equals_sign():
+    cfg = load_config(None, ["data.prompt_template=Q={question} A="])
+    assert cfg.data.prompt_template == "Q={question} A="
+
+
+def test_parse_overrides_nests_and_parses_yaml():
+    assert parse_overrides(["a.b.c=1", "a.b.d=x", "e=[1, 2]", "f="]) == \
+        {"a": {"b": {"c": 1, "d": "x"}}, "e": [1, 2], "f": ""}
+
+
+def test_dump_config_round_trip(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-4", "objective.terms.ga=0.5", "optim.betas=[0.8, 0.9]",
+                             "model.trust_remote_code=true", "name=rt"])
+    path = tmp_path / "dumped.yaml"
+    dump_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert yaml.safe_load(path.read_text())["optim"]["lr"] == 3e-4
+
+
+# ---------------------------------------------------------------------------- bad keys and types
+
+
+def test_unknown_top_level_key(tmp_path):
+    msg = expect_error("unknown config key foo", write_yaml(tmp_path, {"foo": 1}))
+    assert "valid:" in msg and "optim" in msg
+    expect_error("unknown config key bogus", overrides=["bogus=1"])
+
+
+def test_unknown_nested_key():
+    msg = expect_error(r"unknown config key optim\.lrr", overrides=["optim.lrr=1e-3"])
+    assert "lr" in msg.split("valid:")[1]
+
+
+def test_unknown_nested_key_in_file(tmp_path):
+    expect_error(r"unknown config key train\.maxsteps", write_yaml(tmp_path, {"train": {"maxsteps": 3}}))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_steps=abc", "train.max_steps"),
+    ("train.max_steps=1.5", "train.max_steps"),
+    ("train.max_steps=true", "train.max_steps"),
+    ("ray.use_gpu=3", "ray.use_gpu"),
+    ("ray.use_gpu=yess", "ray.use_gpu"),
+    ("optim.lr=fast", "optim.lr"),
+    ("optim.betas=0.9", "optim.betas"),
+    ("optim.betas=[0.9, x]", r"optim.betas\[1\]"),
+    ("objective.terms=3", "objective.terms"),
+    ("name=[a, b]", "name"),
+    ("optim=1", "optim"),
+    ("optim.lr.x=1", "optim.lr"),
+])
+def test_wrong_type_names_the_key(override, key):
+    expect_error(f"^{key}: expected", overrides=[override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=-1e-4", "optim.lr"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr=.nan", "optim.lr"),
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.hessian=exact", "optim.hessian"),
+    ("benchmark.size=huge", "benchmark.size"),
+    ("data.overlap=maybe", "data.overlap"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas"),
+    ("optim.betas=[-0.1, 0.9]", "optim.betas"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("train.lr_schedule=step", "train.lr_schedule"),
+    ("ray.num_workers=-1", "ray.num_workers"),
+    ("model.dtype=int8", "model.dtype"),
+    ("data.prompt_template=no placeholder", "data.prompt_template"),
+    ("objective.terms.ga=.inf", "objective.terms.ga"),
+    ("objective.terms.ga=true", "objective.terms.ga"),
+    ("objective.npo_beta=0", "objective.npo_beta"),
+])
+def test_invalid_value_names_the_key(override, key):
+    expect_error(f"^{key}", overrides=[override])
+
+
+def test_invalid_value_in_file(tmp_path):
+    expect_error("^optim.hessian: 'exact' is not one of gnb, hutchinson, empirical",
+                 write_yaml(tmp_path, {"optim": {"hessian": "exact"}}))
+
+
+@pytest.mark.parametrize("override", ["optim.lr", "=1", "optim.lr 1e-3"])
+def test_malformed_override(override):
+    expect_error("expected key=value", overrides=[override])
+
+
+# ---------------------------------------------------------------------------- bad files
+
+
+def test_missing_job_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    msg = expect_error("does not exist", missing)
+    assert str(missing) in msg
+
+
+def test_job_file_is_a_directory(tmp_path):
+    expect_error(f"job file {tmp_path} does not exist or is not a file", tmp_path)
+
+
+def test_unreadable_job_file(tmp_path):
+    path = write_yaml(tmp_path, {"name": "x"})
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("running as root: chmod 000 does not stop reading")
+        expect_error(f"job file {path} cannot be read", path)
+    finally:
+        path.chmod(0o644)
+
+
+def test_job_file_not_utf8(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"name: \xff\xfe\xfa\n")
+    expect_error("cannot be read", path)
+
+
+def test_invalid_yaml(tmp_path):
+    path = write_yaml(tmp_path, "optim: {lr: [1e-4\ntrain: : :\n")
+    msg = expect_error("is not valid YAML", path)
+    assert str(path) in msg
+
+
+def test_top_level_list(tmp_path):
+    expect_error("expected a mapping of sections", write_yaml(tmp_path, "- optim\n- train\n"))
+
+
+def test_top_level_scalar(tmp_path):
+    expect_error("expected a mapping of sections", write_yaml(tmp_path, "just text\n"))
+
+
+def test_section_that_is_not_a_mapping(tmp_path):
+    expect_error("^optim: expected a mapping", write_yaml(tmp_path, {"optim": [1, 2]}))
+    expect_error("^objective: expected a mapping", write_yaml(tmp_path, {"objective": "npo"}))

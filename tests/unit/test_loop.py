@@ -1,0 +1,329 @@
+"""The unlearning loop in plain PyTorch (no Ray) on the micro benchmark's target model.
+
+Parameters change, metrics are logged and move the right way, checkpoints are written and
+resume to exactly the weights of an uninterrupted run, and a NaN loss stops the run before a
+bad checkpoint is written.
+"""
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from ray_unlearn import loop
+from ray_unlearn.errors import UnlearnError
+from ray_unlearn.logprobs import batch_nll
+from ray_unlearn.loop import (LoopEnv, UnlearnData, Unlearner, batch_slot_indices, checkpoint_history, encode_data,
+                              load_checkpoint_weights, lr_factor)
+from ray_unlearn.models.io import load_model, load_tokenizer
+from ray_unlearn.data.collate import pad_batch
+
+BASE = ["ray.num_workers=0", "train.max_steps=4", "train.batch_size=4", "train.log_every=1",
+        "optim.weight_decay=0"]
+GA_ONLY = ["objective.terms.npo=0", "objective.terms.retain_nll=0", "objective.terms.ga=1"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench(micro_bench):
+    """(tokenizer, 8 forget items, 8 retain items, target model path) of the micro benchmark."""
+    splits = micro_bench.splits()
+    return (load_tokenizer(str(micro_bench.target_dir)), splits["forget10"][:8], splits["retain"][:8],
+            str(micro_bench.target_dir))
+
+
+@pytest.fixture
+def make(bench, micro_config, tmp_path):
+    """make(*overrides, ckpt=, resume_from=, ref=, report=, data=, freeze=) -> (Unlearner, model, cfg)."""
+    tok, forget, retain, target = bench
+
+    def build(*overrides, ckpt="ckpt", resume_from=None, ref=True, report=None, data=None, freeze=()):
+        cfg = micro_config(*BASE, *overrides)
+        model = load_model(target)
+        for name, p in model.named_parameters():
+            if name in freeze:
+                p.requires_grad_(False)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False) if ref else None
+        env = LoopEnv(checkpoint_dir=tmp_path / ckpt, resume_from=resume_from)
+        if report is not None:
+            env.report = report
+        data = data if data is not None else encode_data(cfg, tok, forget, retain)
+        return Unlearner(cfg, model, ref_model, data, tok.pad_token_id, env), model, cfg
+
+    return build
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def forget_nll(model, data, pad_id):
+    with torch.no_grad():
+        batch = pad_batch(data.forget, pad_id)
+        return batch_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                         batch["labels"]).item()
+
+
+# ---------------------------------------------------------------------------- training moves things
+
+
+@pytest.mark.parametrize("optim", [["optim.name=adamw", "optim.lr=1e-3"],
+                                   ["optim.name=sophia", "optim.lr=1e-3", "optim.hessian=gnb"]])
+def test_every_trainable_parameter_changes(make, optim):
+    u, model, _ = make(*optim, "train.max_steps=3", freeze={"model.norm.weight"})
+    frozen = model.model.norm.weight
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    u.run()
+    for name, p in model.named_parameters():
+        if p is frozen:
+            assert torch.equal(p, before[name]), name
+        else:
+            assert not torch.equal(p, before[name]), f"{name} did not change"
+    assert all(p is not frozen for group in u.optimizer.param_groups for p in group["params"])
+
+
+@pytest.mark.parametrize("optim, extra", [("adamw", set()), ("sophia", {"clip_rate"})])
+def test_history_is_logged(make, optim, extra):
+    u, _, _ = make(f"optim.name={optim}", "train.log_every=2")
+    history = u.run()
+    assert [h["step"] for h in history] == [2, 4]
+    expected = {"step", "lr", "grad_norm", "loss/total", "loss/npo", "loss/retain_nll", "nll/forget",
+                "nll/retain"} | extra
+    for h in history:
+        assert expected <= set(h), expected - set(h)
+        assert all(math.isfinite(v) for v in h.values())
+        assert h["loss/total"] == pytest.approx(h["loss/npo"] + h["loss/retain_nll"], rel=1e-5)
+        assert h["loss/retain_nll"] == pytest.approx(h["nll/retain"], rel=1e-5)
+        if "clip_rate" in extra:
+            assert 0.0 <= h["clip_rate"] <= 1.0
+
+
+def test_gradient_ascent_raises_forget_nll(make):
+    u, model, _ = make("optim.name=adamw", "optim.lr=1e-3", *GA_ONLY, ref=False)
+    assert u.ref_streams == [] and u.streams == ["forget"]
+    before = forget_nll(model, u.data, u.pad_id)
+    history = u.run()
+    after = forget_nll(model, u.data, u.pad_id)
+    assert after > before + 1.0, (before, after)
+    for h in history:  # GA's loss is minus the forget NLL, measured before the step's update
+        assert h["loss/ga"] == pytest.approx(-h["nll/forget"], rel=1e-5)
+        assert h["loss/total"] == pytest.approx(h["loss/ga"], rel=1e-6)
+    assert history[-1]["nll/forget"] > history[0]["nll/forget"]
+
+
+def test_logged_lr_is_the_lr_of_that_step(make):
+    # peak 1e-3, warmup 2 of 4 steps, then linear decay: factors (0+1)/2, (1+1)/2, 1 - 0/2, 1 - 1/2
+    u, _, _ = make("optim.name=adamw", "optim.lr=1e-3", "train.warmup_steps=2", "train.lr_schedule=linear")
+    history = u.run()
+    assert [h["lr"] for h in history] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_written_at_the_end(make, tmp_path):
+    reports = []
+    u, model, _ = make("optim.name=adamw", "train.max_steps=3", "train.log_every=5",
+                       report=lambda logs, ckpt: reports.append((logs["step"], ckpt)))
+    history = u.run()
+    ckpt = tmp_path / "ckpt" / "step-000003"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000003"]
+    assert reports == [(3, ckpt)]
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json"}
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 3
+    assert [h["step"] for h in history] == [3]
+    assert checkpoint_history(ckpt) == history
+    fresh = copy.deepcopy(u.ref)  # the untrained target
+    load_checkpoint_weights(fresh, ckpt)
+    trained = weights(model)
+    assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("optim", [["optim.name=adamw"],
+                                   ["optim.name=sophia", "optim.hessian=empirical"],
+                                   ["optim.name=sophia", "optim.hessian=gnb"]],
+                         ids=["adamw", "sophia-empirical", "sophia-gnb"])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(make, optim):
+    common = [*optim, "optim.lr=1e-3", "train.checkpoint_every=2", "train.warmup_steps=1",
+              "train.lr_schedule=cosine", "train.log_every=1"]
+
+    torch.manual_seed(0)
+    full, full_model, _ = make(*common, ckpt="full")
+    full_history = full.run()
+
+    def stop_at_2(logs, ckpt):
+        if ckpt is not None and logs["step"] == 2:
+            raise Interrupted
+
+    torch.manual_seed(0)
+    first, _, _ = make(*common, ckpt="parts", report=stop_at_2)
+    with pytest.raises(Interrupted):
+        first.run()
+    assert first.step == 2
+
+    torch.manual_seed(0)  # gnb samples from torch's RNG, at step 0 only (hessian_interval 10)
+    resumed, resumed_model, _ = make(*common, ckpt="parts", resume_from=first.env.checkpoint_dir / "step-000002")
+    assert resumed.step == 2 and len(resumed.history) == 2
+    resumed_history = resumed.run()
+    assert resumed.step == 4
+    a, b = weights(full_model), weights(resumed_model)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert [h["step"] for h in resumed_history] == [1, 2, 3, 4]
+    for h_full, h_res in zip(full_history, resumed_history):
+        assert h_res["loss/total"] == pytest.approx(h_full["loss/total"], rel=1e-5)
+        assert h_res["lr"] == pytest.approx(h_full["lr"])
+
+
+def test_resuming_a_finished_run_reports_its_checkpoint(make, tmp_path):
+    u, model, _ = make("optim.name=adamw", "train.max_steps=2")
+    u.run()
+    reports = []
+    done, _, _ = make("optim.name=adamw", "train.max_steps=2", ckpt="ckpt",
+                      resume_from=tmp_path / "ckpt" / "step-000002",
+                      report=lambda logs, ckpt: reports.append((logs["step"], ckpt)))
+    history = done.run()
+    assert done.step == 2 and [h["step"] for h in history] == [1, 2]
+    assert reports == [(2, tmp_path / "ckpt" / "step-000002")]
+
+
+def test_nan_loss_stops_before_a_bad_checkpoint(make, tmp_path, monkeypatch):
+    real = loop.combined_loss
+    calls = []
+
+    def nan_at_step_2(*args, **kwargs):
+        loss, logs = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), logs
+
+    monkeypatch.setattr(loop, "combined_loss", nan_at_step_2)
+    u, model, _ = make("optim.name=adamw", "train.checkpoint_every=1")
+    with pytest.raises(UnlearnError, match="non-finite") as info:
+        u.run()
+    assert "at step 2" in str(info.value) and "\n" not in str(info.value)
+    ckpts = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert ckpts == ["step-000001"]
+    assert json.loads((tmp_path / "ckpt" / "step-000001" / "state.json").read_text())["step"] == 1
+    # the model is untouched by the bad step: it still holds step 1's weights
+    saved = copy.deepcopy(u.ref)
+    load_checkpoint_weights(saved, tmp_path / "ckpt" / "step-000001")
+    now = weights(model)
+    assert all(torch.equal(v, now[k]) for k, v in saved.state_dict().items())
+
+
+def test_failed_checkpoint_write_leaves_no_partial_checkpoint(make, tmp_path, monkeypatch):
+    real_save = torch.save
+    saves = []
+
+    def disk_full_on_second(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError("No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_second)
+    u, _, _ = make("optim.name=adamw", "train.checkpoint_every=1")
+    with pytest.raises(OSError, match="No space left"):
+        u.run()
+    # step 2's checkpoint was half written: it is neither visible as step-000002 nor left behind
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000001"]
+    assert checkpoint_history(tmp_path / "ckpt" / "step-000001")[-1]["step"] == 1
+
+
+# ---------------------------------------------------------------------------- what the objective needs
+
+
+def test_reference_model_required(make):
+    with pytest.raises(UnlearnError, match="needs a reference model"):
+        make("objective.terms.npo=1", ref=False)
+
+
+def test_retain_stream_required(make, bench, micro_config):
+    tok, forget, _, _ = bench
+    data = encode_data(micro_config(*BASE), tok, forget, [])
+    with pytest.raises(UnlearnError, match="needs the retain stream but it is empty; give retain data"):
+        make(data=data)
+
+
+def test_refusal_stream_needs_question_answer_forget_data(make):
+    text_data = UnlearnData(forget=[{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}], retain=[], forget_idk=[])
+    with pytest.raises(UnlearnError, match="forget_idk stream but it is empty; give question/answer forget data"):
+        make("objective.terms.npo=0", "objective.terms.retain_nll=0", "objective.terms.refusal=1",
+             data=text_data, ref=False)
+
+
+# ---------------------------------------------------------------------------- batches and schedules
+
+
+def test_batch_slot_indices_by_hand():
+    n, seed = 5, 3
+    epoch0, epoch1 = list(range(n)), list(range(n))
+    random.Random(seed * 1_000_003 + 0).shuffle(epoch0)
+    random.Random(seed * 1_000_003 + 1).shuffle(epoch1)
+    assert batch_slot_indices(n, 2, 0, seed) == epoch0[0:2]
+    assert batch_slot_indices(n, 2, 2, seed) == [epoch0[4], epoch1[0]]  # positions 4, 5 straddle the epochs
+    assert batch_slot_indices(n, 3, 3, seed) == [epoch1[4], *batch_slot_indices(n, 2, 5, seed)]  # 9 | 10, 11
+
+
+def test_batch_slot_indices_deterministic_and_cover_each_epoch():
+    assert batch_slot_indices(10, 4, 7, seed=1) == batch_slot_indices(10, 4, 7, seed=1)
+    assert [batch_slot_indices(10, 5, s, seed=1) for s in range(4)] != \
+        [batch_slot_indices(10, 5, s, seed=2) for s in range(4)]
+    for epoch in range(3):  # 10 items, batch 5: slots 2e and 2e+1 are exactly epoch e
+        seen = batch_slot_indices(10, 5, 2 * epoch, 1) + batch_slot_indices(10, 5, 2 * epoch + 1, 1)
+        assert sorted(seen) == list(range(10))
+
+
+def test_accumulation_and_workers_pick_the_same_items(make):
+    """1 worker x 2 accumulation steps sees what 2 workers x 1 step see: slot (step*accum+micro)*world+rank."""
+    accum, _, _ = make("train.grad_accum=2", "optim.name=adamw")
+    ranks = []
+    for r in range(2):
+        u, _, _ = make("train.grad_accum=1", "optim.name=adamw")
+        u.env.rank, u.env.world_size = r, 2
+        ranks.append(u)
+    for step in (0, 1, 5):
+        accum.step = step
+        for u in ranks:
+            u.step = step
+        for micro, u in enumerate(ranks):
+            a, b = accum.micro_batch(micro), u.micro_batch(0)
+            assert set(a) == set(b) == {"forget", "retain"}
+            for stream in a:
+                for key in a[stream]:
+                    assert torch.equal(a[stream][key], b[stream][key]), (step, micro, stream, key)
+    # ... and different slots hold different batches
+    accum.step = 0
+    assert not torch.equal(accum.micro_batch(0)["forget"]["input_ids"], accum.micro_batch(1)["forget"]["input_ids"])
+
+
+def test_lr_factor_by_hand():
+    assert [lr_factor(s, 10, 0, "constant") for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    # warmup 4: (s + 1) / 4
+    assert [lr_factor(s, 10, 4, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # after warmup, frac = (s - 4) / (10 - 4)
+    assert lr_factor(4, 10, 4, "linear") == 1.0
+    assert lr_factor(7, 10, 4, "linear") == pytest.approx(0.5)          # 1 - 3/6
+    assert lr_factor(10, 10, 4, "linear") == 0.0
+    assert lr_factor(12, 10, 4, "linear") == 0.0                       # clamped past the end
+    assert lr_factor(7, 10, 4, "cosine") == pytest.approx(0.5)          # (1 + cos(pi/2)) / 2
+    assert lr_factor(5, 10, 4, "cosine") == pytest.approx(0.9330127)    # (1 + cos(pi/6)) / 2
+    assert lr_factor(10, 10, 4, "cosine") == pytest.approx(0.0)
+    assert lr_factor(12, 10, 4, "cosine") == pytest.approx(0.0)
+    assert lr_factor(0, 8, 0, "linear") == 1.0 and lr_factor(2, 8, 0, "linear") == 0.75
+    assert lr_factor(4, 4, 4, "linear") == 1.0                         # warmup == total: no division by 0
