@@ -9,17 +9,22 @@ utility (retain + world facts, higher = better kept). Per optimizer one learning
 chosen: the lowest forget ES among the runs that keep model utility >= 0.9 x the target
 model's (when none does, the best trade-off, min(ES - utility / target utility), flagged).
 
-Step time. Every `Unlearner.train_step` call is timed (forward, backward, clipping, Sophia's
-Hessian estimate when due, the update). The printed ratio
+Step time. The headline
 
-    Sophia step time / AdamW step time = total train_step seconds per step, Sophia over AdamW
+    Sophia step time / AdamW step time = X.XX
 
-is pooled over every run of the sweep. Runs of the two optimizers alternate (and which one goes
-first alternates too), after an untimed warm-up of both, so machine load affects both alike.
-A ratio of 1.10 means Sophia's steps cost 10 % more; with the default gnb estimator every
-`optim.hessian_interval` = 10 steps, most of the extra is one more forward + backward on the
-forget batch per 10 steps. Wall seconds per step (the whole `run()`, final checkpoint
-included) are reported too.
+is measured after the sweep: an AdamW and a Sophia `Unlearner` (each at its chosen lr, on fresh
+target copies) take `train_step`s in lock step, alternating which goes first, so any moment's
+machine load falls on both alike; the ratio is the median, over windows of
+`optim.hessian_interval` paired steps (one Hessian estimate each), of Sophia's time over
+AdamW's. A `train_step` is the whole optimizer step: forward passes (policy, and reference for
+NPO), backward, clipping, Sophia's Hessian estimate when due, the update. 1.10 means Sophia's
+steps cost 10 % more; with the default gnb estimator, most of the extra is one more forward +
+backward on the forget batch every 10 steps, plus Sophia's per-parameter update. Below it, as
+checks, the same ratio from the sweep runs themselves (every `train_step` of every run pooled;
+the wall time of whole `run()`s divided by steps; each round's ratio): runs of the two
+optimizers alternate, after an untimed warm-up, but a run lasts seconds, so on a busy machine
+these drift far from the headline; that spread is the noise.
 
 It runs in ONE process with the pure-PyTorch loop (`ray_unlearn.loop.Unlearner`), without
 Ray: the point is the optimizer comparison, and Ray's start-up, scheduling and checkpoint
@@ -40,11 +45,12 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from rich.console import Console
@@ -59,6 +65,9 @@ if not console.is_terminal:  # piped or logged: do not squeeze the table into 80
 
 OPTIMIZERS = ("adamw", "sophia")
 UTILITY_FLOOR = 0.9  # chosen lr must keep model utility >= this x the target model's
+# On `small`, 60 NPO steps at 1e-5 barely move either optimizer (forget ES ~0.96-0.99) and both cross
+# 0.9 x target utility between 3e-5 and 1e-4: the default grid is the same for both, finest there.
+DEFAULT_LRS = "2e-5,3e-5,5e-5,7e-5,1e-4"
 DEFAULT_OVERRIDES = ["eval.max_items=100"]  # evaluation on 100 items per split, for speed
 RULE = (f"rule: per optimizer, the lr with the lowest forget ES among runs with model utility >= "
         f"{UTILITY_FLOOR:g} x the target's; if no run qualifies, the lowest ES - utility/target utility (flagged)")
@@ -74,8 +83,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the config's train.max_steps)")
     p.add_argument("--objective", help="'+'-joined objective terms, weight 1 each, e.g. npo+retain_nll or "
                                        "ga+retain_nll (default: the config's objective)")
-    p.add_argument("--lrs-adamw", default="1e-5,3e-5,1e-4", help="AdamW learning-rate sweep (comma-separated)")
-    p.add_argument("--lrs-sophia", default="1e-5,3e-5,1e-4", help="Sophia learning-rate sweep (comma-separated)")
+    p.add_argument("--lrs-adamw", default=DEFAULT_LRS, help="AdamW learning-rate sweep (comma-separated)")
+    p.add_argument("--lrs-sophia", default=DEFAULT_LRS, help="Sophia learning-rate sweep (comma-separated)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count(), help="torch CPU threads (default: the cores this process may use)")
@@ -197,19 +206,26 @@ def reference_summaries(bench: Bench) -> tuple[dict[str, dict[str, float]], list
 # ---------------------------------------------------------------- one run
 
 
-def time_train_steps(unlearner: Any, sync: Callable[[], None]) -> dict[str, list[float]]:
-    """Wrap `unlearner.train_step` (loop.py unchanged): every call's wall and process-CPU seconds
-    land in the returned {"wall": [...], "cpu": [...]}."""
-    seconds: dict[str, list[float]] = {"wall": [], "cpu": []}
+def make_unlearner(bench: Bench, cfg: JobConfig, checkpoint_dir: Path) -> Any:
+    """An `Unlearner` over a fresh target copy (plain process: rank 0 of 1, no Ray)."""
+    from ray_unlearn.loop import LoopEnv, Unlearner
+
+    env = LoopEnv(device=bench.device, checkpoint_dir=checkpoint_dir)
+    return Unlearner(cfg, bench.fresh_target(), bench.ref, bench.data, bench.tokenizer.pad_token_id, env)
+
+
+def time_train_steps(unlearner: Any, device: torch.device) -> list[float]:
+    """Wrap `unlearner.train_step` (loop.py unchanged) so every call's wall seconds land in the returned list."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds: list[float] = []
     step = unlearner.train_step
 
     def timed_step() -> dict[str, float]:
         sync()
-        wall, cpu = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         logs = step()
         sync()
-        seconds["wall"].append(time.perf_counter() - wall)
-        seconds["cpu"].append(time.process_time() - cpu)
+        seconds.append(time.perf_counter() - t0)
         return logs
 
     unlearner.train_step = timed_step
@@ -217,24 +233,18 @@ def time_train_steps(unlearner: Any, sync: Callable[[], None]) -> dict[str, list
 
 
 def unlearn(bench: Bench, cfg: JobConfig) -> tuple[Any, dict[str, Any]]:
-    """Unlearn a fresh target copy with `cfg`; returns (model, timing and loop figures)."""
-    from ray_unlearn.loop import LoopEnv, Unlearner
-
-    sync = torch.cuda.synchronize if bench.device.type == "cuda" else (lambda: None)
+    """Unlearn a fresh target copy with `cfg` (`Unlearner.run()`); returns (model, timing and loop figures)."""
     torch.manual_seed(cfg.train.seed)  # same stochastic Hessian samples for every lr
-    model = bench.fresh_target()
     with tempfile.TemporaryDirectory(prefix="bench_sophia_ckpt_") as tmp:
-        env = LoopEnv(device=bench.device, checkpoint_dir=Path(tmp))
-        unlearner = Unlearner(cfg, model, bench.ref, bench.data, bench.tokenizer.pad_token_id, env)
-        step_seconds = time_train_steps(unlearner, sync)
+        unlearner = make_unlearner(bench, cfg, Path(tmp))
+        step_seconds = time_train_steps(unlearner, bench.device)
         t0 = time.perf_counter()
         history = unlearner.run()
         wall = time.perf_counter() - t0
     clip = [h["clip_rate"] for h in history if "clip_rate" in h]
-    return model, {"steps": len(step_seconds["wall"]), "train_step_s": sum(step_seconds["wall"]),
-                   "train_step_cpu_s": sum(step_seconds["cpu"]), "wall_s": wall,
-                   "clip_rate": sum(clip) / len(clip) if clip else None,
-                   "step_ms": [round(x * 1e3, 2) for x in step_seconds["wall"]]}
+    return unlearner.model, {"steps": len(step_seconds), "train_step_s": sum(step_seconds), "wall_s": wall,
+                             "clip_rate": sum(clip) / len(clip) if clip else None,
+                             "step_ms": [round(x * 1e3, 2) for x in step_seconds]}
 
 
 def run_one(bench: Bench, rnd: int, optimizer: str, lr: float, retain_tr: list[float] | None) -> dict[str, Any]:
@@ -274,6 +284,73 @@ def interleaved(lrs: dict[str, list[float]]) -> list[tuple[int, str, float]]:
     return order
 
 
+# ---------------------------------------------------------------- step time
+
+
+def paired_step_seconds(bench: Bench, lrs: dict[str, float]) -> dict[str, list[float]]:
+    """Wall seconds of every `train_step` of an AdamW and a Sophia unlearner (fresh target copies),
+    stepped in lock step, the order alternating (A S, S A, ...), so each moment's load hits both.
+
+    The first step of each is untimed (optimizer state is allocated there); then it times
+    max(train.max_steps, 3 x optim.hessian_interval) steps each, so every window of
+    hessian_interval steps holds exactly one Hessian estimate and there are at least three.
+    """
+    cfg = bench.cfg
+    steps = max(cfg.train.max_steps, 3 * cfg.optim.hessian_interval)
+    torch.manual_seed(cfg.train.seed)
+    with tempfile.TemporaryDirectory(prefix="bench_sophia_ckpt_") as tmp:
+        unlearners = {n: make_unlearner(bench, with_optimizer(cfg, n, lrs[n]), Path(tmp)) for n in OPTIMIZERS}
+        for u in unlearners.values():
+            u.model.train()  # as Unlearner.run() does
+            u.train_step()
+        seconds = {n: time_train_steps(u, bench.device) for n, u in unlearners.items()}
+        for i in range(steps):
+            for name in OPTIMIZERS if i % 2 == 0 else OPTIMIZERS[::-1]:
+                unlearners[name].train_step()
+    return seconds
+
+
+def paired_ratio(seconds: dict[str, list[float]], window: int) -> dict[str, Any]:
+    """Sophia / AdamW time per window of `window` paired steps (one Hessian estimate each); the
+    headline is the median window, so a burst of load from elsewhere moves it little."""
+    a, s = seconds["adamw"], seconds["sophia"]
+    windows = [sum(s[i:i + window]) / sum(a[i:i + window]) for i in range(0, len(a) - window + 1, window)]
+    return {"ratio": statistics.median(windows), "window_ratios": windows, "window_steps": window,
+            "adamw_ms": 1e3 * statistics.median(a), "sophia_ms": 1e3 * statistics.median(s),
+            "adamw_step_ms": [round(x * 1e3, 2) for x in a], "sophia_step_ms": [round(x * 1e3, 2) for x in s]}
+
+
+def sweep_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Checks from the sweep runs: train_step and whole-run() seconds per step pooled over every
+    finished run, Sophia / AdamW, and the train_step ratio of each round (its spread = the noise)."""
+    per: dict[str, Any] = {}
+    for name in OPTIMIZERS:
+        done = [r for r in rows if r["optimizer"] == name and r.get("steps")]
+        steps = sum(r["steps"] for r in done)
+        per[f"{name}_step_s"] = sum(r["train_step_s"] for r in done) / steps if steps else None
+        per[f"{name}_wall_step_s"] = sum(r["wall_s"] for r in done) / steps if steps else None
+    for ratio, key in (("train_step_ratio", "step_s"), ("run_wall_ratio", "wall_step_s")):
+        a, s = per[f"adamw_{key}"], per[f"sophia_{key}"]
+        per[ratio] = s / a if a and s else None
+    by_round: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if r.get("steps"):
+            by_round.setdefault(r["round"], {})[r["optimizer"]] = r["step_s"]
+    per["round_ratios"] = [t["sophia"] / t["adamw"] for _, t in sorted(by_round.items()) if len(t) == 2]
+    return per
+
+
+def measure_step_time(bench: Bench, rows: list[dict[str, Any]], chosen: dict[str, dict | None]) -> dict[str, Any]:
+    """The paired measurement at each optimizer's chosen lr (config lr when none), plus the sweep's checks."""
+    lrs = {n: chosen[n]["lr"] if chosen[n] else bench.cfg.optim.lr for n in OPTIMIZERS}
+    with console.status("timing AdamW and Sophia steps in lock step"):
+        try:
+            paired = paired_ratio(paired_step_seconds(bench, lrs), bench.cfg.optim.hessian_interval)
+        except UnlearnError as e:
+            paired = {"ratio": None, "error": str(e)}
+    return {"paired": {"lrs": lrs, **paired}, "sweep": sweep_ratios(rows), "device": str(bench.device)}
+
+
 # ---------------------------------------------------------------- choosing and summarising
 
 
@@ -289,30 +366,6 @@ def choose_lr(rows: list[dict[str, Any]], target_mu: float | None) -> dict[str, 
         return {**min(kept, key=lambda r: r["forget_es"]), "fallback": None}
     best = min(done, key=lambda r: r["forget_es"] - r["model_utility"] / target_mu)
     return {**best, "fallback": f"no lr kept {UTILITY_FLOOR:g} x target utility: best ES-utility trade-off"}
-
-
-def step_time_ratio(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Seconds per step pooled over every finished run of each optimizer, and Sophia / AdamW.
-
-    ratio: train_step wall time (the headline); cpu_ratio: train_step process-CPU time (less
-    sensitive to other processes on the machine); wall_ratio: whole run() wall time;
-    round_ratios: the train_step ratio of each round (the spread shows how noisy the machine was).
-    """
-    per: dict[str, Any] = {}
-    for name in OPTIMIZERS:
-        done = [r for r in rows if r["optimizer"] == name and r.get("steps")]
-        steps = sum(r["steps"] for r in done)
-        for key, field in (("step_s", "train_step_s"), ("cpu_step_s", "train_step_cpu_s"), ("wall_step_s", "wall_s")):
-            per[f"{name}_{key}"] = sum(r[field] for r in done) / steps if steps else None
-    for ratio, key in (("ratio", "step_s"), ("cpu_ratio", "cpu_step_s"), ("wall_ratio", "wall_step_s")):
-        a, s = per[f"adamw_{key}"], per[f"sophia_{key}"]
-        per[ratio] = s / a if a and s else None
-    by_round: dict[int, dict[str, float]] = {}
-    for r in rows:
-        if r.get("steps"):
-            by_round.setdefault(r["round"], {})[r["optimizer"]] = r["step_s"]
-    per["round_ratios"] = [t["sophia"] / t["adamw"] for _, t in sorted(by_round.items()) if len(t) == 2]
-    return per
 
 
 def edge_warnings(rows: list[dict[str, Any]], chosen: dict[str, dict | None]) -> list[str]:
@@ -367,22 +420,31 @@ def summary_lines(cfg: JobConfig, chosen: dict[str, dict | None], timing: dict[s
         lines.append(f"chosen {name}: lr={c['lr']:g}  forget ES {_f(c['forget_es'])}  forget quality "
                      f"{_f(c['forget_quality'])}  model utility {_f(c['model_utility'])}"
                      + (f"  [{c['fallback']}]" if c["fallback"] else ""))
-    ratio = timing["ratio"]
-    lines.append(f"Sophia step time / AdamW step time = {ratio:.2f}" if ratio else
-                 "Sophia step time / AdamW step time = – (a side has no finished run)")
-    if ratio:
-        checks = [f"AdamW {timing['adamw_step_s'] * 1e3:.1f} ms, Sophia {timing['sophia_step_s'] * 1e3:.1f} ms "
-                  f"per train_step; whole run() wall ratio {timing['wall_ratio']:.2f}"]
-        if timing["cpu_ratio"] and timing["device"] == "cpu":  # CPU time says nothing about GPU work
-            checks.append(f"CPU-time ratio {timing['cpu_ratio']:.2f}")
-        checks.append("per-round ratios " + ", ".join(f"{x:.2f}" for x in timing["round_ratios"]))
-        lines.append("(" + "; ".join(checks) + ")")
+    lines += timing_lines(timing)
     o = cfg.optim
     lines.append(f"setup: {cfg.benchmark.size}/{cfg.data.forget_split}, objective "
                  f"{' + '.join(f'{w:g}×{t}' for t, w in cfg.objective.terms.items())}, {cfg.train.max_steps} steps, "
                  f"batch {cfg.train.batch_size}, Sophia hessian={o.hessian} every {o.hessian_interval}, "
                  f"rho={o.rho:g}, eval.max_items={cfg.eval.max_items}, {torch.get_num_threads()} threads")
     return lines + [f"warning: {n}" for n in notes]
+
+
+def timing_lines(timing: dict[str, Any]) -> list[str]:
+    """The headline ratio (paired steps) and the checks from the sweep runs."""
+    p, sw = timing["paired"], timing["sweep"]
+    if p["ratio"] is None:
+        lines = [f"Sophia step time / AdamW step time = – (paired timing failed: {p.get('error')})"]
+    else:
+        w = p["window_ratios"]
+        lines = [f"Sophia step time / AdamW step time = {p['ratio']:.2f}",
+                 f"(median of {len(w)} windows of {p['window_steps']} lock-step train_steps at the chosen lrs, "
+                 f"windows {min(w):.2f}-{max(w):.2f}; median step AdamW {p['adamw_ms']:.1f} ms, "
+                 f"Sophia {p['sophia_ms']:.1f} ms)"]
+    if sw["train_step_ratio"]:
+        lines.append(f"(checks from the sweep runs: train_step {sw['train_step_ratio']:.2f}, whole run() "
+                     f"{sw['run_wall_ratio']:.2f}, per round " + ", ".join(f"{x:.2f}" for x in sw["round_ratios"])
+                     + "; far from the headline = the machine was busy)")
+    return lines
 
 
 # ---------------------------------------------------------------- outputs
@@ -484,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows.sort(key=lambda r: (OPTIMIZERS.index(r["optimizer"]), r["lr"]))
     target_mu = refs.get("target", {}).get("model_utility")
     chosen = {name: choose_lr([r for r in rows if r["optimizer"] == name], target_mu) for name in OPTIMIZERS}
-    timing = {**step_time_ratio(rows), "device": str(device)}
+    timing = measure_step_time(bench, rows, chosen)
     lines = summary_lines(cfg, chosen, timing, edge_warnings(rows, chosen))
     print_results(table_rows(rows, refs), lines)
     out = Path(args.out)

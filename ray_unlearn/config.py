@@ -100,7 +100,7 @@ class ObjectiveConfig:
 @dataclass
 class OptimConfig:
     name: str = _f("sophia", "Optimizer: sophia (SOUL, second order) or adamw (first order).")
-    lr: float = _f(1e-4, "Peak learning rate.")
+    lr: float = _f(5e-5, "Peak learning rate.")
     weight_decay: float = _f(0.1, "Decoupled weight decay.")
     betas: list[float] = _f([0.9, 0.95], "(beta1, beta2): momentum and Hessian EMA (Sophia) / AdamW betas.")
     rho: float = _f(0.04, "Sophia clipping threshold rho.")
@@ -161,7 +161,7 @@ class RayConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = _f(True, "Evaluate target, unlearned and retain models after unlearning.")
-    max_items: int = _f(0, "Items per split to evaluate; 0 = all.")
+    max_items: int = _f(200, "Items per split to evaluate (the first N); 0 = all.")
     batch_size: int = _f(32, "Evaluation batch size.")
     max_new_tokens: int = _f(32, "Greedy generation length for ROUGE.")
 

@@ -21,7 +21,7 @@ def test_two_workers_forget_and_keep_utility(micro_bench, micro_config, ray_sess
     from ray_unlearn.pipeline import run_job
 
     before = _digest(micro_bench.target_dir)
-    cfg = micro_config("ray.num_workers=2", "train.max_steps=20", "eval.max_items=0")
+    cfg = micro_config("ray.num_workers=2", "train.max_steps=20", "optim.lr=1e-4", "eval.max_items=0")
     summaries = run_job(cfg)
     target, unlearned, retain = summaries["target"], summaries["unlearned"], summaries["retain"]
 
