@@ -59,6 +59,10 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
     validate(cfg)
     with progress_reporter() as report:
         inputs = resolve_inputs(cfg, report)
+    if inputs.build_figures:
+        f = inputs.build_figures
+        console.print(f"benchmark {f['size']}: forget10 ES target {f['target_forget10_es']:.3f} vs retain model "
+                      f"{f['retain_forget10_es']:.3f} (the target memorized what the retain model never saw)")
     model, tokenizer = load_checked(cfg, inputs)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

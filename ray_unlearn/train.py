@@ -30,7 +30,7 @@ from ray_unlearn.loop import LoopEnv, Unlearner, encode_data
 
 def train_func(config: dict[str, Any]) -> None:
     """Per-worker entry point: load, wrap, resume, run the loop, report."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
+    _quiet_report_logs()
     cfg: JobConfig = from_dict(JobConfig, config["cfg"])
     inputs: JobInputs = config["inputs"]
     ctx = ray.train.get_context()
@@ -77,6 +77,14 @@ def train_func(config: dict[str, Any]) -> None:
         unlearner.run()
 
 
+def _quiet_report_logs() -> None:
+    """Silence Ray Train's per-report INFO line (its logger is named after the file, so the
+    RunConfig log level does not reach it); the loop prints its own progress."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _say(line: str) -> None:
     """Write a progress line to the worker's stdout (Ray Train's print patch would log it twice)."""
     sys.stdout.write(line + "\n")
@@ -86,7 +94,7 @@ def _say(line: str) -> None:
 def init_ray(cfg: JobConfig) -> None:
     """Start or join Ray, then check the cluster can hold the requested workers."""
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None, include_dashboard=False, log_to_driver=True,
+        ray.init(address=cfg.ray.address or None, log_to_driver=True,
                  configure_logging=False)
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
