@@ -30,7 +30,7 @@ def test_defaults_load():
     cfg = load_config()
     assert isinstance(cfg, JobConfig)
     assert cfg.optim.name == "sophia"
-    assert cfg.optim.lr == 1e-4
+    assert cfg.optim.lr == 5e-5
     assert cfg.optim.betas == [0.9, 0.95]
     assert cfg.objective.terms == {"npo": 1.0, "retain_nll": 1.0}
     assert cfg.train.max_steps == 60
