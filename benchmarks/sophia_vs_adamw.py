@@ -14,17 +14,18 @@ Step time. The headline
     Sophia step time / AdamW step time = X.XX
 
 is measured after the sweep: an AdamW and a Sophia `Unlearner` (each at its chosen lr, on fresh
-target copies) take `train_step`s in lock step, alternating which goes first, so any moment's
-machine load falls on both alike; the ratio is the median, over windows of
-`optim.hessian_interval` paired steps (one Hessian estimate each), of Sophia's time over
-AdamW's. A `train_step` is the whole optimizer step: forward passes (policy, and reference for
-NPO), backward, clipping, Sophia's Hessian estimate when due, the update. 1.10 means Sophia's
-steps cost 10 % more; with the default gnb estimator, most of the extra is one more forward +
-backward on the forget batch every 10 steps, plus Sophia's per-parameter update. Below it, as
-checks, the same ratio from the sweep runs themselves (every `train_step` of every run pooled;
-the wall time of whole `run()`s divided by steps; each round's ratio): runs of the two
-optimizers alternate, after an untimed warm-up, but a run lasts seconds, so on a busy machine
-these drift far from the headline; that spread is the noise.
+target copies) take 2 x `train.max_steps` `train_step`s in lock step, alternating which goes
+first, so any moment's machine load falls on both alike; the ratio is the median, over windows
+of `optim.hessian_interval` paired steps (one Hessian estimate each), of Sophia's time over
+AdamW's. The window range printed beside it shows how much outside load there was. A
+`train_step` is the whole optimizer step: forward passes (policy, and reference for NPO),
+backward, clipping, Sophia's Hessian estimate when due, the update. 1.10 means Sophia's steps
+cost 10 % more; with the default gnb estimator, most of the extra is one more forward +
+backward on the forget batch every 10 steps. Below it, as checks, the same ratio from the
+sweep runs themselves (every `train_step` of every run pooled; the wall time of whole `run()`s
+divided by steps; each round's ratio): runs of the two optimizers alternate, after an untimed
+warm-up, but a run lasts seconds, so on a busy machine these drift far from the headline; that
+spread is the noise.
 
 It runs in ONE process with the pure-PyTorch loop (`ray_unlearn.loop.Unlearner`), without
 Ray: the point is the optimizer comparison, and Ray's start-up, scheduling and checkpoint
@@ -83,8 +84,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the config's train.max_steps)")
     p.add_argument("--objective", help="'+'-joined objective terms, weight 1 each, e.g. npo+retain_nll or "
                                        "ga+retain_nll (default: the config's objective)")
-    p.add_argument("--lrs-adamw", default=DEFAULT_LRS, help="AdamW learning-rate sweep (comma-separated)")
-    p.add_argument("--lrs-sophia", default=DEFAULT_LRS, help="Sophia learning-rate sweep (comma-separated)")
+    p.add_argument("--lrs-adamw", default=DEFAULT_LRS,
+                   help="AdamW learning-rate sweep, comma-separated (default: %(default)s)")
+    p.add_argument("--lrs-sophia", default=DEFAULT_LRS,
+                   help="Sophia learning-rate sweep, comma-separated (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count(), help="torch CPU threads (default: the cores this process may use)")
@@ -292,11 +295,12 @@ def paired_step_seconds(bench: Bench, lrs: dict[str, float]) -> dict[str, list[f
     stepped in lock step, the order alternating (A S, S A, ...), so each moment's load hits both.
 
     The first step of each is untimed (optimizer state is allocated there); then it times
-    max(train.max_steps, 3 x optim.hessian_interval) steps each, so every window of
-    hessian_interval steps holds exactly one Hessian estimate and there are at least three.
+    max(2 x train.max_steps, 5 x optim.hessian_interval) steps each, so every window of
+    hessian_interval steps holds exactly one Hessian estimate and there are enough windows for
+    their median to shrug off a few that a burst of outside load hit.
     """
     cfg = bench.cfg
-    steps = max(cfg.train.max_steps, 3 * cfg.optim.hessian_interval)
+    steps = max(2 * cfg.train.max_steps, 5 * cfg.optim.hessian_interval)
     torch.manual_seed(cfg.train.seed)
     with tempfile.TemporaryDirectory(prefix="bench_sophia_ckpt_") as tmp:
         unlearners = {n: make_unlearner(bench, with_optimizer(cfg, n, lrs[n]), Path(tmp)) for n in OPTIMIZERS}

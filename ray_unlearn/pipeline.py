@@ -25,7 +25,21 @@ console = Console(stderr=False, highlight=False)
 
 @contextmanager
 def progress_reporter() -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress display; yields report(task, done, total)."""
+    """Progress of long steps; yields report(task, done, total).
+
+    A live rich bar on a terminal; in logs (no terminal) one plain line per task every 10 %.
+    """
+    if not console.is_terminal:
+        shown: dict[str, int] = {}
+
+        def report_line(task: str, done: int, total: int) -> None:
+            tenth = 10 * done // max(1, total)
+            if shown.get(task, -1) < tenth:
+                shown[task] = tenth
+                console.print(f"{task}: {done}/{total}")
+
+        yield report_line
+        return
     tasks: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as prog:
@@ -101,9 +115,10 @@ def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Any, tokenizer: A
     summaries, retain_tr = {}, None
     for name, make in models.items():
         with console.status(f"evaluating {name} model") as status:
+            say = status.update if console.is_terminal else console.print
             results = evaluate_model(make(), tokenizer, inputs.eval_splits, cfg.eval, cfg.data.prompt_template,
                                      cfg.data.max_length, retain_truth_ratios=retain_tr,
-                                     progress=lambda msg, n=name: status.update(f"evaluating {n} model: {msg}"))
+                                     progress=lambda msg, n=name: say(f"evaluating {n} model: {msg}"))
         if name == "retain":
             retain_tr = truth_ratios(results)
         eval_dir = out / "eval" if name == "unlearned" else out / "eval" / name
