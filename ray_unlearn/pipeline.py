@@ -104,7 +104,7 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
 def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Any, tokenizer: Any,
                  out: Path) -> dict[str, dict[str, float]]:
     """Evaluate retain (when known), target and unlearned models; write their EVAL/SUMMARY files."""
-    from ray_unlearn.eval.suite import evaluate_model, summary, write_eval
+    from ray_unlearn.eval.suite import evaluate_model, forget_truth_ratios, summary, write_eval
     from ray_unlearn.models.io import load_model
 
     models: dict[str, Callable[[], Any]] = {}
@@ -120,22 +120,13 @@ def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Any, tokenizer: A
                                      cfg.data.max_length, retain_truth_ratios=retain_tr,
                                      progress=lambda msg, n=name: say(f"evaluating {n} model: {msg}"))
         if name == "retain":
-            retain_tr = truth_ratios(results)
+            retain_tr = forget_truth_ratios(results) if "forget_truth_ratio" in results else None
         eval_dir = out / "eval" if name == "unlearned" else out / "eval" / name
         eval_dir.mkdir(parents=True, exist_ok=True)
         write_eval(eval_dir, inputs.bench, results)
         summaries[name] = summary(results)
     order = [n for n in ("target", "unlearned", "retain") if n in summaries]
     return {n: summaries[n] for n in order}
-
-
-def truth_ratios(results: dict[str, Any]) -> list[float] | None:
-    """Per-item forget truth ratios from an EVAL result (for forget quality against this model)."""
-    by_index = results.get("forget_truth_ratio", {}).get("value_by_index")
-    if not by_index:
-        return None
-    vals = [v["score"] if isinstance(v, dict) else v for v in by_index.values()]
-    return [float(v) for v in vals if v is not None]
 
 
 def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
