@@ -44,6 +44,20 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(ns: argparse.Namespace) -> int:
+    from ray_unlearn.tune import run_tune
+
+    run_tune(_load(ns))
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from ray_unlearn.serve import run_serve
+
+    job, overrides = _split_args(ns.args)
+    return run_serve(job, overrides)
+
+
 def cmd_data(ns: argparse.Namespace) -> int:
     from ray_unlearn.pipeline import console, progress_reporter
     from ray_unlearn.models.build import ensure_benchmark
@@ -76,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...] (no job file: the built-in default)")
     run.add_argument("--output-dir", help="output directory (same as output_dir=...)")
     run.set_defaults(fn=cmd_run)
+    tune = sub.add_parser("tune", help="search the forgetting/retention trade-off with Ray Tune + Optuna")
+    tune.add_argument("args", nargs="*", help="JOB.yaml (with a tune: section) [key=value ...]")
+    tune.add_argument("--output-dir", help="output directory (same as output_dir=...)")
+    tune.set_defaults(fn=cmd_tune)
+    serve = sub.add_parser("serve", help="serve base and unlearned models over HTTP (OpenAI-style + /v1/verify)")
+    serve.add_argument("args", nargs="*", help="[SERVE.yaml] [key=value ...]")
+    serve.set_defaults(fn=cmd_serve)
     data = sub.add_parser("data", help="build (or show the cached) built-in benchmark and its models")
     data.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...], e.g. benchmark.size=micro")
     data.set_defaults(fn=cmd_data)

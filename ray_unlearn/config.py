@@ -132,6 +132,9 @@ class TrainConfig:
     lr_schedule: str = _f("constant", "LR schedule after warmup: constant, linear or cosine decay.")
     log_every: int = _f(5, "Log (and report to Ray) every N steps.")
     checkpoint_every: int = _f(0, "Checkpoint every N steps; 0 = only at the end.")
+    eval_every: int = _f(0, "Evaluate the model being unlearned every N steps and at the last step (eval section, "
+                            "on rank 0) and add the metrics to that step's report; 0 = off. Tune trials use it so "
+                            "that schedulers can stop bad trials early.")
     seed: int = _f(0, "Seed for data order and stochastic estimators.")
 
     def __post_init__(self) -> None:
@@ -140,6 +143,7 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _positive("train.eval_every", self.eval_every, allow_zero=True)
 
 
 @dataclass
@@ -172,6 +176,40 @@ class EvalConfig:
 
 
 @dataclass
+class TuneConfig:
+    space: dict[str, dict] = _f({}, "Search space: dotted config field -> {type: loguniform|uniform|int|choice, "
+                                    "low, high (int: optional log: true) | values: [...]}, e.g. "
+                                    "optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}.")
+    metrics: dict[str, str] = _f({"extraction_strength": "min", "model_utility": "max"},
+                                 "Objectives of the multi-objective search, summary metric -> min or max.")
+    num_samples: int = _f(8, "Trials to run; asking for more when resuming a search adds trials.")
+    max_concurrent_trials: int = _f(1, "Trials running at once (each holds its own Ray Train workers).")
+    scheduler: str = _f("none", "Trial scheduler: none, or asha (stops trials early on one metric, "
+                                "checked every train.eval_every steps).")
+    scheduler_metric: str = _f("", "Metric ASHA compares trials on; empty = the first of tune.metrics.")
+    grace_period: int = _f(1, "ASHA: evaluations every trial gets before it can be stopped.")
+    reduction_factor: float = _f(2.0, "ASHA: keep 1 / reduction_factor of the trials at each rung.")
+    seed: int = _f(0, "Seed of Optuna's sampler.")
+    cpus_per_trial: float = _f(0.1, "CPUs reserved by each trial's driver (its Ray Train workers reserve their own).")
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            raise UnlearnError("tune.metrics: needs at least one metric, e.g. {extraction_strength: min}")
+        for name, mode in self.metrics.items():
+            _choice(f"tune.metrics.{name}", mode, ("min", "max"))
+        _positive("tune.num_samples", self.num_samples)
+        _positive("tune.max_concurrent_trials", self.max_concurrent_trials)
+        _choice("tune.scheduler", self.scheduler, ("none", "asha"))
+        if self.scheduler_metric and self.scheduler_metric not in self.metrics:
+            raise UnlearnError(f"tune.scheduler_metric: {self.scheduler_metric!r} is not one of tune.metrics "
+                               f"({', '.join(self.metrics)})")
+        _positive("tune.grace_period", self.grace_period)
+        if not self.reduction_factor > 1:
+            raise UnlearnError(f"tune.reduction_factor: must be > 1, got {self.reduction_factor}")
+        _positive("tune.cpus_per_trial", self.cpus_per_trial)
+
+
+@dataclass
 class JobConfig:
     name: str = _f("unlearn", "Run name: resuming reuses it with the same output_dir.")
     output_dir: str = _f("runs/unlearn", "Where checkpoints, the final model, eval and report go.")
@@ -183,6 +221,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Unlearning loop."})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray Train scaling."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation after unlearning."})
+    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "Ray Tune search (`ray-unlearn tune`)."})
 
 
 # ---------------------------------------------------------------- loading and checking
@@ -255,33 +294,44 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UnlearnError(f"override {pair!r}: {part} is not a section")
-        node[leaf] = value
+        node[leaf] = Replace(value) if isinstance(value, dict) else value
     return out
+
+
+class Replace(dict):
+    """A mapping given whole on the command line (`objective.terms={ga: 1}`): it replaces, not merges."""
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge `over` into a copy of `base` (dict values merge, others replace)."""
+    """Recursively merge `over` into a copy of `base` (dict values merge, others and `Replace` replace)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        mergeable = isinstance(v, dict) and not isinstance(v, Replace) and isinstance(out.get(k), dict)
+        out[k] = merge(out[k], v) if mergeable else (dict(v) if isinstance(v, Replace) else v)
     return out
+
+
+def read_yaml_mapping(path: str | Path | None, what: str = "job file") -> dict[str, Any]:
+    """The top-level mapping of a YAML file ({} for None), or a one-line UnlearnError."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UnlearnError(f"{what} {p} does not exist or is not a file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UnlearnError(f"{what} {p} cannot be read: {e}") from None
+    except yaml.YAMLError as e:
+        raise UnlearnError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UnlearnError(f"{what} {p}: expected a mapping of sections at the top level")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Load a job YAML (or the defaults when `path` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UnlearnError(f"job file {p} does not exist or is not a file")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except (OSError, UnicodeDecodeError) as e:
-            raise UnlearnError(f"job file {p} cannot be read: {e}") from None
-        except yaml.YAMLError as e:
-            raise UnlearnError(f"job file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UnlearnError(f"job file {p}: expected a mapping of sections at the top level")
+    data = read_yaml_mapping(path, "job file")
     if data.get("objective") is None:  # absent, or an empty `objective:` section
         data["objective"] = {}
     objective = data["objective"]

@@ -5,7 +5,9 @@ objective reads (forget, retain, forget_idk concatenated into one batch, so DDP 
 forward) plus a no-grad pass of the frozen reference model when a term needs it; a weighted
 objective; backward; clipping; the Hessian estimate when due (Sophia); the step. Every
 `log_every` steps it reports metrics; every `checkpoint_every` steps and at the end it writes a
-checkpoint (model safetensors, optimizer, step, history) and reports it. A non-finite loss
+checkpoint (model safetensors, optimizer, step, history) and reports it. When the runner gives an
+`evaluate` callback, every `eval_every` steps and at the last step rank 0 evaluates the model and
+that step's report carries the metrics (every rank reports at the same steps). A non-finite loss
 stops the run before anything is written, so the last good checkpoint stays the latest.
 
 Batches are chosen by a deterministic function of (seed, step, micro-step, rank), so a resumed
@@ -60,6 +62,8 @@ class LoopEnv:
     resume_from: Path | None = None
     report: Callable[[dict[str, float], Path | None], None] = lambda metrics, ckpt: None
     on_step: Callable[[int, int, dict[str, float]], None] | None = None
+    # (unwrapped module, step) -> metrics; called on rank 0 only, every train.eval_every steps and at the end
+    evaluate: Callable[[Any, int], dict[str, float]] | None = None
 
 
 def encode_data(cfg: JobConfig, tokenizer: Any, forget: Sequence[dict], retain: Sequence[dict],
@@ -250,16 +254,30 @@ class Unlearner:
         while self.step < t.max_steps:
             logs = self.train_step()
             logs["step"] = self.step
+            last = self.step == t.max_steps
+            evaluated = self._evaluate_if_due(logs, last)
             if self.env.on_step is not None:
                 self.env.on_step(self.step, t.max_steps, logs)
-            last = self.step == t.max_steps
-            if self.step % t.log_every == 0 or last:
+            if self.step % t.log_every == 0 or last or evaluated:
                 self.history.append(logs)
             if last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
                 self.env.report(logs, self.save_checkpoint())
-            elif self.step % t.log_every == 0:
+            elif self.step % t.log_every == 0 or evaluated:
                 self.env.report(logs, None)
         return self.history
+
+    def _evaluate_if_due(self, logs: dict[str, float], last: bool) -> bool:
+        """Every eval_every steps and at the last step, rank 0 adds the evaluation metrics to `logs`.
+
+        Returns whether this step was an evaluation step: the same on every rank, so all ranks
+        report at the same steps (a report is a barrier); only rank 0's report carries the metrics.
+        """
+        every = self.cfg.train.eval_every
+        if self.env.evaluate is None or not (last or (every and self.step % every == 0)):
+            return False
+        if self.env.rank == 0:
+            logs.update(self.env.evaluate(self.module, self.step))
+        return True
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:

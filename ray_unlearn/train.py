@@ -13,7 +13,7 @@ import sys
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import ray
 import ray.train
@@ -37,6 +37,8 @@ def train_func(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.ray.num_workers > 0 else torch.device("cpu")
     torch.manual_seed(cfg.train.seed + rank)
+    if rank == 0 and config.get("placement_group_file"):
+        _record_placement_group(Path(config["placement_group_file"]))
 
     from ray_unlearn.job import load_checked
     from ray_unlearn.objectives import build_objective, objective_ref_streams
@@ -61,7 +63,7 @@ def train_func(config: dict[str, Any]) -> None:
     local_ckpts = Path(config["local_checkpoints"]) if config.get("local_checkpoints") else \
         Path(tempfile.mkdtemp(prefix="ray_unlearn_ckpt_"))
     env = LoopEnv(rank=rank, world_size=world, device=device, checkpoint_dir=local_ckpts,
-                  report=report, on_step=on_step)
+                  report=report, on_step=on_step, evaluate=_evaluator(cfg, inputs, tokenizer, config))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
         env.resume_from = Path(config["resume_from"])
@@ -75,6 +77,33 @@ def train_func(config: dict[str, Any]) -> None:
         if rank == 0:
             _say(f"[unlearn] resumed from step {unlearner.step}")
         unlearner.run()
+
+
+def _evaluator(cfg: JobConfig, inputs: JobInputs, tokenizer: Any,
+               config: dict[str, Any]) -> Callable[[Any, int], dict[str, float]] | None:
+    """The loop's in-training evaluation (summary metrics of the eval section), or None when off.
+
+    On when `train.eval_every` > 0 or the caller asks for it (`evaluate_at_end`: Tune trials);
+    forget quality needs `retain_truth_ratios` in the loop config.
+    """
+    if not (cfg.train.eval_every > 0 or config.get("evaluate_at_end")):
+        return None
+    from ray_unlearn.eval.suite import evaluate_model, summary
+
+    def evaluate(module: Any, step: int) -> dict[str, float]:
+        results = evaluate_model(module, tokenizer, inputs.eval_splits, cfg.eval, cfg.data.prompt_template,
+                                 cfg.data.max_length, retain_truth_ratios=config.get("retain_truth_ratios"))
+        return {k: float(v) for k, v in summary(results).items()}
+
+    return evaluate
+
+
+def _record_placement_group(path: Path) -> None:
+    """Write the id of the worker group's placement group (a Tune trial stopped early frees it)."""
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(pg.id.hex())
 
 
 def _quiet_report_logs() -> None:
@@ -111,6 +140,40 @@ def _latest_local(path: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def make_trainer(cfg: JobConfig, inputs: JobInputs, callbacks: Sequence[Any] = (),
+                 **loop_extras: Any) -> TorchTrainer:
+    """The TorchTrainer of one unlearning run (storage: <output_dir>/ray/<name>, so a rerun resumes).
+
+    `callbacks` are Ray Train user callbacks (Tune's report callback); `loop_extras` go to every
+    worker's loop config (`evaluate_at_end`, `retain_truth_ratios`: see `_evaluator`;
+    `placement_group_file`: where rank 0 writes its placement group's id).
+    """
+    out = Path(cfg.output_dir).resolve()
+    loop_config: dict[str, Any] = {"cfg": to_dict(cfg), "inputs": inputs, **loop_extras}
+    if cfg.ray.num_workers == 0:  # local mode keeps no Ray checkpoints: the loop writes them under output_dir
+        loop_config["local_checkpoints"] = str(out / "checkpoints")
+        latest = _latest_local(out / "checkpoints")
+        loop_config["resume_from"] = str(latest) if latest else None
+    return TorchTrainer(
+        train_func, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"), callbacks=list(callbacks),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+
+
+def run_trainer(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, with a failed run turned into a one-line UnlearnError."""
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise UnlearnError(_worker_error(e)) from None
+    if result.checkpoint is None:
+        raise UnlearnError("the run reported no checkpoint; see the worker logs above")
+    return result
+
+
 def fit(cfg: JobConfig, inputs: JobInputs) -> tuple[Path, ray.train.Result]:
     """Run the unlearning with Ray Train; returns (final checkpoint directory, result).
 
@@ -118,26 +181,8 @@ def fit(cfg: JobConfig, inputs: JobInputs) -> tuple[Path, ray.train.Result]:
     """
     init_ray(cfg)
     out = Path(cfg.output_dir).resolve()
-    local = cfg.ray.num_workers == 0
-    loop_config: dict[str, Any] = {"cfg": to_dict(cfg), "inputs": inputs}
-    if local:  # local mode keeps no Ray checkpoints: the loop writes them under the output dir itself
-        loop_config["local_checkpoints"] = str(out / "checkpoints")
-        latest = _latest_local(out / "checkpoints")
-        loop_config["resume_from"] = str(latest) if latest else None
-    trainer = TorchTrainer(
-        train_func, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise UnlearnError(_worker_error(e)) from None
-    if result.checkpoint is None:
-        raise UnlearnError("the run reported no checkpoint; see the worker logs above")
-    if local:
+    result = run_trainer(make_trainer(cfg, inputs))
+    if cfg.ray.num_workers == 0:
         for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
         return Path(result.checkpoint.path), result

@@ -239,3 +239,9 @@ def test_top_level_scalar(tmp_path):
 def test_section_that_is_not_a_mapping(tmp_path):
     expect_error("^optim: expected a mapping", write_yaml(tmp_path, {"optim": [1, 2]}))
     expect_error("^objective: expected a mapping", write_yaml(tmp_path, {"objective": "npo"}))
+
+
+def test_whole_mapping_override_replaces_instead_of_merging():
+    cfg = load_config(None, ["objective.terms={ga: 1, retain_nll: 2}"])
+    assert cfg.objective.terms == {"ga": 1.0, "retain_nll": 2.0}
+    assert load_config(None, ["objective.terms.ga=1"]).objective.terms == {"npo": 1.0, "retain_nll": 1.0, "ga": 1.0}

@@ -1,0 +1,498 @@
+"""Ray Serve glue: the HTTP application that serves base and unlearned models (the only Serve importer).
+
+Two deployments:
+
+- `Gateway`, the FastAPI ingress: API key, request caps, JSON and schema checks, prompt
+  rendering and token counting (it holds tokenizers, not models), server-sent events.
+- `ModelServer`: holds the models. Each registered model id (the base model and any number of
+  unlearned checkpoints) is loaded on first use by an `@serve.multiplexed` loader, LRU per
+  replica; generation is batched dynamically by `@serve.batch` (Serve splits batches by model
+  id); `/v1/verify` scores items with the model and the base model.
+
+Endpoints: GET /healthz (readiness, no key), GET /v1/models[/{id}], POST /v1/completions,
+POST /v1/chat/completions (both with `stream` as server-sent events), POST /v1/verify. Chat
+messages go through the tokenizer's chat template when it has one, else `prompt_template`
+around the last user message (see `serving.engine.render_chat`).
+
+The gateway calls `ModelServer` through a handle with `.options(multiplexed_model_id=<model>)`,
+so Serve routes each request to a replica that already holds its model. Every error is
+OpenAI's JSON body {"error": {"message", "type", "param", "code"}} with a 4xx status for bad
+requests.
+"""
+
+
+import asyncio
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ray_unlearn.cli import quiet_libraries
+from ray_unlearn.errors import UnlearnError
+from ray_unlearn.serving.auth import require_key
+from ray_unlearn.serving.config import (ServeConfig, is_loopback, load_serve_config, resolve_api_key,
+                                        resolve_benchmarks, resolve_models, serve_config_from_dict)
+from ray_unlearn.serving.engine import (BatchDecoder, Delta, GenerationRequest, VerdictRule, check_prompt_length,
+                                        encode_rows, render_chat, render_completion, rule_description,
+                                        sampling_params, score_items, verdict, verify_rows)
+from ray_unlearn.serving.schemas import (APIError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
+                                         chat_chunk, chat_response, completion_chunk, completion_response,
+                                         model_list, new_id, parse_json, sse, usage_chunk, validate)
+
+OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+api = FastAPI(title="ray_unlearn", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+# ---------------------------------------------------------------- errors as OpenAI JSON
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+    return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(APIError(400, str(exc.errors()[:1]), code="invalid_value").body(), status_code=400)
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    err = APIError(500, f"internal error ({type(exc).__name__}); see the replica's log", type="server_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+# NB: Serve serializes the deployment classes when they are decorated, so every module-level name
+# their methods use must be defined above them.
+
+
+def _root_message(exc: BaseException) -> str:
+    """First line of the underlying error of a failed replica call (Ray wraps it)."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"request body is {size} bytes, over the limit of {limit}", code="request_too_large")
+
+
+def _stream_error(model: str, exc: Exception) -> dict[str, Any]:
+    err = exc if isinstance(exc, APIError) else APIError(503, f"model {model!r} failed: {_root_message(exc)}",
+                                                         type="server_error", code="model_unavailable")
+    return err.body()
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---------------------------------------------------------------- model server
+
+
+@dataclass
+class LoadedModel:
+    """A model and its tokenizer, as the multiplexed loader returns them."""
+
+    model: Any
+    tokenizer: Any
+
+
+@serve.deployment
+class ModelServer:
+    """Holds the models (multiplexed by id), decodes batches, scores verification items."""
+
+    def __init__(self, cfg: ServeConfig, models: dict[str, str]) -> None:
+        quiet_libraries()
+        self.cfg, self.models = cfg, models
+        gpu = cfg.deployment.num_gpus > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if gpu else "cpu")
+        torch.set_num_threads(max(1, int(cfg.deployment.num_cpus)))
+
+        async def load_model_by_id(model_id: str) -> LoadedModel:
+            return await asyncio.to_thread(self._load_sync, model_id)
+
+        self._load = serve.multiplexed(max_num_models_per_replica=cfg.deployment.max_models_per_replica)(
+            load_model_by_id)
+        self.batches = {"batches": 0, "requests": 0, "largest": 0}  # this replica's batching so far
+        self._generate_batch.set_max_batch_size(cfg.batching.effective_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+
+    def _load_sync(self, model_id: str) -> LoadedModel:
+        """Load one registered model and its tokenizer (safetensors only; remote code only if configured)."""
+        from ray_unlearn.models.io import load_model, load_tokenizer
+
+        path = self.models[model_id]
+        model = load_model(path, self.cfg.dtype, self.cfg.trust_remote_code).to(self.device).eval()
+        return LoadedModel(model, load_tokenizer(path, self.cfg.trust_remote_code))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both set from the config in __init__
+    async def _generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
+        """Decode a batch (one model id: Serve splits batches by multiplexed id); yields a Delta per request
+        per step, StopIteration once a request has finished."""
+        model_ids = {r.model_id for r in requests}
+        if len(model_ids) != 1:
+            raise RuntimeError(f"one batch mixes models {sorted(model_ids)}")
+        loaded = await self._load(requests[0].model_id)
+        self._count_batch(len(requests))
+        decoder = await asyncio.to_thread(BatchDecoder, loaded.model, loaded.tokenizer, requests)
+        while not decoder.done:
+            deltas = await asyncio.to_thread(decoder.step)
+            yield [StopIteration if d is None else d for d in deltas]
+
+    def _count_batch(self, size: int) -> None:
+        b = self.batches
+        b["batches"], b["requests"], b["largest"] = b["batches"] + 1, b["requests"] + size, max(b["largest"], size)
+
+    async def complete(self, request: GenerationRequest) -> Delta:
+        """The whole completion of one request (decoded in a dynamic batch)."""
+        result = Delta("")
+        async for d in self._generate_batch(request):
+            result.text += d.text
+            result.finish_reason, result.completion_tokens = d.finish_reason, d.completion_tokens
+        return result
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """The completion of one request as it is decoded, one Delta per step."""
+        async for d in self._generate_batch(request):
+            yield d
+
+    async def verify(self, model_items: list[dict], base_items: list[dict]) -> dict[str, Any]:
+        """Per-item metrics of the request's model (its multiplexed id) and of the base model."""
+        model_id, base_id = serve.get_multiplexed_model_id(), self.cfg.base_model
+        scores = await self._score(model_id, model_items)
+        base = scores if model_id == base_id else await self._score(base_id, base_items)
+        return {"model": scores, "base": base}
+
+    async def _score(self, model_id: str, items: list[dict]) -> dict[str, list[float]]:
+        loaded = await self._load(model_id)
+        pad = loaded.tokenizer.pad_token_id or 0
+        return await asyncio.to_thread(score_items, loaded.model, pad, items, self.cfg.verify.batch_size,
+                                       self.cfg.verify.mink_k)
+
+    async def health(self) -> dict[str, Any]:
+        """Device, batch size in force and this replica's batching counts."""
+        return {"device": str(self.device), "max_batch_size": self.cfg.batching.effective_batch_size,
+                "batching": dict(self.batches)}
+
+
+# ---------------------------------------------------------------- gateway (HTTP ingress)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Gateway:
+    """OpenAI-style HTTP API plus /v1/verify and /healthz, in front of ModelServer."""
+
+    def __init__(self, server: DeploymentHandle, cfg: ServeConfig, models: dict[str, str],
+                 benchmarks: dict[str, str], api_key: str) -> None:
+        quiet_libraries()
+        self.server, self.cfg, self.models, self.benchmarks = server, cfg, models, benchmarks
+        self.api_key = api_key
+        self.tokenizers: dict[str, Any] = {}
+        self.handles: dict[tuple[str, bool], DeploymentHandle] = {}
+        self.created = int(time.time())
+        self.rule = VerdictRule(cfg.verify.es_threshold, cfg.verify.prob_ratio, cfg.verify.min_forgotten_fraction)
+
+    # -------------------------------------------------- request plumbing
+
+    async def _body(self, request: Request) -> Any:
+        """Authorize, then read the JSON body within the byte cap (413 beyond it)."""
+        require_key(self.api_key, request.headers.get("authorization"))
+        limit = self.cfg.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(len(body), limit)
+        return parse_json(bytes(body))
+
+    def _model_id(self, name: str) -> str:
+        if name not in self.models:
+            raise APIError(404, f"model {name!r} does not exist; available: {', '.join(self.models)}",
+                           param="model", code="model_not_found")
+        return name
+
+    def _tokenizer(self, model_id: str) -> Any:
+        if model_id not in self.tokenizers:
+            from ray_unlearn.models.io import load_tokenizer
+
+            try:
+                self.tokenizers[model_id] = load_tokenizer(self.models[model_id], self.cfg.trust_remote_code)
+            except UnlearnError as e:
+                raise APIError(503, f"model {model_id!r} is unavailable: {e}", type="server_error",
+                               code="model_unavailable") from None
+        return self.tokenizers[model_id]
+
+    async def _remote(self, call: Any, model_id: str) -> Any:
+        """Await a ModelServer call; its failures (e.g. a checkpoint that cannot load) become a 503."""
+        try:
+            return await call
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Ray wraps replica errors in its own types
+            raise APIError(503, f"model {model_id!r} is unavailable: {_root_message(e)}", type="server_error",
+                           code="model_unavailable") from None
+
+    def _handle(self, model_id: str, stream: bool = False) -> DeploymentHandle:
+        """The ModelServer handle routed by `model_id` (made once per id: `.options()` is not free)."""
+        key = (model_id, stream)
+        if key not in self.handles:
+            self.handles[key] = self.server.options(multiplexed_model_id=model_id, stream=stream)
+        return self.handles[key]
+
+    async def _deltas(self, gens: list[GenerationRequest]) -> AsyncIterator[tuple[int, Delta]]:
+        """(prompt index, Delta) of several streamed generations, as they arrive."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, g: GenerationRequest) -> None:
+            try:
+                async for d in self._handle(g.model_id, stream=True).stream.remote(g):
+                    await queue.put((i, d))
+            except Exception as e:  # noqa: BLE001
+                await queue.put((i, e))
+            await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        finished = 0
+        try:
+            while finished < len(gens):
+                i, d = await queue.get()
+                if d is None:
+                    finished += 1
+                elif isinstance(d, Exception):
+                    raise d
+                else:
+                    yield i, d
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _gen_params(self, req: Any, max_tokens: int | None, default: int) -> Any:
+        lim = self.cfg.limits
+        return sampling_params(max_tokens, default, lim.max_tokens, req.temperature, req.top_p, req.stop_list(),
+                               lim.max_stop, req.seed)
+
+    # -------------------------------------------------- endpoints
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """Readiness: the gateway is up and a model replica answers (no key needed)."""
+        try:
+            info = await asyncio.wait_for(self.server.health.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001
+            return JSONResponse({"status": "unavailable", "ready": False, "error": _root_message(e)}, 503)
+        return JSONResponse({"status": "ok", "ready": True, "models": list(self.models),
+                             "base_model": self.cfg.base_model, **info})
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> JSONResponse:
+        require_key(self.api_key, request.headers.get("authorization"))
+        return JSONResponse(model_list(list(self.models), self.created))
+
+    @api.get("/v1/models/{model}")
+    async def get_model(self, model: str, request: Request) -> JSONResponse:
+        require_key(self.api_key, request.headers.get("authorization"))
+        return JSONResponse(model_list([self._model_id(model)], self.created)["data"][0])
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        req = validate(CompletionRequest, await self._body(request))
+        model_id = self._model_id(req.model)
+        prompts = req.prompts()
+        if len(prompts) > self.cfg.limits.max_prompts:
+            raise APIError(400, f"prompt has {len(prompts)} prompts, over the limit of "
+                                f"{self.cfg.limits.max_prompts}", param="prompt", code="too_many_prompts")
+        params = self._gen_params(req, req.max_tokens, OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS)
+        tok = self._tokenizer(model_id)
+        gens = []
+        for i, prompt in enumerate(prompts):
+            ids = render_completion(tok, prompt)
+            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            check_prompt_length(ids, self.cfg.limits.max_prompt_tokens, param)
+            gens.append(GenerationRequest(model_id, tuple(ids), params))
+        rid, n_prompt = new_id("cmpl"), sum(len(g.prompt_ids) for g in gens)
+        if req.stream:
+            return _event_stream(self._completion_events(rid, req, gens, n_prompt))
+        results = await asyncio.gather(*(self._remote(self._handle(model_id).complete.remote(g), model_id)
+                                         for g in gens))
+        return JSONResponse(completion_response(rid, req.model, [(r.text, r.finish_reason) for r in results],
+                                                n_prompt, sum(r.completion_tokens for r in results)))
+
+    async def _completion_events(self, rid: str, req: CompletionRequest, gens: list[GenerationRequest],
+                                 n_prompt: int) -> AsyncIterator[str]:
+        done = [0] * len(gens)
+        try:
+            async for i, d in self._deltas(gens):
+                done[i] = d.completion_tokens
+                if d.text or d.finish_reason:
+                    yield sse(completion_chunk(rid, req.model, i, d.text, d.finish_reason))
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse(usage_chunk(rid, req.model, "text_completion", n_prompt, sum(done)))
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+            yield sse(_stream_error(req.model, e))
+        yield sse("[DONE]")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        req = validate(ChatCompletionRequest, await self._body(request))
+        model_id = self._model_id(req.model)
+        lim = self.cfg.limits
+        if len(req.messages) > lim.max_messages:
+            raise APIError(400, f"messages has {len(req.messages)} messages, over the limit of {lim.max_messages}",
+                           param="messages", code="too_many_messages")
+        params = self._gen_params(req, req.requested_max_tokens(), lim.default_max_tokens)
+        ids = render_chat(self._tokenizer(model_id), req.messages, self.cfg.prompt_template)
+        check_prompt_length(ids, lim.max_prompt_tokens, "messages")
+        gen, rid = GenerationRequest(model_id, tuple(ids), params), new_id("chatcmpl")
+        if req.stream:
+            return _event_stream(self._chat_events(rid, req, gen))
+        r = await self._remote(self._handle(model_id).complete.remote(gen), model_id)
+        return JSONResponse(chat_response(rid, req.model, r.text, r.finish_reason, len(ids), r.completion_tokens))
+
+    async def _chat_events(self, rid: str, req: ChatCompletionRequest, gen: GenerationRequest) -> AsyncIterator[str]:
+        n_done = 0
+        try:
+            yield sse(chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None))
+            async for _, d in self._deltas([gen]):
+                n_done = d.completion_tokens
+                if d.text:
+                    yield sse(chat_chunk(rid, req.model, {"content": d.text}, None))
+                if d.finish_reason:
+                    yield sse(chat_chunk(rid, req.model, {}, d.finish_reason))
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse(usage_chunk(rid, req.model, "chat.completion.chunk", len(gen.prompt_ids), n_done))
+        except Exception as e:  # noqa: BLE001
+            yield sse(_stream_error(req.model, e))
+        yield sse("[DONE]")
+
+    @api.post("/v1/verify")
+    async def verify(self, request: Request) -> JSONResponse:
+        """Score items with the model and the base model; verdict forgotten / not forgotten (see engine)."""
+        req = validate(VerifyRequest, await self._body(request))
+        model_id, base_id = self._model_id(req.model), self.cfg.base_model
+        rows, source = verify_rows(req, self.benchmarks, self.cfg.limits.max_verify_items)
+        model_items, base_items = self._encode_rows(model_id, rows), self._encode_rows(base_id, rows)
+        scores = await self._remote(self._handle(model_id).verify.remote(model_items, base_items), model_id)
+        report = verdict(scores["model"], scores["base"], self.rule, labels=rows)
+        return JSONResponse({"object": "verification", "model": req.model, "base_model": base_id, "source": source,
+                             "rule": rule_description(self.rule, self.cfg.verify.mink_k), **report})
+
+    def _encode_rows(self, model_id: str, rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
+        c = self.cfg
+        return encode_rows(self._tokenizer(model_id), rows, c.max_length, c.prompt_template, c.limits.max_item_tokens)
+
+
+# ---------------------------------------------------------------- building and running
+
+
+def build_app(cfg: ServeConfig, api_key: str | None = None) -> Any:
+    """The Serve application for `cfg` (models and benchmarks resolved here; builtin ones built if needed).
+
+    `api_key` None = resolve it from the config / $RAY_UNLEARN_API_KEY (raising when the host is
+    not loopback and there is none).
+    """
+    key = resolve_api_key(cfg) if api_key is None else api_key
+    models, benchmarks = resolve_models(cfg), resolve_benchmarks(cfg)
+    d = cfg.deployment
+    scaling: dict[str, Any] = {"num_replicas": d.num_replicas}
+    if d.autoscaling.enabled:
+        scaling = {"autoscaling_config": {"min_replicas": d.autoscaling.min_replicas,
+                                          "max_replicas": d.autoscaling.max_replicas,
+                                          "target_ongoing_requests": d.autoscaling.target_ongoing_requests}}
+    server = ModelServer.options(max_ongoing_requests=d.max_ongoing_requests,
+                                 ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+                                 **scaling).bind(cfg, models)
+    return Gateway.options(num_replicas=d.gateway_replicas, max_ongoing_requests=max(100, 4 * d.max_ongoing_requests),
+                           ray_actor_options={"num_cpus": d.gateway_num_cpus}).bind(
+        server, cfg, models, benchmarks, key)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Application builder for `serve run` / `serve deploy` (import_path ray_unlearn.serve:app_builder).
+
+    `args` is a SERVE.yaml's content inline (plus optional `overrides: [key=value, ...]`). Its
+    http.host must match the deploy file's http_options.host: it decides whether a key is required.
+    """
+    args = dict(args or {})
+    overrides = args.pop("overrides", []) or []
+    return build_app(serve_config_from_dict(args, list(overrides)))
+
+
+def url_of(cfg: ServeConfig) -> str:
+    """Base URL of the running application."""
+    host = cfg.http.host if ":" not in cfg.http.host else f"[{cfg.http.host}]"
+    return f"http://{host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UnlearnError(f"cannot bind {host}:{port} ({e.strerror}); choose another port with "
+                               "http.port=... or stop what uses it") from None
+
+
+def start(cfg: ServeConfig, api_key: str | None = None) -> str:
+    """Start Serve (HTTP on cfg.http) and deploy the application; returns its base URL. Ray must be up."""
+    app = build_app(cfg, api_key)
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(app, name=cfg.name, route_prefix=cfg.http.route_prefix, blocking=False)
+    return url_of(cfg)
+
+
+def run_serve(job: str | None, overrides: list[str]) -> int:
+    """`ray-unlearn serve [SERVE.yaml] [key=value ...]`: deploy, print the URL, block until Ctrl-C."""
+    import ray
+
+    cfg = load_serve_config(job, overrides)
+    key = resolve_api_key(cfg)  # refuse to start before anything runs
+    _check_port_free(cfg.http.host, cfg.http.port)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(address=cfg.ray_address or None, configure_logging=False, log_to_driver=False)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        base = start(cfg, key)
+        auth = "API key required" if key else "no API key (loopback only)"
+        print(f"serving {', '.join(cfg.models)} (base: {cfg.base_model}) at {base}/v1 - {auth}; "
+              f"health: {base}/healthz; Ctrl-C to stop", flush=True)
+        if not is_loopback(cfg.http.host):
+            print(f"warning: bound to {cfg.http.host}, reachable beyond this machine", file=sys.stderr)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.shutdown()
+        if own_ray:
+            ray.shutdown()
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,412 @@
+"""Generation and verification for the server, in plain PyTorch (Ray-free).
+
+Generation decodes a batch of requests together, each with its own sampling parameters:
+one forward pass per step over the whole batch (left-padded prompts, KV cache), then per row
+temperature (0 = greedy), nucleus (top_p) filtering, a per-request seeded generator, stop
+sequences and max_tokens. `BatchDecoder.step` returns one `Delta` of new text per row, so the
+same code serves streamed and whole responses.
+
+Verification scores (question, answer) items (or raw texts) with the metrics of
+`eval.metrics` and applies the verdict rule of `verdict`:
+
+    an item is forgotten  <=>  ES(model) <= es_threshold  and  p(model) <= prob_ratio * p(base)
+    the request's verdict is "forgotten"  <=>  forgotten items / items >= min_forgotten_fraction
+
+ES, EM and p are DESIGN.md §7's definitions (OpenUnlearning-compatible). The membership score
+is MinK (k = 0.4 by default): the mean of the lowest k fraction of the answer-token
+log-probabilities; it is reported, not used by the verdict; higher = more member-like.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ray_unlearn.data.collate import encode_prompt, encode_qa, encode_text, pad_batch
+from ray_unlearn.eval.metrics import (exact_memorization_from_logits, extraction_strength_from_logits,
+                                      forward_logits, model_device)
+from ray_unlearn.logprobs import sequence_nll, token_logprobs
+from ray_unlearn.serving.schemas import APIError, ChatMessage, VerifyRequest
+
+PROMPT_ONLY = "{question}"  # completions: the prompt is used as is
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples: max_tokens new tokens at most, temperature 0 = greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt (token ids) to continue with `model_id`."""
+
+    model_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Delta:
+    """New text of one row after one step; finish_reason set on its last step ("stop" or "length")."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], prompt_template: str) -> list[int]:
+    """Prompt token ids of a chat.
+
+    With a tokenizer chat template: the template applied to every message, plus the
+    generation prompt. Without one: `prompt_template` around the last user message's text
+    (the earlier messages are dropped), as the built-in models were trained.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                             tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    users = [m for m in messages if m.role == "user"]
+    if not users:
+        raise APIError(400, "messages: no user message to answer", param="messages", code="invalid_value")
+    return encode_prompt(tokenizer, users[-1].text(), prompt_template)
+
+
+def render_completion(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt token ids of a completion prompt: BOS (if the tokenizer has one) + the text's tokens."""
+    return encode_prompt(tokenizer, prompt, PROMPT_ONLY)
+
+
+def check_prompt_length(prompt_ids: Sequence[int], max_prompt_tokens: int, param: str) -> None:
+    """400 when a prompt is longer than the configured cap."""
+    if len(prompt_ids) > max_prompt_tokens:
+        raise APIError(400, f"{param} is {len(prompt_ids)} tokens, over the limit of {max_prompt_tokens}; "
+                            "shorten it", param=param, code="context_length_exceeded")
+
+
+def sampling_params(max_tokens: int | None, default_max_tokens: int, max_tokens_cap: int, temperature: float | None,
+                    top_p: float | None, stop: list[str], max_stop: int, seed: int | None) -> SamplingParams:
+    """SamplingParams from request fields (None = OpenAI's default), with the caps enforced as 400s."""
+    n = default_max_tokens if max_tokens is None else max_tokens
+    if n > max_tokens_cap:
+        raise APIError(400, f"max_tokens is {n}, over the limit of {max_tokens_cap}; ask for fewer",
+                       param="max_tokens", code="max_tokens_too_large")
+    if len(stop) > max_stop:
+        raise APIError(400, f"stop has {len(stop)} sequences, over the limit of {max_stop}", param="stop",
+                       code="invalid_value")
+    return SamplingParams(max_tokens=n, temperature=1.0 if temperature is None else float(temperature),
+                          top_p=1.0 if top_p is None else float(top_p), stop=tuple(stop), seed=seed)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering: keep, per row, the most likely tokens until their probability reaches top_p.
+
+    logits [B, V], top_p [B] in (0, 1] -> logits [B, V] with the rest set to -inf. The most
+    likely token is always kept; top_p = 1 keeps every token.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    drop = mass_before >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
+                  generators: Sequence[torch.Generator]) -> list[int]:
+    """Next token per row of logits [B, V]: argmax where temperature is 0, else a draw from
+    softmax(logits / temperature) after top_p filtering, with the row's own generator."""
+    logits = logits.float().cpu()
+    temps = torch.tensor([max(p.temperature, 1e-6) for p in params])
+    filtered = top_p_filter(logits / temps[:, None], torch.tensor([p.top_p for p in params]))
+    probs = filtered.softmax(dim=-1)
+    out = []
+    for i, p in enumerate(params):
+        if p.temperature == 0:
+            out.append(int(logits[i].argmax()))
+        else:
+            out.append(int(torch.multinomial(probs[i], 1, generator=generators[i])))
+    return out
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest occurrence of any stop sequence in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could still begin a stop sequence (not yet safe to send)."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class _Row:
+    """Decoding state of one request: its tokens so far and how much text was already sent."""
+
+    def __init__(self, params: SamplingParams, budget: int, tokenizer: Any, eos_ids: set[int]) -> None:
+        self.params, self.budget, self.tokenizer, self.eos_ids = params, budget, tokenizer, eos_ids
+        self.ids: list[int] = []
+        self.sent = 0
+        self.done = False
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _finish(self, text: str, reason: str) -> Delta:
+        self.done = True
+        return Delta(text[self.sent:] if len(text) > self.sent else "", reason, len(self.ids))
+
+    def advance(self, token: int) -> Delta:
+        """Take one sampled token; return the text that became safe to send."""
+        if token in self.eos_ids:
+            self.ids.append(token)
+            return self._finish(self._text(), "stop")
+        self.ids.append(token)
+        text = self._text()
+        cut = find_stop(text, self.params.stop)
+        if cut is not None:
+            return self._finish(text[:cut], "stop")
+        if len(self.ids) >= self.budget:
+            return self._finish(text, "length")
+        safe = len(text) - held_back(text, self.params.stop)
+        while safe > self.sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 character
+            safe -= 1
+        delta = Delta(text[self.sent:safe] if safe > self.sent else "", None, len(self.ids))
+        self.sent = max(self.sent, safe)
+        return delta
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    return ids
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
+
+
+class BatchDecoder:
+    """Decode a batch of requests together, one token per row per `step()`.
+
+    Rows finish independently (EOS, a stop sequence, max_tokens, or the model's context
+    length); a finished row keeps riding along in the batch, its outputs ignored.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]) -> None:
+        self.model, self.device = model, model_device(model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        batch = pad_batch([{"input_ids": list(r.prompt_ids)} for r in requests], pad_id, left=True)
+        self.inputs = batch["input_ids"].to(self.device)
+        self.mask = batch["attention_mask"].to(self.device)
+        self.positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
+        self.past = None
+        context = getattr(model.config, "max_position_embeddings", None) or math.inf
+        eos = _eos_ids(model, tokenizer)
+        self.rows = [_Row(r.params, int(max(1, min(r.params.max_tokens, context - len(r.prompt_ids)))),
+                          tokenizer, eos) for r in requests]
+        self.params = [r.params for r in requests]
+        self.generators = [_generator(r.params.seed) for r in requests]
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.rows)
+
+    @torch.no_grad()
+    def step(self) -> list[Delta | None]:
+        """One forward pass; a Delta per row, None for rows that had already finished."""
+        out = self.model(input_ids=self.inputs, attention_mask=self.mask, position_ids=self.positions,
+                         past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        tokens = sample_tokens(out.logits[:, -1, :], self.params, self.generators)
+        deltas = [None if row.done else row.advance(t) for row, t in zip(self.rows, tokens)]
+        self.inputs = torch.tensor(tokens, device=self.device)[:, None]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+        return deltas
+
+
+def generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]) -> list[Delta]:
+    """Decode `requests` to completion: one Delta per request with its whole text."""
+    decoder = BatchDecoder(model, tokenizer, requests)
+    results = [Delta("") for _ in requests]
+    while not decoder.done:
+        for res, d in zip(results, decoder.step()):
+            if d is not None:
+                res.text += d.text
+                res.finish_reason, res.completion_tokens = d.finish_reason, d.completion_tokens
+    return results
+
+
+# ---------------------------------------------------------------- verification
+
+
+METRICS = ("es", "em", "probability", "mink", "loss")
+
+
+def read_split(benchmarks: Mapping[str, str], name: str, split: str) -> list[dict]:
+    """Items of `split` of the registered benchmark `name` (404 for an unknown name or split)."""
+    from ray_unlearn.data.benchmark import read_benchmark
+
+    if name not in benchmarks:
+        raise APIError(404, f"benchmark {name!r} is not registered; available: {', '.join(benchmarks) or 'none'}",
+                       param="benchmark", code="not_found")
+    splits = read_benchmark(benchmarks[name])
+    if split not in splits:
+        raise APIError(404, f"benchmark {name!r} has no split {split!r}; splits: {', '.join(splits)}",
+                       param="split", code="not_found")
+    return splits[split]
+
+
+def verify_rows(req: VerifyRequest, benchmarks: Mapping[str, str], cap: int) -> tuple[list[dict], dict[str, Any]]:
+    """The rows a verify request scores ({question, answer} or {text}) and where they came from.
+
+    A benchmark split longer than `cap` needs `max_items` (its first N items); more than `cap`
+    rows in all is a 400.
+    """
+    if req.benchmark is not None:
+        rows = [{"question": it["question"], "answer": it["answer"]}
+                for it in read_split(benchmarks, req.benchmark, req.split or "")]
+        source: dict[str, Any] = {"benchmark": req.benchmark, "split": req.split, "split_items": len(rows)}
+        if req.max_items is not None:
+            rows = rows[:req.max_items]
+        elif len(rows) > cap:
+            raise APIError(400, f"split {req.split} has {len(rows)} items, over the limit of {cap}; "
+                                f"pass max_items <= {cap}", param="split", code="too_many_items")
+    elif req.items is not None:
+        rows, source = [{"question": it.question, "answer": it.answer} for it in req.items], {"items": len(req.items)}
+    else:
+        rows, source = [{"text": t} for t in req.texts or []], {"texts": len(req.texts or [])}
+    if len(rows) > cap:
+        raise APIError(400, f"{len(rows)} items to verify, over the limit of {cap}; send fewer",
+                       param="items", code="too_many_items")
+    return rows, source
+
+
+def encode_rows(tokenizer: Any, rows: Sequence[dict], max_length: int, prompt_template: str,
+                max_item_tokens: int) -> list[dict[str, list[int]]]:
+    """Token ids and answer labels of each row (`encode_qa` / `encode_text`); 400 for an over-long row."""
+    out = []
+    for i, row in enumerate(rows):
+        enc = (encode_text(tokenizer, row["text"], max_length) if "text" in row else
+               encode_qa(tokenizer, row["question"], row["answer"], max_length, prompt_template))
+        if len(enc["input_ids"]) > max_item_tokens:
+            raise APIError(400, f"item {i} is {len(enc['input_ids'])} tokens, over the limit of {max_item_tokens}",
+                           param=f"items.{i}", code="item_too_long")
+        out.append(enc)
+    return out
+
+
+def mink_scores(logits: torch.Tensor, labels: torch.Tensor, k: float) -> torch.Tensor:
+    """MinK membership score per item [B]: mean of the lowest ceil(k * n) of its n answer-token log-probs."""
+    logp, mask = token_logprobs(logits, labels)
+    out = []
+    for row, m in zip(logp, mask):
+        values = row[m].double()
+        if values.numel() == 0:
+            out.append(float("nan"))
+            continue
+        n = max(1, math.ceil(k * values.numel()))
+        out.append(float(values.sort().values[:n].mean()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@torch.no_grad()
+def score_items(model: Any, pad_id: int, encoded: Sequence[dict[str, list[int]]], batch_size: int = 32,
+                mink_k: float = 0.4) -> dict[str, list[float]]:
+    """Per-item ES, EM, probability, MinK and loss (token-mean NLL) of encoded items, one forward pass each batch."""
+    out: dict[str, list[float]] = {m: [] for m in METRICS}
+    for i in range(0, len(encoded), batch_size):
+        batch = pad_batch(encoded[i:i + batch_size], pad_id)
+        logits = forward_logits(model, batch)
+        labels = batch["labels"].to(logits.device)
+        nll = sequence_nll(logits, labels)
+        out["es"] += extraction_strength_from_logits(logits, labels).tolist()
+        out["em"] += exact_memorization_from_logits(logits, labels).tolist()
+        out["probability"] += torch.exp(-nll).tolist()
+        out["loss"] += nll.tolist()
+        out["mink"] += mink_scores(logits, labels, mink_k).tolist()
+    return out
+
+
+@dataclass(frozen=True)
+class VerdictRule:
+    """Thresholds of the verdict (see the module docstring)."""
+
+    es_threshold: float = 0.4
+    prob_ratio: float = 0.5
+    min_forgotten_fraction: float = 0.9
+
+
+def rule_description(rule: VerdictRule, mink_k: float) -> dict[str, Any]:
+    """The verdict rule and the membership score, as /v1/verify reports them."""
+    return {"item": "es <= es_threshold and probability <= prob_ratio * base probability",
+            "request": "forgotten_fraction >= min_forgotten_fraction", "es_threshold": rule.es_threshold,
+            "prob_ratio": rule.prob_ratio, "min_forgotten_fraction": rule.min_forgotten_fraction,
+            "membership_score": f"mink: mean of the lowest {mink_k:g} fraction of answer-token log-probs "
+                                "(higher = more member-like)"}
+
+
+def item_forgotten(es: float, prob: float, base_prob: float, rule: VerdictRule) -> bool:
+    """Forgotten <=> ES <= es_threshold and probability <= prob_ratio x the base model's probability."""
+    return es <= rule.es_threshold and prob <= rule.prob_ratio * base_prob
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _clean(value: float) -> float | None:
+    """JSON has no NaN: undefined values (EM of an item without answer tokens) become null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def verdict(model_scores: dict[str, list[float]], base_scores: dict[str, list[float]], rule: VerdictRule,
+            labels: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The /v1/verify report: per item and aggregate metrics beside the base model's, and the verdicts."""
+    n = len(model_scores["es"])
+    items = []
+    for i in range(n):
+        forgotten = item_forgotten(model_scores["es"][i], model_scores["probability"][i],
+                                   base_scores["probability"][i], rule)
+        items.append({"index": i, **(labels[i] if labels else {}),
+                      "model": {m: _clean(model_scores[m][i]) for m in METRICS},
+                      "base": {m: _clean(base_scores[m][i]) for m in METRICS},
+                      "forgotten": forgotten})
+    fraction = sum(it["forgotten"] for it in items) / max(1, n)
+    aggregate = {"model": {m: _mean(model_scores[m]) for m in METRICS},
+                 "base": {m: _mean(base_scores[m]) for m in METRICS},
+                 "items": n, "forgotten_items": sum(it["forgotten"] for it in items),
+                 "forgotten_fraction": fraction}
+    return {"verdict": "forgotten" if n and fraction >= rule.min_forgotten_fraction else "not forgotten",
+            "aggregate": aggregate, "items": items}

@@ -1,0 +1,303 @@
+"""The Ray-free serving engine: sampling, stop sequences, batched decoding, verification scores, verdicts.
+
+Most tests drive `BatchDecoder` with a stub "bigram" model whose next-token logits depend only
+on the last token, and a one-character-per-token tokenizer, so every expected output is written
+by hand. One test checks the batched KV-cache decoder against HF `generate` on the micro model.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ray_unlearn.serving.engine import (BatchDecoder, GenerationRequest, SamplingParams, VerdictRule, find_stop,
+                                        generate, held_back, item_forgotten, mink_scores, render_chat,
+                                        render_completion, sample_tokens, sampling_params, score_items,
+                                        top_p_filter, verdict)
+from ray_unlearn.serving.schemas import APIError, ChatMessage
+
+VOCAB = ["<pad>", "<bos>", "<eos>"] + list("abcdexyz .")
+ID = {c: i for i, c in enumerate(VOCAB)}
+
+
+class CharTokenizer:
+    """One token per character; ids 0-2 are pad, bos, eos."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    chat_template = None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ID[c] for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:
+        return "".join(VOCAB[i] for i in ids if not (skip_special_tokens and i < 3))
+
+
+class BigramModel(torch.nn.Module):
+    """Next-token logits = table[last token]; `chain` maps a character to the next one (greedy path)."""
+
+    def __init__(self, chain: dict[str, str], context: int = 64) -> None:
+        super().__init__()
+        table = torch.full((len(VOCAB), len(VOCAB)), -10.0)
+        for a, b in chain.items():
+            table[ID[a], ID[b]] = 10.0
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+        self.config = SimpleNamespace(max_position_embeddings=context)
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+        self.calls.append(input_ids.shape)
+        return SimpleNamespace(logits=self.table[input_ids], past_key_values=(past_key_values or 0) + 1)
+
+
+def req(prompt: str, **params) -> GenerationRequest:
+    return GenerationRequest("m", tuple(ID[c] for c in prompt), SamplingParams(**params))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.2, 0.5, 0.3], [0.2, 0.5, 0.3]]))
+    kept = top_p_filter(logits, torch.tensor([0.5, 0.6, 1.0])).isfinite()
+    assert kept.tolist() == [[False, True, False],  # 0.5 alone reaches 0.5
+                             [False, True, True],  # 0.5 + 0.3 reaches 0.6
+                             [True, True, True]]
+
+
+def test_top_p_always_keeps_the_top_token():
+    kept = top_p_filter(torch.log(torch.tensor([[0.9, 0.1]])), torch.tensor([0.01])).isfinite()
+    assert kept.tolist() == [[True, False]]
+
+
+def test_temperature_zero_is_argmax_and_tiny_top_p_is_greedy_too():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.9]])
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    assert sample_tokens(logits, [SamplingParams(temperature=0)] * 2, gens) == [1, 0]
+    assert sample_tokens(logits, [SamplingParams(temperature=1.5, top_p=0.01)] * 2, gens) == [1, 0]
+
+
+def test_sampling_is_seeded_per_request():
+    logits = torch.zeros(1, 50)
+    draw = lambda seed: [sample_tokens(logits, [SamplingParams(temperature=1.0)], [g])[0]
+                         for g in [torch.Generator().manual_seed(seed)] for _ in range(8)]
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+
+
+def test_find_stop_and_held_back():
+    assert find_stop("hello world", ["wor", "lo"]) == 3
+    assert find_stop("hello", ["x"]) is None
+    assert held_back("abc", ["cde"]) == 1  # "c" may start "cde"
+    assert held_back("abcd", ["cde", "bcdz"]) == 3  # "bcd" may start "bcdz"
+    assert held_back("abc", ["xyz"]) == 0
+    assert held_back("abc", []) == 0
+
+
+# ---------------------------------------------------------------- decoding
+
+
+CHAIN = {"a": "b", "b": "c", "c": "d", "d": "<eos>", "x": "y", "y": "z", "z": "x"}
+
+
+def test_greedy_decoding_stops_at_eos():
+    (out,) = generate(BigramModel(CHAIN), CharTokenizer(), [req("a", temperature=0, max_tokens=10)])
+    assert (out.text, out.finish_reason, out.completion_tokens) == ("bcd", "stop", 4)
+
+
+def test_max_tokens_ends_with_length():
+    (out,) = generate(BigramModel(CHAIN), CharTokenizer(), [req("x", temperature=0, max_tokens=5)])
+    assert (out.text, out.finish_reason, out.completion_tokens) == ("yzxyz", "length", 5)
+
+
+def test_context_length_caps_generation():
+    (out,) = generate(BigramModel(CHAIN, context=4), CharTokenizer(), [req("xy", temperature=0, max_tokens=50)])
+    assert (out.text, out.finish_reason) == ("zx", "length")
+
+
+def test_stop_sequence_cuts_the_text_and_is_never_streamed():
+    decoder = BatchDecoder(BigramModel(CHAIN), CharTokenizer(), [req("x", temperature=0, max_tokens=20, stop=("xy",))])
+    deltas = []
+    while not decoder.done:
+        deltas += decoder.step()
+    texts = [d.text for d in deltas]
+    assert "".join(texts) == "yz"  # y z x y -> "yzxy", cut before "xy"
+    assert deltas[-1].finish_reason == "stop"
+    assert texts[:3] == ["y", "z", ""]  # the "x" was held back: it could begin "xy"
+
+
+def test_batch_rows_finish_independently():
+    model = BigramModel(CHAIN)
+    decoder = BatchDecoder(model, CharTokenizer(), [req("a", temperature=0, max_tokens=10),
+                                                    req("xyz", temperature=0, max_tokens=6)])
+    steps = []
+    while not decoder.done:
+        steps.append(decoder.step())
+    assert len(steps) == 6
+    assert [s[0] is None for s in steps] == [False] * 4 + [True] * 2  # row 0 ended at its EOS
+    assert "".join(s[1].text for s in steps) == "xyzxyz"
+    assert model.calls[0] == (2, 3) and all(c == (2, 1) for c in model.calls[1:])  # prompt once, then 1 token
+
+
+def test_each_row_keeps_its_own_parameters():
+    outs = generate(BigramModel(CHAIN), CharTokenizer(), [req("x", temperature=0, max_tokens=2),
+                                                          req("x", temperature=0, max_tokens=4, stop=("x",))])
+    assert [(o.text, o.finish_reason) for o in outs] == [("yz", "length"), ("yz", "stop")]
+
+
+def test_batched_decoding_matches_hf_generate(micro_bench):
+    """Left padding, position ids and the KV cache: batched greedy equals HF greedy, prompt by prompt."""
+    from ray_unlearn.data.collate import encode_prompt
+    from ray_unlearn.eval.metrics import greedy_generate
+    from ray_unlearn.models.io import load_model, load_tokenizer
+
+    model, tok = load_model(str(micro_bench.target_dir)).eval(), load_tokenizer(str(micro_bench.target_dir))
+    questions = [it["question"] for it in micro_bench.splits()["forget10"][:3]] + ["What is 2 plus 3?"]
+    prompts = [encode_prompt(tok, q) for q in questions]
+    ours = generate(model, tok, [GenerationRequest("m", tuple(p), SamplingParams(max_tokens=24, temperature=0))
+                                 for p in prompts])
+    hf = [greedy_generate(model, tok, [p], max_new_tokens=24)[0] for p in prompts]
+    assert [o.text.strip() for o in ours] == hf
+    answers = [it["answer"] for it in micro_bench.splits()["forget10"][:3]]
+    assert [o.text.strip() for o in ours[:3]] == answers  # the target model memorized forget10
+
+
+# ---------------------------------------------------------------- prompts and caps
+
+
+def test_chat_without_template_uses_the_prompt_template_on_the_last_user_message():
+    msgs = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="ab"),
+            ChatMessage(role="assistant", content="c"),
+            ChatMessage(role="user", content=[{"type": "text", "text": "x"}])]
+    assert render_chat(CharTokenizer(), msgs, "{question}.") == [1, ID["x"], ID["."]]
+    with pytest.raises(APIError) as e:
+        render_chat(CharTokenizer(), [ChatMessage(role="system", content="a")], "{question}")
+    assert e.value.status == 400
+
+
+def test_chat_with_a_template_renders_every_message(micro_bench):
+    from ray_unlearn.models.io import load_tokenizer
+
+    tok = load_tokenizer(str(micro_bench.target_dir))
+    tok.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
+    ids = render_chat(tok, [ChatMessage(role="system", content="Be brief."),
+                            ChatMessage(role="user", content="What is 2 plus 3?")], "Question: {question}\nAnswer:")
+    assert tok.decode(ids) == "[system] Be brief.\n[user] What is 2 plus 3?\n[assistant]"
+
+
+def test_completion_prompt_gets_bos_only():
+    assert render_completion(CharTokenizer(), "ab") == [1, ID["a"], ID["b"]]
+
+
+def test_sampling_params_defaults_and_caps():
+    p = sampling_params(None, 16, 32, None, None, ["."], 4, 7)
+    assert p == SamplingParams(max_tokens=16, temperature=1.0, top_p=1.0, stop=(".",), seed=7)
+    with pytest.raises(APIError) as e:
+        sampling_params(33, 16, 32, 0.0, 1.0, [], 4, None)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "max_tokens", "max_tokens_too_large")
+    with pytest.raises(APIError) as e:
+        sampling_params(8, 16, 32, 0.0, 1.0, ["a", "b", "c"], 2, None)
+    assert e.value.param == "stop"
+
+
+# ---------------------------------------------------------------- verification
+
+
+def test_mink_by_hand():
+    """Answer-token log-probs log(0.5), log(0.25), log(0.125), log(1): k=0.4 keeps the lowest ceil(1.6)=2."""
+    probs = [[0.5, 0.5, 0.0], [0.25, 0.75, 0.0], [0.125, 0.875, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    logits = torch.log(torch.tensor(probs) + 1e-30)[None]  # [1, 5, 3]
+    labels = torch.tensor([[-100, 0, 0, 0, 0]])  # tokens 1..4 are label 0
+    expected = (math.log(0.125) + math.log(0.25)) / 2
+    assert mink_scores(logits, labels, 0.4).tolist() == pytest.approx([expected], abs=1e-6)
+    assert mink_scores(logits, labels, 1.0).tolist() == pytest.approx(
+        [(math.log(0.5) + math.log(0.25) + math.log(0.125)) / 4], abs=1e-6)
+
+
+def test_score_items_agrees_with_the_metric_functions(micro_bench):
+    from ray_unlearn.data.collate import encode_qa, pad_batch
+    from ray_unlearn.eval.metrics import exact_memorization, extraction_strength, probability
+    from ray_unlearn.models.io import load_model, load_tokenizer
+
+    model, tok = load_model(str(micro_bench.retain_dir)).eval(), load_tokenizer(str(micro_bench.retain_dir))
+    enc = [encode_qa(tok, it["question"], it["answer"]) for it in micro_bench.splits()["forget10"][:5]]
+    scores = score_items(model, tok.pad_token_id, enc, batch_size=2)
+    batch = pad_batch(enc, tok.pad_token_id)
+    assert scores["es"] == pytest.approx(extraction_strength(model, batch).tolist(), abs=1e-6)
+    assert scores["em"] == pytest.approx(exact_memorization(model, batch).tolist(), abs=1e-6)
+    assert scores["probability"] == pytest.approx(probability(model, batch).tolist(), rel=1e-5)
+    assert scores["loss"] == pytest.approx([-math.log(p) for p in scores["probability"]], rel=1e-5)
+
+
+def _scores(es, prob):
+    return {"es": es, "em": [0.5] * len(es), "probability": prob, "mink": [-1.0] * len(es), "loss": [1.0] * len(es)}
+
+
+def test_item_verdict_rule():
+    rule = VerdictRule(es_threshold=0.3, prob_ratio=0.5, min_forgotten_fraction=0.9)
+    assert item_forgotten(0.3, 0.4, 0.8, rule)  # both at the boundary: forgotten
+    assert not item_forgotten(0.31, 0.1, 0.8, rule)  # ES too high
+    assert not item_forgotten(0.1, 0.41, 0.8, rule)  # probability not halved
+
+
+def test_request_verdict_by_hand():
+    rule = VerdictRule(es_threshold=0.3, prob_ratio=0.5, min_forgotten_fraction=0.75)
+    base = _scores([1.0, 1.0, 1.0, 1.0], [0.9, 0.9, 0.9, 0.9])
+    three_of_four = _scores([0.1, 0.2, 0.3, 0.9], [0.1, 0.2, 0.3, 0.1])
+    report = verdict(three_of_four, base, rule, labels=[{"text": str(i)} for i in range(4)])
+    assert report["verdict"] == "forgotten"  # 3/4 = 0.75 >= 0.75
+    assert [it["forgotten"] for it in report["items"]] == [True, True, True, False]
+    agg = report["aggregate"]
+    assert agg["forgotten_fraction"] == 0.75 and agg["forgotten_items"] == 3 and agg["items"] == 4
+    assert agg["model"]["es"] == pytest.approx(0.375) and agg["base"]["probability"] == pytest.approx(0.9)
+    assert report["items"][3]["text"] == "3" and report["items"][3]["model"]["es"] == 0.9
+    strict = VerdictRule(es_threshold=0.3, prob_ratio=0.5, min_forgotten_fraction=0.9)
+    assert verdict(three_of_four, base, strict)["verdict"] == "not forgotten"
+
+
+def test_verdict_turns_nan_into_null():
+    s = _scores([0.1], [0.1])
+    s["em"] = [float("nan")]
+    report = verdict(s, _scores([1.0], [0.9]), VerdictRule())
+    assert report["items"][0]["model"]["em"] is None and report["aggregate"]["model"]["em"] is None
+
+
+def _bench(tmp_path) -> dict[str, str]:
+    from ray_unlearn.data.benchmark import write_benchmark
+
+    items = [{"question": f"q{i}", "answer": f"a{i}", "index": i} for i in range(5)]
+    write_benchmark({"forget": items, "retain": items[:2]}, tmp_path)
+    return {"mine": str(tmp_path)}
+
+
+def test_verify_rows_from_each_source(tmp_path):
+    from ray_unlearn.serving.engine import verify_rows
+    from ray_unlearn.serving.schemas import VerifyRequest
+
+    benches = _bench(tmp_path)
+    rows, source = verify_rows(VerifyRequest(model="m", benchmark="mine", split="forget", max_items=3), benches, 4)
+    assert rows == [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)] and source["split_items"] == 5
+    with pytest.raises(APIError) as e:  # 5 > cap 4 and no max_items
+        verify_rows(VerifyRequest(model="m", benchmark="mine", split="forget"), benches, 4)
+    assert (e.value.status, e.value.code) == (400, "too_many_items")
+    for name, split in (("other", "forget"), ("mine", "nope")):
+        with pytest.raises(APIError) as e:
+            verify_rows(VerifyRequest(model="m", benchmark=name, split=split), benches, 4)
+        assert e.value.status == 404
+    assert verify_rows(VerifyRequest(model="m", texts=["t"]), benches, 4)[0] == [{"text": "t"}]
+    with pytest.raises(APIError):
+        verify_rows(VerifyRequest(model="m", texts=["t"] * 5), benches, 4)
+
+
+def test_encode_rows_caps_item_length():
+    from ray_unlearn.serving.engine import encode_rows
+
+    enc = encode_rows(CharTokenizer(), [{"question": "ab", "answer": "cd"}, {"text": "xyz"}], 32, "{question}", 8)
+    assert enc[0]["input_ids"] == [1, ID["a"], ID["b"], ID[" "], ID["c"], ID["d"], 2]
+    assert enc[0]["labels"][:3] == [-100] * 3 and enc[1]["labels"][0] == -100
+    with pytest.raises(APIError) as e:
+        encode_rows(CharTokenizer(), [{"text": "abcdexyzabc"}], 32, "{question}", 8)
+    assert (e.value.status, e.value.code, e.value.param) == (400, "item_too_long", "items.0")
