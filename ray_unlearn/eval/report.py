@@ -85,15 +85,19 @@ def plot_training(history: Sequence[dict[str, float]], path: Path) -> Path | Non
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for key, label in (("nll/forget", "forget NLL"), ("nll/retain", "retain NLL"), ("loss/total", "objective")):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("nll/forget", "forget NLL"), ("nll/retain", "retain NLL")):
         if all(key in h for h in history):
-            ax.plot(steps, [h[key] for h in history], marker=".", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Unlearning curves")
-    ax.legend()
-    ax.grid(alpha=0.3)
+            left.plot(steps, [h[key] for h in history], marker=".", label=label)
+    left.set_yscale("log")
+    left.set_title("Answer NLL: forget should rise, retain stay low")
+    if all("loss/total" in h for h in history):
+        right.plot(steps, [h["loss/total"] for h in history], marker=".", color="tab:green")
+    right.set_title("Unlearning objective")
+    for ax in (left, right):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    left.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -119,7 +123,7 @@ def plot_metrics(summaries: dict[str, dict[str, float]], path: Path) -> Path | N
     ax.set_xticks(x + width * (len(summaries) - 1) / 2, [lbl for _, lbl in keys], rotation=35, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_title("Before / after unlearning")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
