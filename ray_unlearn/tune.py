@@ -359,15 +359,24 @@ def trial_rows(grid: Any, params: dict[str, Param], max_steps: int) -> list[Tria
     return rows
 
 
+def _short(value: Any) -> str:
+    """A searched value for the terminal table: numbers to 3 significant digits, the rest compact."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _print_front(console: Any, cfg: JobConfig, outputs: SearchOutputs, root: Path) -> None:
     from rich.table import Table
 
     metrics = list(cfg.tune.metrics)
     table = Table(title=f"Pareto front: {len(outputs.front)} of {len(outputs.rows)} trials")
     for col in ("trial", *(p for p in cfg.tune.space), *metrics):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for row in outputs.front:
-        table.add_row(row.trial_id, *(json.dumps(row.values[p]) for p in cfg.tune.space),
+        table.add_row(row.trial_id, *(_short(row.values[p]) for p in cfg.tune.space),
                       *(f"{row.metrics[m]:.4g}" for m in metrics))
     console.print(table)
     errors = [r for r in outputs.rows if r.status == "ERROR"]
