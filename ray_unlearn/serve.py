@@ -488,6 +488,7 @@ def run_serve(job: str | None, overrides: list[str]) -> int:
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         serve.shutdown()
         if own_ray:
             ray.shutdown()
