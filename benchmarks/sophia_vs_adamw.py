@@ -20,8 +20,8 @@ of `optim.hessian_interval` paired steps (one Hessian estimate each), of Sophia'
 AdamW's. The window range printed beside it shows how much outside load there was. A
 `train_step` is the whole optimizer step: forward passes (policy, and reference for NPO),
 backward, clipping, Sophia's Hessian estimate when due, the update. 1.10 means Sophia's steps
-cost 10 % more; with the default gnb estimator, most of the extra is one more forward +
-backward on the forget batch every 10 steps. Below it, as checks, the same ratio from the
+cost 10 % more; with the gnb estimator most of the extra is one more forward + backward on
+the forget batch every 10 steps (the default empirical estimator reuses the step's gradient). Below it, as checks, the same ratio from the
 sweep runs themselves (every `train_step` of every run pooled; the wall time of whole `run()`s
 divided by steps; each round's ratio): runs of the two optimizers alternate, after an untimed
 warm-up, but a run lasts seconds, so on a busy machine these drift far from the headline; that

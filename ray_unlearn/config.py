@@ -104,7 +104,8 @@ class OptimConfig:
     weight_decay: float = _f(0.1, "Decoupled weight decay.")
     betas: list[float] = _f([0.9, 0.95], "(beta1, beta2): momentum and Hessian EMA (Sophia) / AdamW betas.")
     rho: float = _f(0.04, "Sophia clipping threshold rho.")
-    hessian: str = _f("gnb", "Sophia Hessian estimator: gnb, hutchinson or empirical.")
+    hessian: str = _f("empirical", "Sophia Hessian estimator: empirical (g⊙g of the unlearning loss, every step, as "
+                                    "the SOUL code does), gnb (Gauss-Newton-Bartlett) or hutchinson.")
     hessian_interval: int = _f(10, "Update the Hessian estimate every k optimizer steps (empirical: every step).")
     bs: int = _f(0, "Sophia's bs scale of h in rho*bs*h; 0 = the estimator's natural scale "
                     "(gnb: answer tokens per batch; hutchinson: 1; empirical: 5120).")

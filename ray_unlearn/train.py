@@ -7,6 +7,7 @@ This module and tune.py / serve.py are the only ones that import ray. The loop i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import sys
@@ -64,19 +65,15 @@ def train_func(config: dict[str, Any]) -> None:
         Path(tempfile.mkdtemp(prefix="ray_unlearn_ckpt_"))
     env = LoopEnv(rank=rank, world_size=world, device=device, checkpoint_dir=local_ckpts,
                   report=report, on_step=on_step, evaluate=_evaluator(cfg, inputs, tokenizer, config))
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        env.resume_from = Path(config["resume_from"])
-        Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env).run()
-    elif checkpoint is None:
-        Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env).run()
-    else:
-        with checkpoint.as_directory() as d:
-            env.resume_from = Path(d)
-            unlearner = Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env)
-        if rank == 0:
-            _say(f"[unlearn] resumed from step {unlearner.step}")
-        unlearner.run()
+    checkpoint = ray.train.get_checkpoint()  # Ray's latest; local mode passes its own in resume_from
+    source = checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(
+        config.get("resume_from"))
+    with source as resume_dir:
+        env.resume_from = Path(resume_dir) if resume_dir else None
+        unlearner = Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env)
+    if rank == 0 and env.resume_from is not None:
+        _say(f"[unlearn] resumed from step {unlearner.step}")
+    unlearner.run()
 
 
 def _evaluator(cfg: JobConfig, inputs: JobInputs, tokenizer: Any,
