@@ -447,7 +447,7 @@ def timing_lines(timing: dict[str, Any]) -> list[str]:
     if sw["train_step_ratio"]:
         lines.append(f"(checks from the sweep runs: train_step {sw['train_step_ratio']:.2f}, whole run() "
                      f"{sw['run_wall_ratio']:.2f}, per round " + ", ".join(f"{x:.2f}" for x in sw["round_ratios"])
-                     + "; far from the headline = the machine was busy)")
+                     + "; if these are far from the headline, the machine was busy)")
     return lines
 
 
