@@ -31,6 +31,9 @@ from ray_unlearn.loop import LoopEnv, Unlearner, encode_data
 
 def train_func(config: dict[str, Any]) -> None:
     """Per-worker entry point: load, wrap, resume, run the loop, report."""
+    from ray_unlearn.cli import quiet_libraries
+
+    quiet_libraries()
     _quiet_report_logs()
     cfg: JobConfig = from_dict(JobConfig, config["cfg"])
     inputs: JobInputs = config["inputs"]
