@@ -29,6 +29,17 @@ def micro_bench(bench_cache: Path):
     return ensure_benchmark(BenchmarkConfig(size="micro", seed=0, cache_dir=str(bench_cache)))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest (and steadiest on a busy machine) on one CPU thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance (2 CPUs) shared by every test that needs Ray."""

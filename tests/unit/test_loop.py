@@ -30,12 +30,7 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one CPU thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ IGN = -100
 STEPS = 80  # the 3 sequences are memorized (ES = 1) after ~40 Adam steps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and steadiest on a busy machine) on one CPU thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one CPU thread is fastest
 
 
 class BigramLM(nn.Module):

@@ -52,13 +52,7 @@ AGG_ONLY = {"forget_quality", "model_utility"}
 ALL = PROB | PERT | SCORE | ROUGE | AGG_ONLY | {"wf_Q_A_Prob_normalised"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and steadiest on a busy machine) on one CPU thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one CPU thread is fastest
 
 
 @pytest.fixture(scope="module")

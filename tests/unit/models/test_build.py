@@ -113,12 +113,6 @@ def test_tokenizer_and_new_llama_fit_together():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_train_memorizer_memorizes(one_thread):

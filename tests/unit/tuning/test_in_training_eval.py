@@ -13,12 +13,7 @@ BASE = ["ray.num_workers=0", "train.batch_size=4", "optim.name=adamw", "optim.we
 GA_ONLY = ["objective.terms.npo=0", "objective.terms.retain_nll=0", "objective.terms.ga=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one CPU thread is fastest
 
 
 @pytest.fixture(scope="module")
