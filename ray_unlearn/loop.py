@@ -85,12 +85,14 @@ def encode_data(cfg: JobConfig, tokenizer: Any, forget: Sequence[dict], retain: 
 
 def batch_slot_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:
     """Item indices of batch number `slot` in a stream of n items reshuffled every epoch."""
+    orders: dict[int, list[int]] = {}  # one shuffle per epoch the batch touches (at most a few)
     out = []
     for pos in range(slot * batch_size, (slot + 1) * batch_size):
         epoch, offset = divmod(pos, n)
-        order = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        out.append(order[offset])
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+        out.append(orders[epoch][offset])
     return out
 
 
