@@ -101,10 +101,32 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
     return summaries
 
 
+def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: dict[str, Callable[[], Any]],
+                    on_result: Callable[[str, dict], None] | None = None
+                    ) -> tuple[dict[str, dict[str, float]], list[float] | None]:
+    """Evaluate each model (a "retain" entry first: its forget truth ratios give the others'
+    forget quality); returns (summaries by name, the retain model's forget truth ratios)."""
+    from ray_unlearn.eval.suite import evaluate_model, forget_truth_ratios, summary
+
+    summaries, retain_tr = {}, None
+    for name in sorted(models, key=lambda n: n != "retain"):
+        with console.status(f"evaluating {name} model") as status:
+            say = status.update if console.is_terminal else console.print
+            results = evaluate_model(models[name](), tokenizer, inputs.eval_splits, cfg.eval,
+                                     cfg.data.prompt_template, cfg.data.max_length, retain_truth_ratios=retain_tr,
+                                     progress=lambda msg, n=name: say(f"evaluating {n} model: {msg}"))
+        if name == "retain" and "forget_truth_ratio" in results:
+            retain_tr = forget_truth_ratios(results)
+        if on_result is not None:
+            on_result(name, results)
+        summaries[name] = summary(results)
+    return summaries, retain_tr
+
+
 def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Any, tokenizer: Any,
                  out: Path) -> dict[str, dict[str, float]]:
     """Evaluate retain (when known), target and unlearned models; write their EVAL/SUMMARY files."""
-    from ray_unlearn.eval.suite import evaluate_model, forget_truth_ratios, summary, write_eval
+    from ray_unlearn.eval.suite import write_eval
     from ray_unlearn.models.io import load_model
 
     models: dict[str, Callable[[], Any]] = {}
@@ -112,21 +134,14 @@ def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Any, tokenizer: A
         models["retain"] = lambda: load_model(inputs.retain_model_path, cfg.model.dtype, cfg.model.trust_remote_code)
     models["target"] = lambda: load_model(inputs.model_path, cfg.model.dtype, cfg.model.trust_remote_code)
     models["unlearned"] = lambda: unlearned
-    summaries, retain_tr = {}, None
-    for name, make in models.items():
-        with console.status(f"evaluating {name} model") as status:
-            say = status.update if console.is_terminal else console.print
-            results = evaluate_model(make(), tokenizer, inputs.eval_splits, cfg.eval, cfg.data.prompt_template,
-                                     cfg.data.max_length, retain_truth_ratios=retain_tr,
-                                     progress=lambda msg, n=name: say(f"evaluating {n} model: {msg}"))
-        if name == "retain":
-            retain_tr = forget_truth_ratios(results) if "forget_truth_ratio" in results else None
+
+    def write(name: str, results: dict) -> None:
         eval_dir = out / "eval" if name == "unlearned" else out / "eval" / name
         eval_dir.mkdir(parents=True, exist_ok=True)
         write_eval(eval_dir, inputs.bench, results)
-        summaries[name] = summary(results)
-    order = [n for n in ("target", "unlearned", "retain") if n in summaries]
-    return {n: summaries[n] for n in order}
+
+    summaries, _ = evaluate_models(cfg, inputs, tokenizer, models, write)
+    return {n: summaries[n] for n in ("target", "unlearned", "retain") if n in summaries}
 
 
 def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],

@@ -166,25 +166,15 @@ def reference_summaries(cfg: JobConfig, inputs: JobInputs,
 
 
 def _evaluate_references(cfg: JobConfig, inputs: JobInputs) -> tuple[dict[str, dict[str, float]], list[float] | None]:
-    from ray_unlearn.eval.suite import evaluate_model, forget_truth_ratios, summary
     from ray_unlearn.job import load_checked
     from ray_unlearn.models.io import load_model
-    from ray_unlearn.pipeline import console
+    from ray_unlearn.pipeline import evaluate_models
 
     target, tokenizer = load_checked(cfg, inputs)
-    models: dict[str, Callable[[], Any]] = {}
+    models: dict[str, Callable[[], Any]] = {"target": lambda: target}
     if inputs.retain_model_path:
         models["retain"] = lambda: load_model(inputs.retain_model_path, cfg.model.dtype, cfg.model.trust_remote_code)
-    models["target"] = lambda: target
-    summaries, retain_tr = {}, None
-    for name, make in models.items():
-        with console.status(f"evaluating the {name} model (reference for the search)"):
-            results = evaluate_model(make(), tokenizer, inputs.eval_splits, cfg.eval, cfg.data.prompt_template,
-                                     cfg.data.max_length, retain_truth_ratios=retain_tr)
-        if name == "retain" and "forget_truth_ratio" in results:
-            retain_tr = forget_truth_ratios(results)
-        summaries[name] = summary(results)
-    return summaries, retain_tr
+    return evaluate_models(cfg, inputs, tokenizer, models)
 
 
 def _finite(summaries: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
