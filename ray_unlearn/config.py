@@ -26,6 +26,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+STRATEGIES = ("ddp", "fsdp2")  # the keys of ray_unlearn.parallel.STRATEGIES (a test keeps them equal)
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise UnlearnError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
@@ -128,7 +131,10 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = _f(60, "Optimizer steps of unlearning.")
     batch_size: int = _f(8, "Forget items per worker per micro-batch (retain batches are the same size).")
-    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step (when global_batch_size is 0).")
+    global_batch_size: int = _f(0, "Forget items per optimizer step over all workers; accumulation follows as "
+                                   "global_batch_size / (batch_size x workers), so runs with any number of workers "
+                                   "(resized, resumed) take the same steps. 0 = batch_size x grad_accum x workers.")
     warmup_steps: int = _f(0, "Linear warmup steps.")
     lr_schedule: str = _f("constant", "LR schedule after warmup: constant, linear or cosine decay.")
     log_every: int = _f(5, "Log (and report to Ray) every N steps.")
@@ -145,6 +151,18 @@ class TrainConfig:
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
         _positive("train.eval_every", self.eval_every, allow_zero=True)
+        _positive("train.global_batch_size", self.global_batch_size, allow_zero=True)
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on `world_size` workers (see global_batch_size)."""
+        if not self.global_batch_size:
+            return self.grad_accum
+        per_step = self.batch_size * max(1, world_size)
+        if self.global_batch_size % per_step:
+            raise UnlearnError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                               f"train.batch_size={self.batch_size} x {max(1, world_size)} workers; pick a "
+                               "batch size and worker count that divide it")
+        return self.global_batch_size // per_step
 
 
 @dataclass
@@ -152,12 +170,14 @@ class RayConfig:
     num_workers: int = _f(2, "Ray Train workers; 0 runs the loop in the driver process.")
     use_gpu: bool = _f(False, "One GPU per worker (NCCL); CPU workers use gloo.")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker.")
-    strategy: str = _f("ddp", "Data-parallel strategy: ddp.")
+    strategy: str = _f("ddp", "Data-parallel strategy: ddp (a full model copy per worker: models that fit on one "
+                              "device) or fsdp2 (parameters, gradients, optimizer state and the reference model "
+                              "sharded over the workers: models larger than one device).")
     address: str = _f("", "Ray cluster address; empty = start or join a local one.")
     max_failures: int = _f(0, "Worker-group restarts allowed before the run fails.")
 
     def __post_init__(self) -> None:
-        _choice("ray.strategy", self.strategy, ("ddp",))
+        _choice("ray.strategy", self.strategy, STRATEGIES)
         _positive("ray.num_workers", self.num_workers, allow_zero=True)
         _positive("ray.cpus_per_worker", self.cpus_per_worker)
         _positive("ray.max_failures", self.max_failures, allow_zero=True)
@@ -223,6 +243,13 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray Train scaling."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation after unlearning."})
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "Ray Tune search (`ray-unlearn tune`)."})
+
+    def __post_init__(self) -> None:
+        self.train.accumulation(self.ray.num_workers)  # the global batch divides over the workers
+        if self.ray.strategy == "fsdp2" and self.optim.name == "sophia" and self.optim.hessian == "hutchinson" \
+                and not self.optim.soul_compat:
+            raise UnlearnError("optim.hessian=hutchinson needs a double backward through the full model, which "
+                               "ray.strategy=fsdp2 cannot run; use optim.hessian=gnb or empirical, or ray.strategy=ddp")
 
 
 # ---------------------------------------------------------------- loading and checking

@@ -1,9 +1,11 @@
 """The one explicit unlearning loop (pure PyTorch: Ray only reaches it through `LoopEnv` callbacks).
 
-Per optimizer step: `grad_accum` micro-batches, each one forward pass over every stream the
-objective reads (forget, retain, forget_idk concatenated into one batch, so DDP sees a single
-forward) plus a no-grad pass of the frozen reference model when a term needs it; a weighted
-objective; backward; clipping; the Hessian estimate when due (Sophia); the step. Every
+Per optimizer step: `train.accumulation(world_size)` micro-batches, each one forward pass over
+every stream the objective reads (forget, retain, forget_idk concatenated into one batch, so DDP
+sees a single forward) plus a no-grad pass of the frozen reference model when a term needs it; a weighted
+objective; backward; clipping; the Hessian estimate when due (Sophia); the step. Everything that
+differs between DDP and FSDP2 (wrapping, accumulation without sync, clipping, reductions,
+checkpoint format) is behind one `ray_unlearn.parallel.Strategy` object. Every
 `log_every` steps it reports metrics; every `checkpoint_every` steps and at the end it writes a
 checkpoint (model safetensors, optimizer, step, history) and reports it. When the runner gives an
 `evaluate` callback, every `eval_every` steps and at the last step rank 0 evaluates the model and
@@ -12,12 +14,13 @@ stops the run before anything is written, so the last good checkpoint stays the 
 
 Batches are chosen by a deterministic function of (seed, step, micro-step, rank), so a resumed
 run sees the data the interrupted one would have, and 1 worker x N accumulation steps sees the
-same items as N workers x 1.
+same items as N workers x 1. Sophia's Hessian is estimated over the whole global batch with
+samples keyed by (seed, step, item), so it too is the same for every such split.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import json
 import math
 import random
@@ -35,6 +38,8 @@ from ray_unlearn.logprobs import batch_nll
 from ray_unlearn.objectives import (build_objective, combined_loss, objective_ref_streams,
                                     objective_streams)
 from ray_unlearn.optim import build_hessian_estimator, build_optimizer
+from ray_unlearn.optim.hessian import empirical_estimate, global_gnb_estimate, global_hutchinson_estimate
+from ray_unlearn.parallel import MODEL_FILE, build_strategy
 
 Encoded = dict[str, list[int]]
 
@@ -58,11 +63,12 @@ class LoopEnv:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    checkpoint_dir: Path = Path("checkpoint-tmp")
+    checkpoint_dir: Path = Path("checkpoint-tmp")  # this rank's own (sharded strategies write from every rank)
     resume_from: Path | None = None
     report: Callable[[dict[str, float], Path | None], None] = lambda metrics, ckpt: None
     on_step: Callable[[int, int, dict[str, float]], None] | None = None
-    # (unwrapped module, step) -> metrics; called on rank 0 only, every train.eval_every steps and at the end
+    # (unwrapped module, step) -> metrics; every train.eval_every steps and at the end, on rank 0 (on every
+    # rank for sharded strategies, whose forward passes are collectives; only rank 0's metrics are used)
     evaluate: Callable[[Any, int], dict[str, float]] | None = None
 
 
@@ -81,6 +87,17 @@ def encode_data(cfg: JobConfig, tokenizer: Any, forget: Sequence[dict], retain: 
                                    else encode_qa(tokenizer, it["question"], it["answer"], d.max_length,
                                                   d.prompt_template) for it in retain])
     return UnlearnData(forget=qa(forget), retain=qa(retain), forget_idk=qa(forget, refusal=True))
+
+
+def load_run(cfg: JobConfig, inputs: Any) -> tuple[Any, Any | None, UnlearnData, Any]:
+    """(model, reference copy or None, encoded data, tokenizer) of a run, on the CPU and unwrapped:
+    what a worker loads before `Unlearner` hands the models to the strategy."""
+    from ray_unlearn.job import load_checked
+
+    model, tokenizer = load_checked(cfg, inputs)
+    needs_ref = bool(objective_ref_streams(build_objective(cfg.objective)))
+    ref = copy.deepcopy(model) if needs_ref else None
+    return model, ref, encode_data(cfg, tokenizer, inputs.forget, inputs.retain, inputs.kind), tokenizer
 
 
 def batch_slot_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:
@@ -133,12 +150,15 @@ class _Out:
 
 
 class Unlearner:
-    """Holds the model, optimizer and objective of one run; `run()` is the loop."""
+    """Holds the model, optimizer and objective of one run; `run()` is the loop.
+
+    `model` and `ref_model` come unwrapped; the strategy (`cfg.ray.strategy`) places, wraps and
+    shards them.
+    """
 
     def __init__(self, cfg: JobConfig, model: Any, ref_model: Any | None, data: UnlearnData, pad_id: int,
                  env: LoopEnv):
-        self.cfg, self.model, self.ref, self.data, self.pad_id, self.env = cfg, model, ref_model, data, pad_id, env
-        self.module = getattr(model, "module", model)  # unwrapped (DDP keeps the real one in .module)
+        self.cfg, self.data, self.pad_id, self.env = cfg, data, pad_id, env
         self.terms = build_objective(cfg.objective)
         self.streams = sorted(objective_streams(self.terms) | {"forget"})
         self.ref_streams = sorted(objective_ref_streams(self.terms))
@@ -148,10 +168,15 @@ class Unlearner:
                                    f"give {'retain data' if s == 'retain' else 'question/answer forget data'}")
         if self.ref_streams and ref_model is None:
             raise UnlearnError("objective needs a reference model but none was given")
+        self.strategy = build_strategy(cfg.ray.strategy, env.rank, env.world_size, env.device)
+        self.model = self.strategy.wrap(model)
+        self.module = self.strategy.unwrap(self.model)
+        self.ref = self.strategy.wrap_reference(ref_model if self.ref_streams else None)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.hessian = build_hessian_estimator(cfg.optim)
         t = cfg.train
+        self.accum = t.accumulation(env.world_size)  # micro-batches per step: the global batch is fixed
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.max_steps, t.warmup_steps, t.lr_schedule))
         self.step = 0
@@ -161,9 +186,10 @@ class Unlearner:
 
     # ------------------------------------------------------------------ data
     def micro_batch(self, micro: int) -> dict[str, dict[str, torch.Tensor]]:
-        """The rank's slice of global micro-batch (step, micro) for every stream."""
+        """The rank's slice of global micro-batch (step, micro) for every stream; each stream's
+        "index" holds the items' positions in the stream (what Hessian samples are keyed by)."""
         t, env = self.cfg.train, self.env
-        slot = (self.step * t.grad_accum + micro) * env.world_size + env.rank
+        slot = (self.step * self.accum + micro) * env.world_size + env.rank
         batch = {}
         for s in self.streams:
             items = self.data.stream(s)
@@ -171,6 +197,7 @@ class Unlearner:
             seed = t.seed + (7919 if s == "retain" else 0)
             idx = batch_slot_indices(len(items), t.batch_size, slot, seed)
             batch[s] = {k: v.to(env.device) for k, v in pad_batch([items[i] for i in idx], self.pad_id).items()}
+            batch[s]["index"] = torch.tensor(idx)
         return batch
 
     # ------------------------------------------------------------------ one step
@@ -189,26 +216,25 @@ class Unlearner:
         return loss, logs
 
     def train_step(self) -> dict[str, float]:
-        """Accumulate grad_accum micro-batches, estimate the Hessian when due, step."""
-        t = self.cfg.train
+        """Estimate the Hessian when due (Sophia), accumulate the step's micro-batches, clip, step."""
         sums: dict[str, float] = {}
-        batch = None
-        for micro in range(t.grad_accum):
-            batch = self.micro_batch(micro)
-            sync = micro == t.grad_accum - 1 or not hasattr(self.model, "no_sync")
-            ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
+        batches = [self.micro_batch(micro) for micro in range(self.accum)]
+        self._estimate_hessian(batches)
+        for micro, batch in enumerate(batches):
+            with self.strategy.accumulate(self.model, sync=micro == self.accum - 1):
                 loss, logs = self.loss_on(self.model, batch)
                 self._check_finite(loss)
-                (loss / t.grad_accum).backward()
+                (loss / self.accum).backward()
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+                sums[k] = sums.get(k, 0.0) + v / self.accum
         if self.cfg.optim.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-            sums["grad_norm"] = float(norm)
-        step_kwargs = self._hessian_update(batch)
+            sums["grad_norm"] = self.strategy.clip_grad_norm(self.params, self.cfg.optim.grad_clip)
+        if self.hessian is not None and self.hessian.kind == "empirical":  # g*g of the (clipped) gradient itself
+            estimates, bs = empirical_estimate(self.params)
+            self.optimizer.update_hessian(estimates)
+            self._bs = self.hessian.bs_override or bs
         sums["lr"] = self.scheduler.get_last_lr()[0]  # the LR of this step's update, before the schedule moves on
-        self.optimizer.step(**step_kwargs)
+        self.optimizer.step(**({"bs": self._bs} if self.hessian is not None else {}))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -216,33 +242,27 @@ class Unlearner:
             sums["clip_rate"] = float(self.optimizer.clip_rate)
         return sums
 
-    def _hessian_update(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Fold a fresh Hessian estimate into Sophia when due; returns step() kwargs."""
-        if self.hessian is None:
-            return {}
-        if self.hessian.due(self.step) or not hasattr(self, "_bs"):
-            # seeded by (seed, step, rank): a resumed run draws the same samples as an uninterrupted one
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.cfg.train.seed * 1_000_003 + self.step) * 1009 + self.env.rank)
-                estimates, bs = self.hessian.estimate(self.module, batch["forget"],
-                                                      lambda: self.loss_on(self.module, batch)[0])
-            if self.env.world_size > 1:
-                import torch.distributed as dist
-
-                for e in estimates:
-                    dist.all_reduce(e, op=dist.ReduceOp.AVG)
-            self.optimizer.update_hessian(estimates)
-            self._bs = 5120.0 if self.cfg.optim.soul_compat else bs
-        return {"bs": self._bs}
+    def _estimate_hessian(self, batches: list[dict[str, dict[str, torch.Tensor]]]) -> None:
+        """Fold a gnb / hutchinson estimate over the global batch into Sophia when due (or when
+        resuming without a stored scale), before the step's own gradients exist."""
+        est = self.hessian
+        if est is None or est.kind == "empirical" or not (est.due(self.step) or not hasattr(self, "_bs")):
+            return
+        key = (self.cfg.train.seed * 1_000_003 + self.step) * 1_000_033  # (seed, step): never the rank
+        if est.kind == "gnb":
+            forget = [b["forget"] for b in batches]
+            keys = [[key + int(i) for i in b["index"]] for b in forget]
+            estimates, bs = global_gnb_estimate(self.model, self.params, forget, keys, self.strategy)
+        else:
+            estimates, bs = global_hutchinson_estimate(
+                self.params, [lambda b=b: self.loss_on(self.module, b)[0] for b in batches], key, self.strategy)
+        self.optimizer.update_hessian(estimates)
+        self._bs = est.bs_override or bs
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Stop every rank on a NaN/Inf loss before anything is written."""
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-        if self.env.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(bad)
-        if bad.item() > 0:
+        if self.strategy.all_reduce_sum_(bad).item() > 0:
             raise UnlearnError(f"non-finite loss at step {self.step + 1}: stopped before writing a checkpoint, "
                                "the last good one is kept; lower optim.lr or check the data")
 
@@ -269,7 +289,8 @@ class Unlearner:
         return self.history
 
     def _evaluate_if_due(self, logs: dict[str, float], last: bool) -> bool:
-        """Every eval_every steps and at the last step, rank 0 adds the evaluation metrics to `logs`.
+        """Every eval_every steps and at the last step, rank 0 adds the evaluation metrics to `logs`
+        (sharded strategies evaluate on every rank: each forward pass needs all of them).
 
         Returns whether this step was an evaluation step: the same on every rank, so all ranks
         report at the same steps (a report is a barrier); only rank 0's report carries the metrics.
@@ -277,42 +298,44 @@ class Unlearner:
         every = self.cfg.train.eval_every
         if self.env.evaluate is None or not (last or (every and self.step % every == 0)):
             return False
-        if self.env.rank == 0:
-            logs.update(self.env.evaluate(self.module, self.step))
+        if self.env.rank == 0 or self.strategy.sharded:
+            metrics = self.env.evaluate(self.module, self.step)
+            if self.env.rank == 0:
+                logs.update(metrics)
         return True
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes model weights (safetensors), optimizer, scheduler, step and history."""
-        if self.env.rank != 0:
-            return None
-        from safetensors.torch import save_model
-
+        """Every rank: the strategy writes weights and optimizer state (ddp: rank 0, full; fsdp2: each
+        rank its shard); rank 0 adds scheduler, step and history, and at the last step the full
+        weights. Returns the directory this rank wrote, None if it wrote nothing."""
         from ray_unlearn.models.io import atomic_dir, commit_dir
 
         final = Path(self.env.checkpoint_dir) / f"step-{self.step:06d}"
         out = atomic_dir(final)  # written under a temporary name, renamed when complete
         try:
             out.mkdir()
-            save_model(self.module, str(out / "model.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       out / "optimizer.pt")
-            (out / "state.json").write_text(json.dumps({"step": self.step, "history": self.history,
-                                                        "hessian_bs": getattr(self, "_bs", None)}))
+            self.strategy.save_state(out, self.module, self.optimizer)
+            if self.step >= self.cfg.train.max_steps and not self.strategy.state_has_full_weights:
+                self.strategy.save_full_weights(out, self.module)  # the final model, for the HF directory
+            if self.env.rank == 0:
+                torch.save(self.scheduler.state_dict(), out / "scheduler.pt")
+                (out / "state.json").write_text(json.dumps({
+                    "step": self.step, "history": self.history, "hessian_bs": getattr(self, "_bs", None),
+                    "strategy": self.strategy.name, "world_size": self.env.world_size}))
+            if not any(out.iterdir()):
+                return None
             commit_dir(out, final)
         finally:
             shutil.rmtree(out, ignore_errors=True)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore everything `save_checkpoint` wrote."""
-        from safetensors.torch import load_model
-
-        load_model(self.module, str(Path(path) / "model.safetensors"))
-        opt = torch.load(Path(path) / "optimizer.pt", weights_only=True)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
+        """Restore everything `save_checkpoint` wrote (a checkpoint of another strategy is refused)."""
         state = json.loads((Path(path) / "state.json").read_text())
+        self.strategy.check_checkpoint(Path(path), state.get("strategy", "ddp"))
+        self.strategy.load_state(Path(path), self.module, self.optimizer)
+        self.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
         self.step, self.history = int(state["step"]), list(state["history"])
         if state.get("hessian_bs") is not None:  # Sophia's h is in the optimizer state; its scale is here
             self._bs = float(state["hessian_bs"])
@@ -322,7 +345,7 @@ def load_checkpoint_weights(model: Any, path: Path) -> Any:
     """Load a loop checkpoint's weights into `model` (for writing the final HF directory)."""
     from safetensors.torch import load_model
 
-    load_model(model, str(Path(path) / "model.safetensors"))
+    load_model(model, str(Path(path) / MODEL_FILE))
     return model
 
 

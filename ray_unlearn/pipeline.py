@@ -78,14 +78,17 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
         console.print(f"benchmark {f['size']}: forget10 ES target {f['target_forget10_es']:.3f} vs retain model "
                       f"{f['retain_forget10_es']:.3f} (the target memorized what the retain model never saw)")
     model, tokenizer = load_checked(cfg, inputs)
+    from ray_unlearn.loop import checkpoint_history, load_checkpoint_weights
+    from ray_unlearn.models.io import save_model
+    from ray_unlearn.train import check_resume, fit, init_ray
+
+    check_resume(cfg)
+    init_ray(cfg)  # the cluster must hold the workers before anything is written
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     console.print(f"unlearning {inputs.model_path} on {len(inputs.forget)} forget / {len(inputs.retain)} retain "
-                  f"items with {cfg.optim.name} ({cfg.ray.num_workers} Ray Train workers)")
-    from ray_unlearn.loop import checkpoint_history, load_checkpoint_weights
-    from ray_unlearn.models.io import save_model
-    from ray_unlearn.train import fit
+                  f"items with {cfg.optim.name} ({cfg.ray.num_workers} Ray Train workers, {cfg.ray.strategy})")
 
     ckpt, _ = fit(cfg, inputs)
     load_checkpoint_weights(model, ckpt)

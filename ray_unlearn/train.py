@@ -1,14 +1,14 @@
-"""Ray Train glue: run the unlearning loop in a TorchTrainer (DDP over gloo on CPU, NCCL on GPU).
+"""Ray Train glue: run the unlearning loop in a TorchTrainer (gloo on CPU, NCCL on GPU).
 
 This module and tune.py / serve.py are the only ones that import ray. The loop itself is
-`ray_unlearn.loop.Unlearner`; here we only translate between it and Ray: ranks, devices,
-`ray.train.report`, checkpoints, resume.
+`ray_unlearn.loop.Unlearner`, whose `ray_unlearn.parallel` strategy (ddp, fsdp2) wraps the model
+in the process group Ray Train sets up; here we only translate between it and Ray: ranks,
+devices, `ray.train.report` (from every rank that wrote a checkpoint shard), resume.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import sys
 import shutil
@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 from ray_unlearn.config import JobConfig, from_dict, to_dict
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs
-from ray_unlearn.loop import LoopEnv, Unlearner, encode_data
+from ray_unlearn.loop import LoopEnv, Unlearner, load_run
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -44,16 +44,7 @@ def train_func(config: dict[str, Any]) -> None:
     if rank == 0 and config.get("placement_group_file"):
         _record_placement_group(Path(config["placement_group_file"]))
 
-    from ray_unlearn.job import load_checked
-    from ray_unlearn.objectives import build_objective, objective_ref_streams
-
-    model, tokenizer = load_checked(cfg, inputs)
-    ref = None
-    if objective_ref_streams(build_objective(cfg.objective)):
-        ref = copy.deepcopy(model).to(device).eval().requires_grad_(False)
-    if cfg.ray.num_workers > 0:
-        model = ray.train.torch.prepare_model(model)  # DDP when world > 1, device placement always
-    data = encode_data(cfg, tokenizer, inputs.forget, inputs.retain, inputs.kind)
+    model, ref, data, tokenizer = load_run(cfg, inputs)  # the strategy (ray.strategy) places and wraps them
 
     def report(metrics: dict[str, float], ckpt: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
@@ -133,6 +124,27 @@ def init_ray(cfg: JobConfig) -> None:
     if cfg.ray.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.ray.num_workers:
         raise UnlearnError(f"ray.use_gpu=true needs {cfg.ray.num_workers} GPUs but the cluster has "
                            f"{ray.cluster_resources().get('GPU', 0):g}; set ray.use_gpu=false")
+
+
+def latest_checkpoint(cfg: JobConfig) -> Path | None:
+    """The checkpoint a rerun of `cfg` resumes from (Ray's latest, or the driver mode's), if any."""
+    out = Path(cfg.output_dir).resolve()
+    if cfg.ray.num_workers == 0:
+        return _latest_local(out / "checkpoints")
+    ckpts = sorted(p for p in (out / "ray" / cfg.name).glob("checkpoint_*") if (p / "state.json").is_file())
+    return ckpts[-1] if ckpts else None
+
+
+def check_resume(cfg: JobConfig) -> None:
+    """Refuse, before any work, to resume a checkpoint written by another strategy."""
+    import json
+
+    from ray_unlearn.parallel import build_strategy
+
+    ckpt = latest_checkpoint(cfg)
+    if ckpt is not None:
+        written_by = json.loads((ckpt / "state.json").read_text()).get("strategy", "ddp")
+        build_strategy(cfg.ray.strategy).check_checkpoint(ckpt, written_by)
 
 
 def _latest_local(path: Path) -> Path | None:

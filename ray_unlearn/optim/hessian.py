@@ -10,14 +10,18 @@ makes rho*bs*h_hat an estimate of the diagonal Hessian (or Gauss-Newton matrix) 
 - empirical (the SOUL code): h_hat = g*g of the unlearning gradient itself, every step; bs = 5120
   (the default of SOUL's `step(bs=5120)`, which its HF Trainer never overrides).
 
-No estimator writes `p.grad`: gnb and hutchinson use `torch.autograd.grad`. Pass the unwrapped
-model (not a DDP wrapper); averaging the estimates across ranks is the caller's job.
+The loop uses the global-batch forms (DESIGN.md §10): `global_gnb_estimate` and
+`global_hutchinson_estimate` estimate over every micro-batch of every rank of one optimizer step,
+reduced like a training gradient, so the estimate is the same for any split of the global batch
+into workers x accumulation steps. GNB's sampled labels are keyed by (seed, step, item index) and
+Hutchinson's probes by (seed, step), never by rank. `gnb_estimate` and `hutchinson_estimate` are
+the one-batch building blocks (no `p.grad` written: they use `torch.autograd.grad`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +29,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ray_unlearn.errors import UnlearnError
-from ray_unlearn.logprobs import shifted
+from ray_unlearn.logprobs import IGNORE_INDEX, shifted
 
 SOUL_BS = 5120.0  # SOUL's SophiaG.step default, used by its trainer
 KINDS = ("gnb", "hutchinson", "empirical")
@@ -34,6 +38,27 @@ KINDS = ("gnb", "hutchinson", "empirical")
 def _grads_or_zeros(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> list[Tensor]:
     """autograd.grad(..., allow_unused=True) output with None replaced by zeros."""
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def sample_gnb_labels(logits: Tensor, labels: Tensor, keys: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """(scored logits [N, V] in fp32, labels y_hat [N] sampled from softmax of them) at the N scored
+    positions (labels != -100, shifted by one). With `keys`, item b's samples come from a generator
+    seeded by keys[b] (any partition of a batch draws the same labels); else from the global RNG.
+    """
+    logits, _, mask = shifted(logits, labels)
+    if keys is None:
+        scored = logits[mask].float()
+        with torch.no_grad():
+            return scored, torch.multinomial(torch.softmax(scored, dim=-1), num_samples=1).squeeze(1)
+    rows, ys = [], []
+    for b, key in enumerate(keys):
+        scored = logits[b][mask[b]].float()  # [n_b, V]
+        gen = torch.Generator(device=scored.device).manual_seed(int(key))
+        with torch.no_grad():
+            ys.append(torch.multinomial(torch.softmax(scored, dim=-1), num_samples=1, generator=gen).squeeze(1)
+                      if scored.shape[0] else torch.zeros(0, dtype=torch.long, device=scored.device))
+        rows.append(scored)
+    return torch.cat(rows), torch.cat(ys)
 
 
 def gnb_estimate(model: torch.nn.Module, inputs: dict[str, Tensor]) -> tuple[list[Tensor], float]:
@@ -45,27 +70,26 @@ def gnb_estimate(model: torch.nn.Module, inputs: dict[str, Tensor]) -> tuple[lis
     """
     params = [p for p in model.parameters() if p.requires_grad]
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
-    logits, _, mask = shifted(logits, inputs["labels"])
-    scored = logits[mask].float()  # [B, V]
+    scored, y_hat = sample_gnb_labels(logits, inputs["labels"])
     if scored.shape[0] == 0:
         raise UnlearnError("gnb Hessian estimate: the forget batch has no scored (labels != -100) tokens; "
                            "check the forget data or use optim.hessian=empirical")
-    with torch.no_grad():
-        y_hat = torch.multinomial(torch.softmax(scored, dim=-1), num_samples=1).squeeze(1)  # [B]
     loss = F.cross_entropy(scored, y_hat)
     g_hat = _grads_or_zeros(torch.autograd.grad(loss, params, allow_unused=True), params)
     return [g * g for g in g_hat], float(scored.shape[0])
 
 
-def hutchinson_estimate(params: list[Tensor], loss: Tensor) -> tuple[list[Tensor], float]:
-    """Hutchinson estimate of diag(H) of `loss`: ([u * (H u) per param], 1.0), u ~ N(0, I).
+def hutchinson_estimate(params: list[Tensor], loss: Tensor,
+                        probes: list[Tensor] | None = None) -> tuple[list[Tensor], float]:
+    """Hutchinson estimate of diag(H) of `loss`: ([u * (H u) per param], 1.0), u ~ N(0, I)
+    (drawn from the global RNG, or the given `probes`).
 
     H u = grad_theta (grad_theta loss . u), by a double backward (create_graph=True), so `loss`'s
     graph must be twice differentiable: build it under `sdpa_kernel(SDPBackend.MATH)` when the model
     uses scaled_dot_product_attention (`HessianEstimator.estimate` does).
     """
     grads = _grads_or_zeros(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True), params)
-    us = [torch.randn_like(p) for p in params]
+    us = probes if probes is not None else [torch.randn_like(p) for p in params]
     live = [i for i, g in enumerate(grads) if g.requires_grad]  # a grad free of theta has H = 0
     hu = [torch.zeros_like(p) for p in params]
     if live:
@@ -105,16 +129,49 @@ class HessianEstimator:
         """
         return self.kind == "empirical" or step % self.interval == 0
 
-    def estimate(self, model: torch.nn.Module, inputs: dict[str, Tensor],
-                 loss_fn: Callable[[], Tensor]) -> tuple[list[Tensor], float]:
-        """(estimates aligned with model's trainable params, bs = bs_override or the estimator's)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        if self.kind == "gnb":
-            ests, bs = gnb_estimate(model, inputs)
-        elif self.kind == "hutchinson":
-            with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
-                loss = loss_fn()
-            ests, bs = hutchinson_estimate(params, loss)
-        else:
-            ests, bs = empirical_estimate(params)
-        return ests, float(self.bs_override or bs)
+
+def global_gnb_estimate(model: torch.nn.Module, params: list[Tensor], batches: Sequence[dict[str, Tensor]],
+                        keys: Sequence[Sequence[int]], strategy: Any) -> tuple[list[Tensor], float]:
+    """GNB over a global batch: ([g_hat*g_hat per param], B).
+
+    g_hat = grad (1/B) sum CE(f(x), y_hat) over the B scored tokens of all `batches` (this rank's
+    micro-batches) on every rank, computed by backward through the wrapped `model` so that the
+    strategy reduces it like a training gradient (all-reduce for ddp, reduce-scatter into shards
+    for fsdp2). keys[i][b] seeds item b of batch i's labels. `p.grad` must be None on entry and is
+    None again on return.
+    """
+    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    total = float(strategy.all_reduce_sum_(torch.tensor([float(local)], device=batches[0]["labels"].device)))
+    if total == 0:
+        raise UnlearnError("gnb Hessian estimate: the forget batch has no scored (labels != -100) tokens; "
+                           "check the forget data or use optim.hessian=empirical")
+    scale = strategy.grad_average_factor / total  # the reduction averages over ranks; undo it
+    for i, (batch, item_keys) in enumerate(zip(batches, keys)):
+        with strategy.accumulate(model, sync=i == len(batches) - 1):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            scored, y_hat = sample_gnb_labels(logits, batch["labels"], item_keys)
+            (F.cross_entropy(scored, y_hat, reduction="sum") * scale).backward()
+    estimates = [torch.zeros_like(p) if p.grad is None else p.grad * p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return estimates, total
+
+
+def global_hutchinson_estimate(params: list[Tensor], loss_fns: Sequence[Callable[[], Tensor]], probe_seed: int,
+                               strategy: Any) -> tuple[list[Tensor], float]:
+    """Hutchinson over a global batch: ([u * (H u) per param], 1.0) for the mean loss of all micro-batches
+    on every rank. u is drawn from a generator seeded by `probe_seed` (the same on every rank); each
+    loss_fns[i]() is micro-batch i's loss on the unwrapped model (full parameters: ddp only). u*(Hu)
+    is linear in H, so the per-micro-batch estimates are averaged, then averaged over ranks.
+    """
+    gen = torch.Generator(device=params[0].device).manual_seed(int(probe_seed))
+    probes = [torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for p in params]
+    total = [torch.zeros_like(p) for p in params]
+    for loss_fn in loss_fns:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            loss = loss_fn()
+        estimates, _ = hutchinson_estimate(params, loss, probes)
+        for t, e in zip(total, estimates):
+            t.add_(e, alpha=1 / len(loss_fns))
+    strategy.all_reduce_mean_(total)
+    return total, 1.0

@@ -28,6 +28,9 @@ every-step empirical estimator come from `build_hessian_estimator` (see ray_unle
 What this class does not reproduce: SOUL's `update_exp_avg` ignores `maximize` (here the fold
 uses the same signed gradient as the step; SOUL never sets maximize), and SOUL's parameter groups
 exempt biases and LayerNorm weights from weight decay (pass such groups to get the same).
+
+Sharded parameters (FSDP2 DTensors) are updated shard by shard on each rank's local tensors (the
+rule is elementwise), and `clip_rate` is counted over the whole model with one all-reduce.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from ray_unlearn.parallel.base import dtensor_type, local_tensor
 
 _EPS = 1e-15  # the reference's denominator guard
 
@@ -129,9 +134,9 @@ class SophiaG(torch.optim.Optimizer):
                                  f"shape {tuple(p.shape)}")
             beta1, beta2 = group["betas"]
             state = self._state(p)
-            state["hessian"].mul_(beta2).add_(est.to(p.dtype), alpha=1 - beta2)
+            local_tensor(state["hessian"]).mul_(beta2).add_(local_tensor(est).to(p.dtype), alpha=1 - beta2)
             if self.soul_compat and p.grad is not None:
-                state["exp_avg"].mul_(beta1).add_(self._grad(p, group), alpha=1 - beta1)
+                local_tensor(state["exp_avg"]).mul_(beta1).add_(local_tensor(self._grad(p, group)), alpha=1 - beta1)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, bs: float = 5120):
@@ -140,7 +145,7 @@ class SophiaG(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        kept, total = [], 0
+        kept, total, mesh = [], 0, None
         for group in self.param_groups:
             beta1, _ = group["betas"]
             for p in group["params"]:
@@ -150,10 +155,21 @@ class SophiaG(torch.optim.Optimizer):
                     raise RuntimeError("SophiaG does not support sparse gradients")
                 state = self._state(p)
                 state["step"] += 1
-                kept.append(_sophia_update_(p, self._grad(p, group), state["exp_avg"], state["hessian"],
-                                            lr=group["lr"], beta1=beta1, rho=group["rho"],
-                                            weight_decay=group["weight_decay"], bs=bs))
-                total += p.numel()
-        if total:
-            self.clip_rate = float(sum(k.to(kept[0].device) for k in kept)) / total  # one host sync
+                mesh = getattr(p, "device_mesh", mesh)
+                local = local_tensor(p)
+                kept.append(_sophia_update_(local, local_tensor(self._grad(p, group)), local_tensor(state["exp_avg"]),
+                                            local_tensor(state["hessian"]), lr=group["lr"], beta1=beta1,
+                                            rho=group["rho"], weight_decay=group["weight_decay"], bs=bs))
+                total += local.numel()
+        self._set_clip_rate(kept, total, mesh)
         return loss
+
+    def _set_clip_rate(self, kept: list[Tensor], total: int, mesh) -> None:
+        """clip_rate = not-clipped / all coordinates, summed over the shards of every rank (one host sync)."""
+        if not kept:
+            return
+        counts = torch.stack([sum(k.to(kept[0].device) for k in kept).double(),
+                              torch.tensor(float(total), dtype=torch.float64, device=kept[0].device)])
+        if mesh is not None and dtensor_type() is not None:
+            torch.distributed.all_reduce(counts, group=mesh.get_group())
+        self.clip_rate = float(counts[0] / counts[1])

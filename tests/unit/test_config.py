@@ -177,9 +177,30 @@ def test_wrong_type_names_the_key(override, key):
     ("objective.terms.ga=.inf", "objective.terms.ga"),
     ("objective.terms.ga=true", "objective.terms.ga"),
     ("objective.npo_beta=0", "objective.npo_beta"),
+    ("ray.strategy=zero", "ray.strategy"),
+    ("train.global_batch_size=-8", "train.global_batch_size"),
 ])
 def test_invalid_value_names_the_key(override, key):
     expect_error(f"^{key}", overrides=[override])
+
+
+def test_unknown_strategy_lists_the_valid_ones():
+    expect_error(r"^ray.strategy: 'deepspeed3' is not one of ddp, fsdp2$", overrides=["ray.strategy=deepspeed3"])
+
+
+def test_fsdp2_cannot_run_hutchinson():
+    expect_error(r"^optim.hessian=hutchinson needs a double backward .* use optim.hessian=gnb or empirical",
+                 overrides=["ray.strategy=fsdp2", "optim.hessian=hutchinson"])
+    load_config(None, ["ray.strategy=fsdp2", "optim.hessian=gnb"])
+    load_config(None, ["ray.strategy=ddp", "optim.hessian=hutchinson"])
+
+
+def test_global_batch_size_sets_the_accumulation_for_any_worker_count():
+    cfg = load_config(None, ["train.batch_size=2", "train.global_batch_size=8", "ray.num_workers=2"])
+    assert [cfg.train.accumulation(w) for w in (0, 1, 2, 4)] == [4, 4, 2, 1]
+    assert load_config(None, ["train.grad_accum=3"]).train.accumulation(4) == 3  # 0 = grad_accum as given
+    expect_error(r"^train.global_batch_size=8 is not a multiple of train.batch_size=3 x 2 workers",
+                 overrides=["train.batch_size=3", "train.global_batch_size=8", "ray.num_workers=2"])
 
 
 def test_invalid_value_in_file(tmp_path):

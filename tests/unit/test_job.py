@@ -150,3 +150,15 @@ def test_more_workers_than_the_cluster_has_cpus(ray_session, micro_config):
         init_ray(micro_config("ray.num_workers=2", "ray.cpus_per_worker=1.5"))
     with pytest.raises(UnlearnError, match="ray.use_gpu=true needs 2 GPUs but the cluster has 0"):
         init_ray(micro_config("ray.num_workers=2", "ray.use_gpu=true"))
+
+
+@pytest.mark.slow
+def test_too_many_workers_fail_before_anything_is_written(ray_session, micro_config):
+    from pathlib import Path
+
+    from ray_unlearn.pipeline import run_job
+
+    cfg = micro_config("ray.num_workers=64")
+    with pytest.raises(UnlearnError, match="^ray.num_workers=64 .* needs 64 CPUs"):
+        run_job(cfg)
+    assert not Path(cfg.output_dir).exists()

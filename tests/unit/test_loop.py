@@ -138,7 +138,7 @@ def test_checkpoint_written_at_the_end(make, tmp_path):
     ckpt = tmp_path / "ckpt" / "step-000003"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000003"]
     assert reports == [(3, ckpt)]
-    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "scheduler.pt", "state.json"}
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 3
     assert [h["step"] for h in history] == [3]
@@ -151,8 +151,9 @@ def test_checkpoint_written_at_the_end(make, tmp_path):
 
 @pytest.mark.parametrize("optim", [["optim.name=adamw"],
                                    ["optim.name=sophia", "optim.hessian=empirical"],
-                                   ["optim.name=sophia", "optim.hessian=gnb"]],
-                         ids=["adamw", "sophia-empirical", "sophia-gnb"])
+                                   ["optim.name=sophia", "optim.hessian=gnb"],
+                                   ["optim.name=sophia", "optim.hessian=gnb", "ray.strategy=fsdp2"]],
+                         ids=["adamw", "sophia-empirical", "sophia-gnb", "sophia-gnb-fsdp2-checkpoint"])
 def test_resume_gives_the_weights_of_an_uninterrupted_run(make, optim):
     common = [*optim, "optim.lr=1e-3", "train.checkpoint_every=2", "train.warmup_steps=1",
               "train.lr_schedule=cosine", "train.log_every=1"]
@@ -171,7 +172,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(make, optim):
         first.run()
     assert first.step == 2
 
-    torch.manual_seed(0)  # gnb samples from torch's RNG, at step 0 only (hessian_interval 10)
+    torch.manual_seed(0)  # gnb's samples are keyed by (seed, step, item): no RNG state to restore
     resumed, resumed_model, _ = make(*common, ckpt="parts", resume_from=first.env.checkpoint_dir / "step-000002")
     assert resumed.step == 2 and len(resumed.history) == 2
     resumed_history = resumed.run()
@@ -227,7 +228,7 @@ def test_failed_checkpoint_write_leaves_no_partial_checkpoint(make, tmp_path, mo
 
     def disk_full_on_second(obj, path, *args, **kwargs):
         saves.append(path)
-        if len(saves) == 2:
+        if "step-000002" in str(path):
             raise OSError("No space left on device")
         return real_save(obj, path, *args, **kwargs)
 

@@ -1,11 +1,13 @@
-"""Hessian estimators: Hutchinson on a known quadratic, GNB on a tiny Llama, empirical, dispatch."""
+"""Hessian estimators: Hutchinson on a known quadratic, GNB on a tiny Llama, empirical, global-batch forms."""
 
 import pytest
 import torch
 
 from ray_unlearn.errors import UnlearnError
-from ray_unlearn.optim.hessian import (HessianEstimator, empirical_estimate, gnb_estimate,
-                                       hutchinson_estimate)
+from ray_unlearn.optim.hessian import (HessianEstimator, empirical_estimate, global_gnb_estimate,
+                                       global_hutchinson_estimate, gnb_estimate, hutchinson_estimate,
+                                       sample_gnb_labels)
+from ray_unlearn.parallel import Strategy
 
 D = torch.tensor([1e-2, 0.3, 1.0, 7.0, 1e2], dtype=torch.float64)  # f(x) = 1/2 sum d_i x_i^2
 
@@ -136,25 +138,47 @@ def test_due():
         HessianEstimator("fisher")
 
 
-def test_estimate_dispatch_and_bs_override(tiny_llama):
+def _split(batch, items):
+    return {k: v[items] for k, v in batch.items()}
+
+
+def test_global_gnb_is_partition_invariant_and_keyed_by_item(tiny_llama):
+    """One batch of 2 items equals the same items as 2 accumulated micro-batches: same labels (keyed by
+    item), same g_hat of the token mean over all B scored tokens, B = 6."""
+    params = [p for p in tiny_llama.parameters() if p.requires_grad]
     batch = _batch()
-    n = sum(1 for p in tiny_llama.parameters() if p.requires_grad)
+    whole, bs = global_gnb_estimate(tiny_llama, params, [batch], [[11, 12]], Strategy())
+    assert bs == 6.0 and all(p.grad is None for p in params)
+    parts, bs2 = global_gnb_estimate(tiny_llama, params, [_split(batch, [0]), _split(batch, [1])], [[11], [12]],
+                                     Strategy())
+    assert bs2 == 6.0
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-12)
+    # by hand: the labels sample_gnb_labels draws for keys (11, 12), grad of the mean CE, squared
+    logits = tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    scored, y_hat = sample_gnb_labels(logits, batch["labels"], [11, 12])
+    g = torch.autograd.grad(torch.nn.functional.cross_entropy(scored, y_hat), params)
+    for a, gi in zip(whole, g):
+        torch.testing.assert_close(a, gi * gi, rtol=1e-5, atol=1e-12)
+    other, _ = global_gnb_estimate(tiny_llama, params, [batch], [[13, 14]], Strategy())
+    assert any(not torch.equal(a, b) for a, b in zip(whole, other))
 
-    ests, bs = HessianEstimator("gnb").estimate(tiny_llama, batch, lambda: pytest.fail("gnb calls no loss_fn"))
-    assert (len(ests), bs) == (n, 6.0)
-    _, bs = HessianEstimator("gnb", bs_override=100.0).estimate(tiny_llama, batch, lambda: None)
-    assert bs == 100.0
 
-    def loss_fn():
-        return tiny_llama(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+def test_global_hutchinson_averages_micro_batches_with_one_probe(tiny_llama):
+    params = [p for p in tiny_llama.parameters() if p.requires_grad]
+    batch = _batch()
 
-    ests, bs = HessianEstimator("hutchinson").estimate(tiny_llama, batch, loss_fn)
-    assert (len(ests), bs) == (n, 1.0)
-    assert all(p.grad is None for p in tiny_llama.parameters())
+    def loss(b):
+        return lambda: tiny_llama(input_ids=b["input_ids"], labels=b["labels"]).loss
 
-    loss_fn().backward()
-    ests, bs = HessianEstimator("empirical").estimate(tiny_llama, batch, loss_fn)
-    assert bs == 5120.0
-    for e, p in zip(ests, tiny_llama.parameters()):
-        torch.testing.assert_close(e, p.grad * p.grad)
-    tiny_llama.zero_grad(set_to_none=True)
+    ests, bs = global_hutchinson_estimate(params, [loss(_split(batch, [0])), loss(_split(batch, [1]))], 5, Strategy())
+    assert bs == 1.0 and all(p.grad is None for p in params)
+    gen = torch.Generator().manual_seed(5)
+    probes = [torch.randn(p.shape, generator=gen) for p in params]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        mean = 0.5 * (loss(_split(batch, [0]))() + loss(_split(batch, [1]))())
+    expected, _ = hutchinson_estimate(params, mean, probes)
+    for a, b in zip(ests, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)

@@ -1,0 +1,121 @@
+"""What every data-parallel strategy shares: the world-of-1 behaviour and the collectives.
+
+A strategy owns everything that differs between DDP and FSDP2 (DESIGN.md §10): how the model
+and the frozen reference are wrapped, how gradients accumulate without a sync, global grad-norm
+clipping, reductions of values the loop computes itself, and how training state is saved and
+restored. The loop calls only these methods, so it reads the same for every strategy.
+
+Collectives go through `torch.distributed` when a process group of more than one rank is up
+(Ray Train sets it up in its workers; tests use `torch.multiprocessing` with gloo), and are
+no-ops otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, ContextManager, Iterable
+
+import torch
+from torch import Tensor
+
+from ray_unlearn.errors import UnlearnError
+
+MODEL_FILE = "model.safetensors"  # full weights (every ddp checkpoint; the final checkpoint of any strategy)
+
+
+def dtensor_type() -> type | None:
+    """torch's DTensor class, or None where torch.distributed is not built."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The rank's own part of a (possibly sharded) tensor: a DTensor's local shard, else `t`."""
+    dt = dtensor_type()
+    return t.to_local() if dt is not None and isinstance(t, dt) else t
+
+
+class Strategy:
+    """Data-parallel strategy base: correct for a world of one, with collectives when distributed.
+
+    `sharded` strategies keep only a shard of each parameter per rank, so every forward pass is a
+    collective: all ranks must run it (in-training evaluation included).
+    """
+
+    name = "base"
+    sharded = False
+    state_has_full_weights = False  # True: `save_state` already writes `model.safetensors`
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.device = device or torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        """True when collectives must run: more than one rank in an initialised process group."""
+        return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    # ---------------------------------------------------------------- model
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train (placed on the device, wrapped for data parallelism)."""
+        return model.to(self.device)
+
+    def wrap_reference(self, ref: torch.nn.Module | None) -> torch.nn.Module | None:
+        """The frozen reference model, placed (and sharded where the strategy shards)."""
+        return None if ref is None else ref.to(self.device).eval().requires_grad_(False)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module whose parameters the optimizer updates and checkpoints hold."""
+        return model
+
+    def accumulate(self, model: torch.nn.Module, sync: bool) -> ContextManager:
+        """Context for one micro-batch's forward + backward; sync=False skips the gradient reduction."""
+        return contextlib.nullcontext()
+
+    # ---------------------------------------------------------------- reductions
+    def all_reduce_sum_(self, t: Tensor) -> Tensor:
+        """Sum `t` over ranks in place (no-op on one rank); returns `t`."""
+        if self.distributed:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def all_reduce_mean_(self, tensors: Iterable[Tensor]) -> None:
+        """Average full (unsharded) tensors over ranks in place."""
+        for t in tensors:
+            if self.distributed:
+                torch.distributed.all_reduce(t)
+                t.div_(self.world_size)
+
+    @property
+    def grad_average_factor(self) -> int:
+        """The gradient reduction averages over ranks: a loss summed over the global batch must be
+        multiplied by this so that the reduced gradient is its gradient."""
+        return self.world_size if self.distributed else 1
+
+    def clip_grad_norm(self, params: list[Tensor], max_norm: float) -> float:
+        """Clip the global gradient norm to `max_norm`; returns the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Write model weights and optimizer state into `out` (every rank calls it)."""
+        raise NotImplementedError
+
+    def load_state(self, path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Restore what `save_state` wrote (every rank calls it)."""
+        raise NotImplementedError
+
+    def save_full_weights(self, out: Path, module: torch.nn.Module) -> None:
+        """Rank 0 writes the full weights as `model.safetensors` in `out` (every rank calls it)."""
+        raise NotImplementedError
+
+    def check_checkpoint(self, path: Path, written_by: str) -> None:
+        """Refuse a checkpoint written by another strategy, naming both."""
+        if written_by != self.name:
+            raise UnlearnError(f"checkpoint {path} was written by ray.strategy={written_by}, this run uses "
+                               f"ray.strategy={self.name}; rerun with ray.strategy={written_by} to resume it, "
+                               "or use a new name/output_dir to start fresh")

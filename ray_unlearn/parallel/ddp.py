@@ -1,0 +1,53 @@
+"""DDP: every rank holds the full model, gradients are all-reduced (averaged) after backward.
+
+Checkpoints are full state written by rank 0 (weights as safetensors, optimizer state with
+torch.save), so any number of workers can resume them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+
+from ray_unlearn.parallel.base import MODEL_FILE, Strategy
+
+
+class DDPStrategy(Strategy):
+    """torch DistributedDataParallel (gloo on CPU, NCCL on GPU); a plain module on one rank."""
+
+    name = "ddp"
+    state_has_full_weights = True
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if not self.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return getattr(model, "module", model)
+
+    def accumulate(self, model: torch.nn.Module, sync: bool) -> ContextManager:
+        return super().accumulate(model, sync) if sync or not hasattr(model, "no_sync") else model.no_sync()
+
+    def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.rank == 0:
+            self.save_full_weights(out, module)
+            torch.save(optimizer.state_dict(), out / "optimizer.pt")
+
+    def load_state(self, path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        from safetensors.torch import load_model
+
+        load_model(module, str(Path(path) / MODEL_FILE))
+        optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True))
+
+    def save_full_weights(self, out: Path, module: torch.nn.Module) -> None:
+        from safetensors.torch import save_model
+
+        if self.rank == 0:
+            save_model(module, str(Path(out) / MODEL_FILE))

@@ -1,0 +1,68 @@
+"""Run the unlearning loop in N local processes over gloo, without Ray.
+
+What Ray Train does for the loop, reduced to the minimum: one process per rank, a process group,
+a checkpoint directory per rank, and the ranks' checkpoint files merged into one directory (Ray
+Train uploads every rank's files into the same checkpoint). For tests of the distributed paths
+and for benchmarks that compare against Ray; `ray-unlearn run` goes through Ray Train.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for the process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(rank: int, world_size: int, port: int, cfg_dict: dict[str, Any], inputs: Any, root: str,
+               resume_from: str | None) -> None:
+    """One rank: join the process group, load, run the loop, leave."""
+    import torch.distributed as dist
+
+    from ray_unlearn.config import JobConfig, from_dict
+    from ray_unlearn.loop import LoopEnv, Unlearner, load_run
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        cfg = from_dict(JobConfig, cfg_dict)
+        torch.manual_seed(cfg.train.seed + rank)
+        model, ref, data, tokenizer = load_run(cfg, inputs)
+        env = LoopEnv(rank=rank, world_size=world_size, checkpoint_dir=Path(root) / f"rank{rank}",
+                      resume_from=Path(resume_from) if resume_from else None)
+        Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env).run()
+    finally:
+        dist.destroy_process_group()
+
+
+def merge_checkpoint(root: Path, step: int) -> Path:
+    """Copy every rank's files of checkpoint `step` into `root/merged/step-N` (as Ray Train's storage holds it)."""
+    name = f"step-{step:06d}"
+    out = Path(root) / "merged" / name
+    out.mkdir(parents=True, exist_ok=True)
+    for rank_dir in sorted(Path(root).glob(f"rank*/{name}")):
+        for f in rank_dir.iterdir():
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+def run_local(cfg: Any, inputs: Any, world_size: int, root: Path, resume_from: Path | None = None) -> Path:
+    """Run `cfg` on `world_size` local gloo processes; returns the merged final checkpoint."""
+    import torch.multiprocessing as mp
+
+    from ray_unlearn.config import to_dict
+
+    mp.spawn(_rank_main, args=(world_size, free_port(), to_dict(cfg), inputs, str(root),
+                               str(resume_from) if resume_from else None), nprocs=world_size, join=True)
+    return merge_checkpoint(Path(root), cfg.train.max_steps)

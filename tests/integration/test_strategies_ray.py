@@ -1,0 +1,84 @@
+"""ddp and fsdp2 through Ray Train on the micro benchmark: same final model, sharded checkpoints from
+every rank merged by Ray, resume with another worker count, and a resume by another strategy refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ray_unlearn.errors import UnlearnError
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["train.max_steps=4", "train.log_every=2", "eval.enabled=false", "optim.hessian=gnb",
+         "optim.hessian_interval=2", "optim.lr=1e-3", "train.batch_size=2", "train.global_batch_size=4"]
+
+
+def _final(cfg) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(cfg.output_dir) / "model" / "model.safetensors"))
+
+
+def _close(a: dict, b: dict) -> None:
+    """Sophia's tolerance (see test_scale_equality): <= 1e-4 of coordinates differ by more than 1e-6."""
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert float((diff > 1e-6).double().mean()) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(micro_bench, bench_cache, tmp_path_factory, ray_session):
+    from ray_unlearn.config import load_config
+    from ray_unlearn.pipeline import run_job
+
+    cfg = load_config(None, ["benchmark.size=micro", f"benchmark.cache_dir={bench_cache}", "ray.strategy=fsdp2",
+                             "ray.num_workers=2", f"output_dir={tmp_path_factory.mktemp('fsdp2')}", *STEPS])
+    run_job(cfg)
+    return cfg
+
+
+def test_fsdp2_checkpoint_holds_every_rank_shard(fsdp2_run):
+    ckpts = sorted(p for p in (Path(fsdp2_run.output_dir) / "ray" / fsdp2_run.name).glob("checkpoint_*") if p.is_dir())
+    files = {p.name for p in ckpts[-1].iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "state.json", "model.safetensors"} <= files
+    state = json.loads((ckpts[-1] / "state.json").read_text())
+    assert (state["strategy"], state["world_size"], state["step"]) == ("fsdp2", 2, 4)
+
+
+def test_fsdp2_equals_ddp_through_ray_train(fsdp2_run, micro_config, ray_session):
+    from ray_unlearn.pipeline import run_job
+
+    ddp = micro_config("ray.strategy=ddp", "ray.num_workers=2", *STEPS)
+    run_job(ddp)
+    _close(_final(ddp), _final(fsdp2_run))
+
+
+def test_fsdp2_resume_with_one_worker_equals_two(fsdp2_run, micro_config, ray_session):
+    from ray_unlearn.pipeline import run_job
+
+    half = [s for s in STEPS if not s.startswith("train.max_steps")]
+    first = micro_config("ray.strategy=fsdp2", "ray.num_workers=2", "name=elastic", "train.max_steps=2", *half)
+    run_job(first)
+    resumed = micro_config("ray.strategy=fsdp2", "ray.num_workers=1", "name=elastic", *STEPS)
+    run_job(resumed)
+    history = json.loads((Path(resumed.output_dir) / "history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4]
+    _close(_final(resumed), _final(fsdp2_run))
+
+
+def test_resume_by_another_strategy_is_refused_before_anything_is_written(fsdp2_run):
+    from ray_unlearn.config import JobConfig, from_dict, to_dict
+    from ray_unlearn.pipeline import run_job
+
+    data = to_dict(fsdp2_run)
+    data["ray"]["strategy"] = "ddp"
+    cfg = from_dict(JobConfig, data)
+    out = Path(cfg.output_dir)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(UnlearnError, match=r"written by ray.strategy=fsdp2, this run uses ray.strategy=ddp; "
+                                           r"rerun with ray.strategy=fsdp2"):
+        run_job(cfg)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -1,0 +1,80 @@
+"""The strategy component on a world of one (multi-rank behaviour: tests/integration/test_scale_equality.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_unlearn import config
+from ray_unlearn.errors import UnlearnError
+from ray_unlearn.parallel import STRATEGIES, DDPStrategy, FSDP2Strategy, build_strategy
+from ray_unlearn.parallel.fsdp2 import _blocks, _tied_names
+
+
+def _tiny(tied: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=32, tie_word_embeddings=tied))
+
+
+def test_registry_matches_the_config_choices():
+    assert tuple(STRATEGIES) == config.STRATEGIES
+
+
+def test_unknown_strategy_lists_the_valid_ones():
+    with pytest.raises(UnlearnError, match="ray.strategy: 'zero' is not one of ddp, fsdp2"):
+        build_strategy("zero")
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_world_of_one_is_the_plain_model(name):
+    model = _tiny()
+    s = build_strategy(name)
+    wrapped = s.wrap(model)
+    assert wrapped is model and s.unwrap(wrapped) is model
+    assert s.grad_average_factor == 1
+    t = torch.tensor([3.0])
+    assert s.all_reduce_sum_(t) is t and t.item() == 3.0
+    with s.accumulate(wrapped, sync=False):
+        model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    params = [p for p in model.parameters()]
+    expected = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    assert s.clip_grad_norm(params, 1e-3) == pytest.approx(expected, rel=1e-5)
+    total = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    assert total == pytest.approx(1e-3, rel=1e-3)  # clipped
+    ref = s.wrap_reference(_tiny())
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+
+
+def test_fsdp2_shards_each_decoder_block():
+    model = _tiny()
+    assert [type(b).__name__ for b in _blocks(model)] == ["LlamaDecoderLayer", "LlamaDecoderLayer"]
+
+
+def test_tied_weights_keep_the_name_safetensors_keeps():
+    assert _tied_names(_tiny(tied=True)) == {"model.embed_tokens.weight"}
+    assert _tied_names(_tiny(tied=False)) == set()
+
+
+def test_full_weights_of_a_plain_fsdp2_run_load_like_ddp_ones(tmp_path: Path):
+    from safetensors.torch import load_file, load_model
+
+    model = _tiny()
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "fsdp2").mkdir()
+    DDPStrategy().save_full_weights(tmp_path / "ddp", model)
+    FSDP2Strategy().save_full_weights(tmp_path / "fsdp2", model)
+    a, b = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(tmp_path / "fsdp2" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    load_model(_tiny(), str(tmp_path / "fsdp2" / "model.safetensors"))  # strict: no missing or extra names
+
+
+def test_checkpoint_of_another_strategy_is_refused():
+    with pytest.raises(UnlearnError, match=r"^checkpoint ckpt was written by ray.strategy=ddp, this run uses "
+                                           r"ray.strategy=fsdp2; rerun with ray.strategy=ddp"):
+        FSDP2Strategy().check_checkpoint(Path("ckpt"), "ddp")
+    DDPStrategy().check_checkpoint(Path("ckpt"), "ddp")
