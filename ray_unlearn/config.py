@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,9 +76,13 @@ class ModelConfig:
     retain_model: str = _f("", "Retain (retrained) model for forget quality; empty = built-in retain model.")
     trust_remote_code: bool = _f(False, "Allow custom model code from the model directory (off unless set).")
     dtype: str = _f("float32", "Parameter dtype: float32, bfloat16, float16.")
+    max_shard_size: str = _f("5GB", "Largest safetensors file of a saved model (as save_pretrained's max_shard_size): "
+                                    "bigger models are split into numbered shards with an index.")
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if not re.fullmatch(r"\d+(KB|MB|GB|TB)?", self.max_shard_size):
+            raise UnlearnError(f"model.max_shard_size: {self.max_shard_size!r} is not a size like 5GB, 500MB or 1000000")
 
 
 @dataclass

@@ -72,3 +72,14 @@ def load_checked(cfg: JobConfig, inputs: JobInputs) -> tuple[Any, Any]:
     tokenizer = load_tokenizer(inputs.tokenizer_path, cfg.model.trust_remote_code)
     check_vocab(model, tokenizer)
     return model, tokenizer
+
+
+def check_model(cfg: JobConfig, inputs: JobInputs) -> Any:
+    """Check model and tokenizer fit together from the model's config alone (the driver, often a small
+    CPU-only head node, never loads the weights); returns the tokenizer."""
+    from ray_unlearn.models.io import check_vocab, empty_model, load_tokenizer
+
+    model = empty_model(inputs.model_path, cfg.model.dtype, cfg.model.trust_remote_code)  # on the meta device
+    tokenizer = load_tokenizer(inputs.tokenizer_path, cfg.model.trust_remote_code)
+    check_vocab(model, tokenizer)
+    return tokenizer

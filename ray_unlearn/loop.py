@@ -25,6 +25,7 @@ import json
 import math
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,7 +40,7 @@ from ray_unlearn.objectives import (build_objective, combined_loss, objective_re
                                     objective_streams)
 from ray_unlearn.optim import build_hessian_estimator, build_optimizer
 from ray_unlearn.optim.hessian import empirical_estimate, global_gnb_estimate, global_hutchinson_estimate
-from ray_unlearn.parallel import MODEL_FILE, build_strategy
+from ray_unlearn.parallel import build_strategy, load_hf_weights
 
 Encoded = dict[str, list[int]]
 
@@ -89,14 +90,30 @@ def encode_data(cfg: JobConfig, tokenizer: Any, forget: Sequence[dict], retain: 
     return UnlearnData(forget=qa(forget), retain=qa(retain), forget_idk=qa(forget, refusal=True))
 
 
-def load_run(cfg: JobConfig, inputs: Any) -> tuple[Any, Any | None, UnlearnData, Any]:
-    """(model, reference copy or None, encoded data, tokenizer) of a run, on the CPU and unwrapped:
-    what a worker loads before `Unlearner` hands the models to the strategy."""
-    from ray_unlearn.job import load_checked
+def load_run(cfg: JobConfig, inputs: Any, rank: int = 0, world_size: int = 1
+             ) -> tuple[Any, Any | None, UnlearnData, Any]:
+    """(model, reference copy or None, encoded data, tokenizer) of a run, unwrapped: what a worker
+    loads before `Unlearner` hands the models to the strategy.
 
-    model, tokenizer = load_checked(cfg, inputs)
-    needs_ref = bool(objective_ref_streams(build_objective(cfg.objective)))
-    ref = copy.deepcopy(model) if needs_ref else None
+    Sharded strategies on more than one rank load the weights on rank 0 only (on the CPU); every
+    other model, the reference included, is built on the meta device and filled when sharded, so
+    no rank but 0 ever holds a full copy.
+    """
+    from ray_unlearn.job import load_checked
+    from ray_unlearn.models.io import check_vocab, empty_model, load_tokenizer
+    from ray_unlearn.parallel import STRATEGIES
+
+    meta = STRATEGIES[cfg.ray.strategy].sharded and world_size > 1
+    m = cfg.model
+    if meta and rank != 0:
+        model, tokenizer = empty_model(inputs.model_path, m.dtype, m.trust_remote_code), \
+            load_tokenizer(inputs.tokenizer_path, m.trust_remote_code)
+        check_vocab(model, tokenizer)
+    else:
+        model, tokenizer = load_checked(cfg, inputs)
+    ref = None
+    if objective_ref_streams(build_objective(cfg.objective)):
+        ref = empty_model(inputs.model_path, m.dtype, m.trust_remote_code) if meta else copy.deepcopy(model)
     return model, ref, encode_data(cfg, tokenizer, inputs.forget, inputs.retain, inputs.kind), tokenizer
 
 
@@ -168,7 +185,8 @@ class Unlearner:
                                    f"give {'retain data' if s == 'retain' else 'question/answer forget data'}")
         if self.ref_streams and ref_model is None:
             raise UnlearnError("objective needs a reference model but none was given")
-        self.strategy = build_strategy(cfg.ray.strategy, env.rank, env.world_size, env.device)
+        self.strategy = build_strategy(cfg.ray.strategy, env.rank, env.world_size, env.device,
+                                       cfg.model.max_shard_size)
         self.model = self.strategy.wrap(model)
         self.module = self.strategy.unwrap(self.model)
         self.ref = self.strategy.wrap_reference(ref_model if self.ref_streams else None)
@@ -274,8 +292,9 @@ class Unlearner:
         if self.step >= t.max_steps:  # resumed a finished run: hand its final checkpoint back
             self.env.report(dict(self.history[-1]) if self.history else {"step": self.step}, self.save_checkpoint())
         while self.step < t.max_steps:
+            start = time.perf_counter()
             logs = self.train_step()
-            logs["step"] = self.step
+            logs["step"], logs["step_time_s"] = self.step, time.perf_counter() - start
             last = self.step == t.max_steps
             evaluated = self._evaluate_if_due(logs, last)
             if self.env.on_step is not None:
@@ -342,10 +361,8 @@ class Unlearner:
 
 
 def load_checkpoint_weights(model: Any, path: Path) -> Any:
-    """Load a loop checkpoint's weights into `model` (for writing the final HF directory)."""
-    from safetensors.torch import load_model
-
-    load_model(model, str(Path(path) / MODEL_FILE))
+    """Load a loop checkpoint's full weights into `model` (any strategy's last checkpoint has them)."""
+    load_hf_weights(model, Path(path))
     return model
 
 

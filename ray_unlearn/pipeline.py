@@ -18,7 +18,7 @@ from rich.table import Table
 
 from ray_unlearn.config import JobConfig, dump_config
 from ray_unlearn.errors import UnlearnError
-from ray_unlearn.job import JobInputs, load_checked, resolve_inputs
+from ray_unlearn.job import JobInputs, check_model, resolve_inputs
 
 console = Console(stderr=False, highlight=False)
 
@@ -77,9 +77,9 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
         f = inputs.build_figures
         console.print(f"benchmark {f['size']}: forget10 ES target {f['target_forget10_es']:.3f} vs retain model "
                       f"{f['retain_forget10_es']:.3f} (the target memorized what the retain model never saw)")
-    model, tokenizer = load_checked(cfg, inputs)
-    from ray_unlearn.loop import checkpoint_history, load_checkpoint_weights
-    from ray_unlearn.models.io import save_model
+    tokenizer = check_model(cfg, inputs)  # from the model's config: the driver never loads the weights to train
+    from ray_unlearn.loop import checkpoint_history
+    from ray_unlearn.models.io import publish_model
     from ray_unlearn.train import check_resume, fit, init_ray
 
     check_resume(cfg)
@@ -90,15 +90,14 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
     console.print(f"unlearning {inputs.model_path} on {len(inputs.forget)} forget / {len(inputs.retain)} retain "
                   f"items with {cfg.optim.name} ({cfg.ray.num_workers} Ray Train workers, {cfg.ray.strategy})")
 
-    ckpt, _ = fit(cfg, inputs)
-    load_checkpoint_weights(model, ckpt)
+    ckpt, _ = fit(cfg, inputs)  # its last checkpoint holds the full weights, gathered by the workers
     history = checkpoint_history(ckpt)
     train_s = time.time() - t0
-    save_model(model, tokenizer, out / "model")
+    publish_model(ckpt, tokenizer, out / "model")
     _write_json(out / "history.json", history)
     summaries: dict[str, dict[str, float]] = {}
     if cfg.eval.enabled:
-        summaries = evaluate_all(cfg, inputs, model, tokenizer, out)
+        summaries = evaluate_all(cfg, inputs, out / "model", tokenizer, out)
         _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"})
     console.print(f"outputs in [bold]{out.resolve()}[/] (model: {out / 'model'})")
     return summaries
@@ -126,9 +125,9 @@ def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: d
     return summaries, retain_tr
 
 
-def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Any, tokenizer: Any,
+def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: Any,
                  out: Path) -> dict[str, dict[str, float]]:
-    """Evaluate retain (when known), target and unlearned models; write their EVAL/SUMMARY files."""
+    """Evaluate retain (when known), target and unlearned (HF directory) models; write their EVAL/SUMMARY files."""
     from ray_unlearn.eval.suite import write_eval
     from ray_unlearn.models.io import load_model
 
@@ -136,7 +135,7 @@ def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Any, tokenizer: A
     if inputs.retain_model_path:
         models["retain"] = lambda: load_model(inputs.retain_model_path, cfg.model.dtype, cfg.model.trust_remote_code)
     models["target"] = lambda: load_model(inputs.model_path, cfg.model.dtype, cfg.model.trust_remote_code)
-    models["unlearned"] = lambda: unlearned
+    models["unlearned"] = lambda: load_model(str(unlearned), cfg.model.dtype, cfg.model.trust_remote_code)
 
     def write(name: str, results: dict) -> None:
         eval_dir = out / "eval" if name == "unlearned" else out / "eval" / name

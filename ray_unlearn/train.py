@@ -44,7 +44,7 @@ def train_func(config: dict[str, Any]) -> None:
     if rank == 0 and config.get("placement_group_file"):
         _record_placement_group(Path(config["placement_group_file"]))
 
-    model, ref, data, tokenizer = load_run(cfg, inputs)  # the strategy (ray.strategy) places and wraps them
+    model, ref, data, tokenizer = load_run(cfg, inputs, rank, world)  # ray.strategy places and wraps them
 
     def report(metrics: dict[str, float], ckpt: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None

@@ -51,6 +51,23 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
     return model
 
 
+def empty_model(source: str, dtype: str = "float32", trust_remote_code: bool = False) -> Any:
+    """The model of `source`'s config on the meta device: its shapes, no memory, no weights (sharded
+    strategies build it on every rank but the one that loads the weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if looks_like_path(source):
+        _check_model_dir(Path(source).expanduser())
+    path = str(Path(source).expanduser()) if looks_like_path(source) else source
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnlearnError(f"cannot load model config {source}: {first}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     """AutoTokenizer with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
@@ -99,6 +116,26 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     tmp = atomic_dir(final)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        commit_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def publish_model(weights_dir: str | Path, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Copy an HF model directory's weight files (config, safetensors, shard index) from `weights_dir`
+    (a final checkpoint) to `out_dir` with the tokenizer, atomically; the weights are never loaded."""
+    from ray_unlearn.parallel import HF_FILES
+
+    final = Path(out_dir)
+    tmp = atomic_dir(final)
+    try:
+        tmp.mkdir()
+        for pattern in HF_FILES:
+            for f in Path(weights_dir).glob(pattern):
+                shutil.copy2(f, tmp / f.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         commit_dir(tmp, final)

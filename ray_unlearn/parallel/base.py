@@ -13,6 +13,7 @@ no-ops otherwise.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any, ContextManager, Iterable
 
@@ -22,6 +23,8 @@ from torch import Tensor
 from ray_unlearn.errors import UnlearnError
 
 MODEL_FILE = "model.safetensors"  # full weights (every ddp checkpoint; the final checkpoint of any strategy)
+INDEX_FILE = "model.safetensors.index.json"  # written instead when the weights are split into shards
+HF_FILES = ("config.json", "generation_config.json", "model*.safetensors", INDEX_FILE)  # an HF model dir's weights
 
 
 def dtensor_type() -> type | None:
@@ -39,6 +42,47 @@ def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if dt is not None and isinstance(t, dt) else t
 
 
+def tied_names(module: torch.nn.Module) -> set[str]:
+    """Names to drop for tied parameters: all but the alphabetically first name of each tensor, as
+    safetensors keeps it (so every strategy writes the same names)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {name for names in groups.values() for name in sorted(names)[1:]}
+
+
+def write_hf_weights(out: Path, module: torch.nn.Module, state: dict[str, Tensor], max_shard_size: str) -> None:
+    """Write `state` (full tensors) as an HF model directory's weights: config.json (and
+    generation_config.json), `model.safetensors` or, above `max_shard_size`, numbered shards plus
+    `model.safetensors.index.json`, as `save_pretrained` does."""
+    from huggingface_hub import save_torch_state_dict
+
+    tied = tied_names(module)
+    save_torch_state_dict({k: v for k, v in state.items() if k not in tied}, out, max_shard_size=max_shard_size,
+                          metadata={"format": "pt"})
+    if getattr(module, "config", None) is not None:
+        module.config.save_pretrained(out)
+    if getattr(module, "generation_config", None) is not None:
+        module.generation_config.save_pretrained(out)
+
+
+def load_hf_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load what `write_hf_weights` wrote (one file or shards) into `module`; every weight must be there."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / INDEX_FILE
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [MODEL_FILE]
+    expected = set(module.state_dict()) - tied_names(module)
+    for name in files:
+        part = load_file(str(path / name))
+        expected -= set(part)
+        module.load_state_dict(part, strict=False)
+    if expected:
+        raise UnlearnError(f"{path} lacks {len(expected)} weights of the model (e.g. {sorted(expected)[0]}); "
+                           "it was written for another model")
+
+
 class Strategy:
     """Data-parallel strategy base: correct for a world of one, with collectives when distributed.
 
@@ -50,9 +94,11 @@ class Strategy:
     sharded = False
     state_has_full_weights = False  # True: `save_state` already writes `model.safetensors`
 
-    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None):
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                 max_shard_size: str = "5GB"):
         self.rank, self.world_size = rank, world_size
         self.device = device or torch.device("cpu")
+        self.max_shard_size = max_shard_size  # of the safetensors files of full weights
 
     @property
     def distributed(self) -> bool:
@@ -110,7 +156,7 @@ class Strategy:
         raise NotImplementedError
 
     def save_full_weights(self, out: Path, module: torch.nn.Module) -> None:
-        """Rank 0 writes the full weights as `model.safetensors` in `out` (every rank calls it)."""
+        """Rank 0 writes the full weights into `out` as an HF model directory's (every rank calls it)."""
         raise NotImplementedError
 
     def check_checkpoint(self, path: Path, written_by: str) -> None:

@@ -1,7 +1,7 @@
 """DDP: every rank holds the full model, gradients are all-reduced (averaged) after backward.
 
-Checkpoints are full state written by rank 0 (weights as safetensors, optimizer state with
-torch.save), so any number of workers can resume them.
+Checkpoints are full state written by rank 0 (weights as an HF directory's safetensors, optimizer
+state with torch.save), so any number of workers can resume them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import ContextManager
 
 import torch
 
-from ray_unlearn.parallel.base import MODEL_FILE, Strategy
+from ray_unlearn.parallel.base import Strategy, load_hf_weights, write_hf_weights
 
 
 class DDPStrategy(Strategy):
@@ -41,13 +41,9 @@ class DDPStrategy(Strategy):
             torch.save(optimizer.state_dict(), out / "optimizer.pt")
 
     def load_state(self, path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        from safetensors.torch import load_model
-
-        load_model(module, str(Path(path) / MODEL_FILE))
+        load_hf_weights(module, path)
         optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True))
 
     def save_full_weights(self, out: Path, module: torch.nn.Module) -> None:
-        from safetensors.torch import save_model
-
         if self.rank == 0:
-            save_model(module, str(Path(out) / MODEL_FILE))
+            write_hf_weights(out, module, module.state_dict(), self.max_shard_size)

@@ -15,7 +15,7 @@ from typing import Any, ContextManager
 
 import torch
 
-from ray_unlearn.parallel.base import MODEL_FILE, Strategy, dtensor_type
+from ray_unlearn.parallel.base import Strategy, dtensor_type, local_tensor, write_hf_weights
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -25,27 +25,60 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class FSDP2Strategy(Strategy):
-    """`fully_shard` per decoder block, then the root; a plain module when no process group is up."""
+    """`fully_shard` per decoder block, then the root; a plain module when no process group is up.
+
+    Start-up without a full copy per rank: rank 0 passes the loaded model, every other rank the same
+    model built on the meta device (`loop.load_run`). `wrap` shards both and broadcasts rank 0's
+    weights shard by shard; the reference model (meta on every rank) is filled from the same weights.
+    """
 
     name = "fsdp2"
     sharded = True
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # rank 0's full weights and buffers, kept until the reference model has them too
+        self._source: dict[str, torch.Tensor] | None = None
+        self._source_buffers: dict[str, torch.Tensor] = {}
+
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        model = model.to(self.device)
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return model  # a plain process (world of one): nothing to shard over
+        """Shard blocks then the root on a mesh of every rank on this device type, then fill meta
+        parameters with rank 0's weights and every rank's buffers with rank 0's."""
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
         for block in _blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # moves the shards (not the full model) to the device
+        if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            model.to_empty(device=self.device)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, dict(self._source) if self.rank == 0 else {},  # it rewrites the dict it gets
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) are in no state dict
+            buf = local_tensor(buf)
+            if self.rank == 0:
+                buf.copy_(self._source_buffers[name])
+            torch.distributed.broadcast(buf, src=0)
         return model
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.distributed:
+            return model.to(self.device)  # a plain process (world of one): nothing to shard over
+        if self.rank == 0:
+            self._source = {k: v.detach() for k, v in model.state_dict().items()}
+            self._source_buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         return self._shard(model)
 
     def wrap_reference(self, ref: torch.nn.Module | None) -> torch.nn.Module | None:
-        return None if ref is None else self._shard(ref.eval().requires_grad_(False))
+        try:
+            if ref is None or not self.distributed:
+                return super().wrap_reference(ref)
+            return self._shard(ref.eval().requires_grad_(False))
+        finally:
+            self._source, self._source_buffers = None, {}  # rank 0's full copy is no longer needed
 
     def accumulate(self, model: torch.nn.Module, sync: bool) -> ContextManager:
         return _gradient_sync(model, sync)
@@ -72,13 +105,12 @@ class FSDP2Strategy(Strategy):
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def save_full_weights(self, out: Path, module: torch.nn.Module) -> None:
-        """Gather the full weights to rank 0's CPU one tensor at a time and write them as safetensors."""
-        from safetensors.torch import save_file
+        """Gather the full weights to rank 0's CPU one tensor at a time and write them there."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            save_file(_without_tied_copies(module, full), str(Path(out) / MODEL_FILE), metadata={"format": "pt"})
+            write_hf_weights(out, module, full, self.max_shard_size)
 
 
 class _gradient_sync:
@@ -94,18 +126,3 @@ class _gradient_sync:
     def __exit__(self, *exc: Any) -> None:
         if hasattr(self.model, "set_requires_gradient_sync"):
             self.model.set_requires_gradient_sync(True)
-
-
-def _tied_names(module: torch.nn.Module) -> set[str]:
-    """Names to drop for tied parameters: all but the alphabetically first name of each tensor, as
-    safetensors' `save_model` keeps it (so `load_model` and the ddp checkpoints agree)."""
-    groups: dict[int, list[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    return {name for names in groups.values() for name in sorted(names)[1:]}
-
-
-def _without_tied_copies(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The full state dict with one name per tied tensor, contiguous (what safetensors writes)."""
-    tied = _tied_names(module)
-    return {k: v.contiguous() for k, v in state.items() if k not in tied}

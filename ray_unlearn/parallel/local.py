@@ -38,7 +38,7 @@ def _rank_main(rank: int, world_size: int, port: int, cfg_dict: dict[str, Any], 
     try:
         cfg = from_dict(JobConfig, cfg_dict)
         torch.manual_seed(cfg.train.seed + rank)
-        model, ref, data, tokenizer = load_run(cfg, inputs)
+        model, ref, data, tokenizer = load_run(cfg, inputs, rank, world_size)
         env = LoopEnv(rank=rank, world_size=world_size, checkpoint_dir=Path(root) / f"rank{rank}",
                       resume_from=Path(resume_from) if resume_from else None)
         Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env).run()

@@ -1,5 +1,6 @@
 """ddp and fsdp2 through Ray Train on the micro benchmark: same final model, sharded checkpoints from
-every rank merged by Ray, resume with another worker count, and a resume by another strategy refused."""
+every rank merged by Ray, the final model written by the workers (the driver never loads it),
+resume with another worker count, and a resume by another strategy refused."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ray_unlearn.errors import UnlearnError
 
@@ -19,7 +19,10 @@ STEPS = ["train.max_steps=4", "train.log_every=2", "eval.enabled=false", "optim.
 
 
 def _final(cfg) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(cfg.output_dir) / "model" / "model.safetensors"))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(Path(cfg.output_dir) / "model", use_safetensors=True)
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def _close(a: dict, b: dict) -> None:
@@ -35,15 +38,30 @@ def fsdp2_run(micro_bench, bench_cache, tmp_path_factory, ray_session):
     from ray_unlearn.pipeline import run_job
 
     cfg = load_config(None, ["benchmark.size=micro", f"benchmark.cache_dir={bench_cache}", "ray.strategy=fsdp2",
-                             "ray.num_workers=2", f"output_dir={tmp_path_factory.mktemp('fsdp2')}", *STEPS])
-    run_job(cfg)
+                             "ray.num_workers=2", f"output_dir={tmp_path_factory.mktemp('fsdp2')}",
+                             "model.max_shard_size=200KB", *STEPS])
+
+    def no_weights_in_the_driver(*args, **kwargs):
+        raise AssertionError("the driver loaded model weights")
+
+    with pytest.MonkeyPatch.context() as mp:  # the workers are other processes: only the driver is patched
+        mp.setattr("ray_unlearn.models.io.load_model", no_weights_in_the_driver)
+        run_job(cfg)
     return cfg
+
+
+def test_final_model_is_sharded_above_the_shard_size(fsdp2_run):
+    model_dir = Path(fsdp2_run.output_dir) / "model"
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in model_dir.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and sorted(set(index["weight_map"].values())) == shards
+    assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
 
 
 def test_fsdp2_checkpoint_holds_every_rank_shard(fsdp2_run):
     ckpts = sorted(p for p in (Path(fsdp2_run.output_dir) / "ray" / fsdp2_run.name).glob("checkpoint_*") if p.is_dir())
     files = {p.name for p in ckpts[-1].iterdir()}
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "state.json", "model.safetensors"} <= files
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "state.json", "model.safetensors.index.json"} <= files
     state = json.loads((ckpts[-1] / "state.json").read_text())
     assert (state["strategy"], state["world_size"], state["step"]) == ("fsdp2", 2, 4)
 

@@ -179,6 +179,7 @@ def test_wrong_type_names_the_key(override, key):
     ("objective.npo_beta=0", "objective.npo_beta"),
     ("ray.strategy=zero", "ray.strategy"),
     ("train.global_batch_size=-8", "train.global_batch_size"),
+    ("model.max_shard_size=5 gigabytes", "model.max_shard_size"),
 ])
 def test_invalid_value_names_the_key(override, key):
     expect_error(f"^{key}", overrides=[override])

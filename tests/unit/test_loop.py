@@ -138,7 +138,8 @@ def test_checkpoint_written_at_the_end(make, tmp_path):
     ckpt = tmp_path / "ckpt" / "step-000003"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000003"]
     assert reports == [(3, ckpt)]
-    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "scheduler.pt", "state.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
+                                                "optimizer.pt", "scheduler.pt", "state.json"}
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 3
     assert [h["step"] for h in history] == [3]

@@ -9,8 +9,9 @@ import torch
 
 from ray_unlearn import config
 from ray_unlearn.errors import UnlearnError
-from ray_unlearn.parallel import STRATEGIES, DDPStrategy, FSDP2Strategy, build_strategy
-from ray_unlearn.parallel.fsdp2 import _blocks, _tied_names
+from ray_unlearn.parallel import STRATEGIES, DDPStrategy, FSDP2Strategy, build_strategy, load_hf_weights
+from ray_unlearn.parallel.base import tied_names
+from ray_unlearn.parallel.fsdp2 import _blocks
 
 
 def _tiny(tied: bool = True):
@@ -56,8 +57,8 @@ def test_fsdp2_shards_each_decoder_block():
 
 
 def test_tied_weights_keep_the_name_safetensors_keeps():
-    assert _tied_names(_tiny(tied=True)) == {"model.embed_tokens.weight"}
-    assert _tied_names(_tiny(tied=False)) == set()
+    assert tied_names(_tiny(tied=True)) == {"model.embed_tokens.weight"}
+    assert tied_names(_tiny(tied=False)) == set()
 
 
 def test_full_weights_of_a_plain_fsdp2_run_load_like_ddp_ones(tmp_path: Path):
@@ -78,3 +79,35 @@ def test_checkpoint_of_another_strategy_is_refused():
                                            r"ray.strategy=fsdp2; rerun with ray.strategy=ddp"):
         FSDP2Strategy().check_checkpoint(Path("ckpt"), "ddp")
     DDPStrategy().check_checkpoint(Path("ckpt"), "ddp")
+
+
+@pytest.mark.parametrize("strategy", [DDPStrategy, FSDP2Strategy])
+def test_full_weights_above_the_shard_size_are_split_with_an_index(tmp_path: Path, strategy):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny(tied=False)
+    strategy(max_shard_size="20KB").save_full_weights(tmp_path, model)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert not (tmp_path / "model.safetensors").exists()
+    fresh = _tiny(tied=False)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    load_hf_weights(fresh, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=True)  # what save_pretrained reads
+    for (name, a), b, c in zip(model.state_dict().items(), fresh.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+
+
+def test_weights_of_another_model_are_refused(tmp_path: Path):
+    DDPStrategy().save_full_weights(tmp_path, _tiny(tied=True))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bigger = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                          num_key_value_heads=2, intermediate_size=32))
+    with pytest.raises(UnlearnError, match=r"lacks 10 weights of the model \(e.g. model.embed_tokens.weight\)"):
+        load_hf_weights(bigger, tmp_path)
