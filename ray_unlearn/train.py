@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import shutil
 import tempfile
@@ -27,6 +28,9 @@ from ray_unlearn.config import JobConfig, from_dict, to_dict
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs
 from ray_unlearn.loop import LoopEnv, Unlearner, load_run
+
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = "0.05"  # how often the controller drains reports (and checks workers); set the variable to override
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -160,6 +164,11 @@ def make_trainer(cfg: JobConfig, inputs: JobInputs, callbacks: Sequence[Any] = (
     worker's loop config (`evaluate_at_end`, `retain_truth_ratios`: see `_evaluator`;
     `placement_group_file`: where rank 0 writes its placement group's id).
     """
+    # Ray Train 2.60's controller takes a worker's report off its one-slot queue only when it polls the
+    # worker, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so each report after the first
+    # blocked the loop for up to 2 s (benchmarks/ray_overhead.py: 2.5 steps/s on micro instead of 30).
+    # The trainer propagates this variable from the driver to its controller.
+    os.environ.setdefault(HEALTH_CHECK_ENV, REPORT_POLL_S)
     out = Path(cfg.output_dir).resolve()
     loop_config: dict[str, Any] = {"cfg": to_dict(cfg), "inputs": inputs, **loop_extras}
     if cfg.ray.num_workers == 0:  # local mode keeps no Ray checkpoints: the loop writes them under output_dir
