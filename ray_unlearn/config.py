@@ -172,18 +172,39 @@ class TrainConfig:
 
 @dataclass
 class RayConfig:
-    num_workers: int = _f(2, "Ray Train workers; 0 runs the loop in the driver process.")
+    num_workers: int | list[int] = _f(2, "Ray Train workers; 0 runs the loop in the driver process; [min, max] is "
+                                         "elastic: start with what the cluster has (at least min), grow to max when "
+                                         "nodes join, shrink when they leave (needs train.global_batch_size).")
     use_gpu: bool = _f(False, "One GPU per worker (NCCL); CPU workers use gloo.")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker.")
     strategy: str = _f("ddp", "Data-parallel strategy: ddp (a full model copy per worker: models that fit on one "
                               "device) or fsdp2 (parameters, gradients, optimizer state and the reference model "
                               "sharded over the workers: models larger than one device).")
     address: str = _f("", "Ray cluster address; empty = start or join a local one.")
-    max_failures: int = _f(0, "Worker-group restarts allowed before the run fails.")
+    max_failures: int = _f(0, "Worker-group restarts allowed before the run fails (each resumes from the latest "
+                              "checkpoint); elastic runs restart this way when they resize.")
+    resize_interval_s: float = _f(60.0, "Elastic runs: how often Ray Train considers resizing the worker group.")
 
     def __post_init__(self) -> None:
         _choice("ray.strategy", self.strategy, STRATEGIES)
-        _positive("ray.num_workers", self.num_workers, allow_zero=True)
+        if isinstance(self.num_workers, list):
+            if len(self.num_workers) != 2 or not 1 <= self.num_workers[0] <= self.num_workers[1]:
+                raise UnlearnError(f"ray.num_workers: elastic sizes need [min, max] with 1 <= min <= max, "
+                                   f"got {self.num_workers}")
+        _positive("ray.num_workers", self.min_workers, allow_zero=True)
+        _positive("ray.resize_interval_s", self.resize_interval_s)
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
         _positive("ray.cpus_per_worker", self.cpus_per_worker)
         _positive("ray.max_failures", self.max_failures, allow_zero=True)
 
@@ -250,7 +271,11 @@ class JobConfig:
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "Ray Tune search (`ray-unlearn tune`)."})
 
     def __post_init__(self) -> None:
-        self.train.accumulation(self.ray.num_workers)  # the global batch divides over the workers
+        if self.ray.elastic and not self.train.global_batch_size:
+            raise UnlearnError("ray.num_workers=[min, max] (elastic) needs train.global_batch_size, so that every "
+                               "worker count takes the same steps; set it, e.g. to train.batch_size x max")
+        for workers in range(self.ray.min_workers, self.ray.max_workers + 1):
+            self.train.accumulation(workers)  # the global batch divides over every worker count the run may have
         if self.ray.strategy == "fsdp2" and self.optim.name == "sophia" and self.optim.hessian == "hutchinson" \
                 and not self.optim.soul_compat:
             raise UnlearnError("optim.hessian=hutchinson needs a double backward through the full model, which "
@@ -273,8 +298,14 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise UnlearnError(f"{key}: expected a mapping, got {value!r}")
         _, vt = typing.get_args(tp)
         return {str(k): _check_type(f"{key}.{k}", v, vt) for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type {tp}")
+    if origin in (typing.Union, types.UnionType):  # the first alternative that takes the value
+        for alt in typing.get_args(tp):
+            try:
+                return _check_type(key, value, alt)
+            except UnlearnError:
+                pass
+        names = " or ".join("a list" if typing.get_origin(a) in (list, tuple) else a.__name__ for a in typing.get_args(tp))
+        raise UnlearnError(f"{key}: expected {names}, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):

@@ -43,7 +43,7 @@ def train_func(config: dict[str, Any]) -> None:
     inputs: JobInputs = config["inputs"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.ray.num_workers > 0 else torch.device("cpu")
+    device = ray.train.torch.get_device() if cfg.ray.max_workers > 0 else torch.device("cpu")
     torch.manual_seed(cfg.train.seed + rank)
     if rank == 0 and config.get("placement_group_file"):
         _record_placement_group(Path(config["placement_group_file"]))
@@ -120,20 +120,21 @@ def init_ray(cfg: JobConfig) -> None:
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None, log_to_driver=True,
                  configure_logging=False)
-    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    workers = cfg.ray.min_workers  # an elastic run starts once its minimum fits
+    need = workers * cfg.ray.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
-        raise UnlearnError(f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
+        raise UnlearnError(f"ray.num_workers={workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
                            f"needs {need:g} CPUs but the cluster has {have:g}; lower ray.num_workers")
-    if cfg.ray.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.ray.num_workers:
-        raise UnlearnError(f"ray.use_gpu=true needs {cfg.ray.num_workers} GPUs but the cluster has "
+    if cfg.ray.use_gpu and ray.cluster_resources().get("GPU", 0) < workers:
+        raise UnlearnError(f"ray.use_gpu=true needs {workers} GPUs but the cluster has "
                            f"{ray.cluster_resources().get('GPU', 0):g}; set ray.use_gpu=false")
 
 
 def latest_checkpoint(cfg: JobConfig) -> Path | None:
     """The checkpoint a rerun of `cfg` resumes from (Ray's latest, or the driver mode's), if any."""
     out = Path(cfg.output_dir).resolve()
-    if cfg.ray.num_workers == 0:
+    if cfg.ray.max_workers == 0:
         return _latest_local(out / "checkpoints")
     ckpts = sorted(p for p in (out / "ray" / cfg.name).glob("checkpoint_*") if (p / "state.json").is_file())
     return ckpts[-1] if ckpts else None
@@ -171,14 +172,15 @@ def make_trainer(cfg: JobConfig, inputs: JobInputs, callbacks: Sequence[Any] = (
     os.environ.setdefault(HEALTH_CHECK_ENV, REPORT_POLL_S)
     out = Path(cfg.output_dir).resolve()
     loop_config: dict[str, Any] = {"cfg": to_dict(cfg), "inputs": inputs, **loop_extras}
-    if cfg.ray.num_workers == 0:  # local mode keeps no Ray checkpoints: the loop writes them under output_dir
+    if cfg.ray.max_workers == 0:  # local mode keeps no Ray checkpoints: the loop writes them under output_dir
         loop_config["local_checkpoints"] = str(out / "checkpoints")
         latest = _latest_local(out / "checkpoints")
         loop_config["resume_from"] = str(latest) if latest else None
     return TorchTrainer(
         train_func, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=(cfg.ray.min_workers, cfg.ray.max_workers) if cfg.ray.elastic
+                                     else cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s),
         run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"), callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
@@ -203,7 +205,7 @@ def fit(cfg: JobConfig, inputs: JobInputs) -> tuple[Path, ray.train.Result]:
     init_ray(cfg)
     out = Path(cfg.output_dir).resolve()
     result = run_trainer(make_trainer(cfg, inputs))
-    if cfg.ray.num_workers == 0:
+    if cfg.ray.max_workers == 0:
         for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
         return Path(result.checkpoint.path), result

@@ -131,11 +131,11 @@ def check_trial_fits(cfg: JobConfig) -> None:
     """The concurrent trials (each a driver plus its Ray Train workers) must fit the cluster: a
     trial whose workers cannot be placed waits, then fails."""
     job = trial_scaling(cfg)
-    per_trial = cfg.tune.cpus_per_trial + job.ray.num_workers * job.ray.cpus_per_worker
+    per_trial = cfg.tune.cpus_per_trial + job.ray.max_workers * job.ray.cpus_per_worker
     need, have = cfg.tune.max_concurrent_trials * per_trial, ray.cluster_resources().get("CPU", 0)
     if need > have:
         raise UnlearnError(f"{cfg.tune.max_concurrent_trials} concurrent trial(s) x {per_trial:g} CPUs "
-                           f"(tune.cpus_per_trial={cfg.tune.cpus_per_trial:g} + {job.ray.num_workers} workers x "
+                           f"(tune.cpus_per_trial={cfg.tune.cpus_per_trial:g} + {job.ray.max_workers} workers x "
                            f"{job.ray.cpus_per_worker:g}) need {need:g} CPUs but the cluster has {have:g}; lower "
                            "tune.max_concurrent_trials or ray.num_workers")
 
@@ -257,7 +257,7 @@ def trial_scaling(cfg: JobConfig) -> JobConfig:
     Local mode (num_workers=0) cannot run inside a Tune trial: Ray Train's local mode runs no
     callbacks, and `ray.train.get_context()` refuses to run in a Tune function.
     """
-    if cfg.ray.num_workers > 0:
+    if cfg.ray.max_workers > 0:
         return cfg
     return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_workers=1))
 

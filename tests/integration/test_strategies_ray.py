@@ -100,3 +100,20 @@ def test_resume_by_another_strategy_is_refused_before_anything_is_written(fsdp2_
                                            r"rerun with ray.strategy=fsdp2"):
         run_job(cfg)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_elastic_run_starts_with_what_the_cluster_has_and_matches_a_fixed_size(micro_config, ray_session):
+    """[1, 4] workers on a 2-CPU cluster: Ray Train starts with 2; the global batch (12 items: 12/6/4/3
+    micro-batches per step at 1/2/3/4 workers) makes it take the steps a fixed 2-worker run takes."""
+    from ray_unlearn.pipeline import run_job
+
+    common = [s for s in STEPS if not s.startswith(("train.global_batch_size", "train.batch_size"))]
+    common += ["train.batch_size=1", "train.global_batch_size=12", "ray.strategy=fsdp2"]
+    elastic = micro_config("ray.num_workers=[1, 4]", "ray.max_failures=1", "name=elastic", *common)
+    run_job(elastic)
+    ckpt = max(p for p in (Path(elastic.output_dir) / "ray" / "elastic").glob("checkpoint_*") if p.is_dir())
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    fixed_dir = Path(elastic.output_dir).parent / "fixed"
+    fixed = micro_config("ray.num_workers=2", "name=fixed", f"output_dir={fixed_dir}", *common)
+    run_job(fixed)
+    _close(_final(elastic), _final(fixed))

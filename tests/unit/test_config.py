@@ -267,3 +267,26 @@ def test_whole_mapping_override_replaces_instead_of_merging():
     cfg = load_config(None, ["objective.terms={ga: 1, retain_nll: 2}"])
     assert cfg.objective.terms == {"ga": 1.0, "retain_nll": 2.0}
     assert load_config(None, ["objective.terms.ga=1"]).objective.terms == {"npo": 1.0, "retain_nll": 1.0, "ga": 1.0}
+
+
+def test_elastic_worker_range():
+    cfg = load_config(None, ["ray.num_workers=[1, 4]", "train.batch_size=1", "train.global_batch_size=12"])
+    assert (cfg.ray.elastic, cfg.ray.min_workers, cfg.ray.max_workers) == (True, 1, 4)
+    assert [cfg.train.accumulation(w) for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    fixed = load_config(None, ["ray.num_workers=3"])
+    assert (fixed.ray.elastic, fixed.ray.min_workers, fixed.ray.max_workers) == (False, 3, 3)
+    assert load_config(None, ["ray.num_workers=[2, 2]", "train.global_batch_size=16"]).ray.max_workers == 2
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["ray.num_workers=[4, 2]", "train.global_batch_size=16"], r"^ray.num_workers: elastic sizes need \[min, max\] "
+                                                                 r"with 1 <= min <= max, got \[4, 2\]$"),
+    (["ray.num_workers=[0, 2]", "train.global_batch_size=16"], r"1 <= min <= max, got \[0, 2\]"),
+    (["ray.num_workers=[1, 2, 3]", "train.global_batch_size=16"], r"got \[1, 2, 3\]"),
+    (["ray.num_workers=[1, 4]"], r"^ray.num_workers=\[min, max\] \(elastic\) needs train.global_batch_size"),
+    (["ray.num_workers=[1, 3]", "train.global_batch_size=16", "train.batch_size=2"],
+     r"^train.global_batch_size=16 is not a multiple of train.batch_size=2 x 3 workers"),
+    (["ray.num_workers=two"], r"^ray.num_workers: expected int or a list, got 'two'$"),
+])
+def test_bad_elastic_sizes(overrides, match):
+    expect_error(match, overrides=overrides)
