@@ -43,12 +43,12 @@ def local_tensor(t: Tensor) -> Tensor:
 
 
 def tied_names(module: torch.nn.Module) -> set[str]:
-    """Names to drop for tied parameters: all but the alphabetically first name of each tensor, as
-    safetensors keeps it (so every strategy writes the same names)."""
+    """Names to drop for tied parameters: every name of a tensor but its first registered one (the input
+    embedding, not the tied output head), the names `save_pretrained` writes and other readers expect."""
     groups: dict[int, list[str]] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
-    return {name for names in groups.values() for name in sorted(names)[1:]}
+    return {name for names in groups.values() for name in names[1:]}
 
 
 def write_hf_weights(out: Path, module: torch.nn.Module, state: dict[str, Tensor], max_shard_size: str) -> None:

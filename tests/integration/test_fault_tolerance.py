@@ -75,3 +75,35 @@ def test_killed_worker_restarts_from_the_checkpoint_and_ends_at_the_same_weights
     a, b = _weights(faulty), _weights(clean)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_killed_driver_resumes_when_the_same_command_runs_again(micro_bench, bench_cache, ray_session, tmp_path):
+    """`ray-unlearn run` (joined to the running cluster) SIGKILLed after its first checkpoint; the same
+    command again resumes from that checkpoint instead of starting over, and finishes."""
+    import subprocess
+    import sys
+
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "ray-unlearn"), "run", "benchmark.size=micro",
+           f"benchmark.cache_dir={bench_cache}", f"output_dir={out}", f"ray.address={address}", "name=driver",
+           "ray.num_workers=1", "train.max_steps=40", "train.checkpoint_every=4", "train.log_every=4",
+           "eval.enabled=false"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not any(p.is_dir() for p in (out / "ray" / "driver").glob("checkpoint_*")):
+            assert first.poll() is None, "the first run ended before writing a checkpoint"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = [line for line in again.stdout.splitlines() if "[unlearn] resumed from step" in line]
+    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 4
+    history = __import__("json").loads((out / "history.json").read_text())
+    assert history[-1]["step"] == 40
