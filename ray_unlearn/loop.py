@@ -352,7 +352,10 @@ class Unlearner:
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `save_checkpoint` wrote (a checkpoint of another strategy is refused)."""
         state = json.loads((Path(path) / "state.json").read_text())
-        self.strategy.check_checkpoint(Path(path), state.get("strategy", "ddp"))
+        if "strategy" not in state:
+            raise UnlearnError(f"checkpoint {path} was written by an older ray_unlearn (one file for optimizer and "
+                               "scheduler); start fresh with a new name or output_dir")
+        self.strategy.check_checkpoint(Path(path), state["strategy"])
         self.strategy.load_state(Path(path), self.module, self.optimizer)
         self.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
         self.step, self.history = int(state["step"]), list(state["history"])

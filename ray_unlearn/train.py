@@ -148,7 +148,10 @@ def check_resume(cfg: JobConfig) -> None:
 
     ckpt = latest_checkpoint(cfg)
     if ckpt is not None:
-        written_by = json.loads((ckpt / "state.json").read_text()).get("strategy", "ddp")
+        written_by = json.loads((ckpt / "state.json").read_text()).get("strategy")
+        if written_by is None:
+            raise UnlearnError(f"checkpoint {ckpt} was written by an older ray_unlearn; start fresh with a new "
+                               "name or output_dir")
         build_strategy(cfg.ray.strategy).check_checkpoint(ckpt, written_by)
 
 

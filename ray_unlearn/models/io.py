@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -110,18 +111,27 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write model (safetensors) and tokenizer to `out_dir` atomically; returns the path."""
+@contextmanager
+def atomic_write(out_dir: str | Path) -> Iterator[Path]:
+    """A fresh temporary sibling of `out_dir` to fill; it replaces `out_dir` when the block ends
+    without an error, and is removed either way."""
     final = Path(out_dir)
     tmp = atomic_dir(final)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        tmp.mkdir()
+        yield tmp
         commit_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write model (safetensors) and tokenizer to `out_dir` atomically; returns the path."""
+    with atomic_write(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
 
 
 def publish_model(weights_dir: str | Path, tokenizer: Any, out_dir: str | Path) -> Path:
@@ -129,16 +139,10 @@ def publish_model(weights_dir: str | Path, tokenizer: Any, out_dir: str | Path) 
     (a final checkpoint) to `out_dir` with the tokenizer, atomically; the weights are never loaded."""
     from ray_unlearn.parallel import HF_FILES
 
-    final = Path(out_dir)
-    tmp = atomic_dir(final)
-    try:
-        tmp.mkdir()
+    with atomic_write(out_dir) as tmp:
         for pattern in HF_FILES:
             for f in Path(weights_dir).glob(pattern):
                 shutil.copy2(f, tmp / f.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        commit_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(out_dir)

@@ -324,3 +324,14 @@ def test_lr_factor_by_hand():
     assert lr_factor(12, 10, 4, "cosine") == pytest.approx(0.0)
     assert lr_factor(0, 8, 0, "linear") == 1.0 and lr_factor(2, 8, 0, "linear") == 0.75
     assert lr_factor(4, 4, 4, "linear") == 1.0                         # warmup == total: no division by 0
+
+
+def test_checkpoint_of_an_older_version_is_refused_in_one_line(make, tmp_path):
+    u, _, _ = make("optim.name=adamw", "train.max_steps=1")
+    u.run()
+    ckpt = tmp_path / "ckpt" / "step-000001"
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["strategy"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UnlearnError, match="^checkpoint .* was written by an older ray_unlearn .* start fresh"):
+        make("optim.name=adamw", "train.max_steps=2", resume_from=ckpt)
