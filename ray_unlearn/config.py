@@ -148,6 +148,9 @@ class TrainConfig:
                             "on rank 0) and add the metrics to that step's report; 0 = off. Tune trials use it so "
                             "that schedulers can stop bad trials early.")
     seed: int = _f(0, "Seed for data order and stochastic estimators.")
+    activation_checkpointing: bool = _f(False, "Recompute each decoder block's activations in backward instead of "
+                                               "keeping them: less memory for long sequences and big batches, "
+                                               "about one more forward pass of time.")
 
     def __post_init__(self) -> None:
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))

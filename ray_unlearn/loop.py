@@ -187,6 +187,8 @@ class Unlearner:
             raise UnlearnError("objective needs a reference model but none was given")
         self.strategy = build_strategy(cfg.ray.strategy, env.rank, env.world_size, env.device,
                                        cfg.model.max_shard_size)
+        if cfg.train.activation_checkpointing:  # before wrapping: each block recomputes inside its own shard
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.strategy.wrap(model)
         self.module = self.strategy.unwrap(self.model)
         self.ref = self.strategy.wrap_reference(ref_model if self.ref_streams else None)

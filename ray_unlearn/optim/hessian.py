@@ -168,9 +168,10 @@ def global_hutchinson_estimate(params: list[Tensor], loss_fns: Sequence[Callable
     probes = [torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for p in params]
     total = [torch.zeros_like(p) for p in params]
     for loss_fn in loss_fns:
-        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
-            loss = loss_fn()
-        estimates, _ = hutchinson_estimate(params, loss, probes)
+        # the fused attention kernels have no double backward; the backward passes stay inside too, so that
+        # activation checkpointing recomputes the forward with the same kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            estimates, _ = hutchinson_estimate(params, loss_fn(), probes)
         for t, e in zip(total, estimates):
             t.add_(e, alpha=1 / len(loss_fns))
     strategy.all_reduce_mean_(total)

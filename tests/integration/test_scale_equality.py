@@ -100,3 +100,10 @@ def test_resume_with_another_worker_count_equals_the_uninterrupted_run(runs, str
     for workers in (1, 4):
         resumed, _ = runs(strategy, workers, resume_from=halfway)
         assert_sophia_close(uninterrupted, resumed)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_activation_checkpointing_changes_nothing_but_memory(runs, strategy):
+    reference, _ = runs("ddp", 2)
+    checkpointed, _ = runs(strategy, 2, (*SOPHIA, "train.activation_checkpointing=true"))
+    assert_sophia_close(reference, checkpointed)

@@ -335,3 +335,17 @@ def test_checkpoint_of_an_older_version_is_refused_in_one_line(make, tmp_path):
     (ckpt / "state.json").write_text(json.dumps(state))
     with pytest.raises(UnlearnError, match="^checkpoint .* was written by an older ray_unlearn .* start fresh"):
         make("optim.name=adamw", "train.max_steps=2", resume_from=ckpt)
+
+
+@pytest.mark.parametrize("optim", [["optim.hessian=gnb"], ["optim.hessian=hutchinson", "optim.hessian_interval=1"]],
+                         ids=["gnb", "hutchinson"])
+def test_activation_checkpointing_gives_the_same_weights(make, optim):
+    common = ["optim.name=sophia", "optim.lr=1e-3", "train.max_steps=2", *optim]
+    plain, plain_model, _ = make(*common, ckpt="plain")
+    plain.run()
+    ac, ac_model, _ = make(*common, "train.activation_checkpointing=true", ckpt="ac")
+    assert ac.module.is_gradient_checkpointing
+    ac.run()
+    a, b = weights(plain_model), weights(ac_model)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
