@@ -50,17 +50,22 @@ def train_func(config: dict[str, Any]) -> None:
 
     model, ref, data, tokenizer = load_run(cfg, inputs, rank, world)  # ray.strategy places and wraps them
 
+    # Ray Train workers write checkpoints to a temporary directory of their own, which Ray copies to the
+    # run's storage when they are reported; local mode keeps them under output_dir (its only copy)
+    temporary = not config.get("local_checkpoints")
+
     def report(metrics: dict[str, float], ckpt: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
         ray.train.report(dict(metrics), checkpoint=checkpoint)
+        if temporary and ckpt is not None:
+            shutil.rmtree(ckpt, ignore_errors=True)  # persisted by report(): free the worker's disk
 
     def on_step(step: int, total: int, logs: dict[str, float]) -> None:
         if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
             shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith(("loss/total", "nll/")))
             _say(f"[unlearn] step {step}/{total} {shown}")
 
-    local_ckpts = Path(config["local_checkpoints"]) if config.get("local_checkpoints") else \
-        Path(tempfile.mkdtemp(prefix="ray_unlearn_ckpt_"))
+    local_ckpts = Path(tempfile.mkdtemp(prefix="ray_unlearn_ckpt_")) if temporary else Path(config["local_checkpoints"])
     env = LoopEnv(rank=rank, world_size=world, device=device, checkpoint_dir=local_ckpts,
                   report=report, on_step=on_step, evaluate=_evaluator(cfg, inputs, tokenizer, config))
     checkpoint = ray.train.get_checkpoint()  # Ray's latest; local mode passes its own in resume_from
@@ -71,7 +76,11 @@ def train_func(config: dict[str, Any]) -> None:
         unlearner = Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env)
     if rank == 0 and env.resume_from is not None:
         _say(f"[unlearn] resumed from step {unlearner.step}")
-    unlearner.run()
+    try:
+        unlearner.run()
+    finally:
+        if temporary:
+            shutil.rmtree(local_ckpts, ignore_errors=True)
 
 
 def _evaluator(cfg: JobConfig, inputs: JobInputs, tokenizer: Any,

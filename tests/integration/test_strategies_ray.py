@@ -5,6 +5,7 @@ resume with another worker count, and a resume by another strategy refused."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 from ray_unlearn.errors import UnlearnError
 
 pytestmark = pytest.mark.slow
+
+LEFT_BEHIND: dict[str, set[Path]] = {}  # run name -> worker checkpoint directories its run left in the temp dir
 
 STEPS = ["train.max_steps=4", "train.log_every=2", "eval.enabled=false", "optim.hessian=gnb",
          "optim.hessian_interval=2", "optim.lr=1e-3", "train.batch_size=2", "train.global_batch_size=4"]
@@ -44,9 +47,11 @@ def fsdp2_run(micro_bench, bench_cache, tmp_path_factory, ray_session):
     def no_weights_in_the_driver(*args, **kwargs):
         raise AssertionError("the driver loaded model weights")
 
+    before = set(Path(tempfile.gettempdir()).glob("ray_unlearn_ckpt_*"))  # killed workers (other tests) leave some
     with pytest.MonkeyPatch.context() as mp:  # the workers are other processes: only the driver is patched
         mp.setattr("ray_unlearn.models.io.load_model", no_weights_in_the_driver)
         run_job(cfg)
+    LEFT_BEHIND[cfg.name] = set(Path(tempfile.gettempdir()).glob("ray_unlearn_ckpt_*")) - before
     return cfg
 
 
@@ -117,3 +122,8 @@ def test_elastic_run_starts_with_what_the_cluster_has_and_matches_a_fixed_size(m
     fixed = micro_config("ray.num_workers=2", "name=fixed", f"output_dir={fixed_dir}", *common)
     run_job(fixed)
     _close(_final(elastic), _final(fixed))
+
+
+def test_workers_leave_no_checkpoint_copies_behind(fsdp2_run):
+    """Every reported checkpoint is in the run's storage; the workers' own temporary copies are gone."""
+    assert LEFT_BEHIND[fsdp2_run.name] == set()
