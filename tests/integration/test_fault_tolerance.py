@@ -1,4 +1,4 @@
-"""Failures cause by hand: a Ray Train worker killed with SIGKILL mid-run (issue 6, point 6a).
+"""Failures caused by hand: a Ray Train worker killed with SIGKILL mid-run (issue 6, point 6a).
 
 With `ray.max_failures`, Ray Train restarts the worker group from the latest checkpoint reported;
 the loop's data order and Hessian samples are keyed by step, not by process, so the restarted
@@ -7,6 +7,7 @@ run ends at the weights of an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -34,13 +35,21 @@ def _train_workers() -> list[psutil.Process]:
 
 def _kill_a_worker_after_the_first_checkpoint(storage: Path, killed: list[int], stop: threading.Event) -> None:
     while not stop.is_set():
-        if any(p.is_dir() for p in storage.glob("*/checkpoint_*")):
+        if any(_registered_checkpoints(run) for run in storage.glob("*")):
             workers = _train_workers()
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
                 killed.append(workers[-1].pid)
                 return
         time.sleep(0.02)
+
+
+def _registered_checkpoints(run_dir: Path) -> list:
+    """Checkpoints Ray Train's controller has registered (a checkpoint directory exists before that)."""
+    try:
+        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def _weights(cfg) -> dict[str, torch.Tensor]:
@@ -93,7 +102,7 @@ def test_killed_driver_resumes_when_the_same_command_runs_again(micro_bench, ben
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not any(p.is_dir() for p in (out / "ray" / "driver").glob("checkpoint_*")):
+        while not _registered_checkpoints(out / "ray" / "driver"):
             assert first.poll() is None, "the first run ended before writing a checkpoint"
             assert time.time() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
@@ -105,5 +114,5 @@ def test_killed_driver_resumes_when_the_same_command_runs_again(micro_bench, ben
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = [line for line in again.stdout.splitlines() if "[unlearn] resumed from step" in line]
     assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 4
-    history = __import__("json").loads((out / "history.json").read_text())
+    history = json.loads((out / "history.json").read_text())
     assert history[-1]["step"] == 40
