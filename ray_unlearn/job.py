@@ -64,22 +64,14 @@ def resolve_inputs(cfg: JobConfig, report: Callable[[str, int, int], None] | Non
                      eval_splits=eval_splits, build_figures=built.manifest if built is not None else None)
 
 
-def load_checked(cfg: JobConfig, inputs: JobInputs) -> tuple[Any, Any]:
-    """Load the model and tokenizer and check that they fit together."""
-    from ray_unlearn.models.io import check_vocab, load_model, load_tokenizer
+def load_checked(cfg: JobConfig, inputs: JobInputs, meta: bool = False) -> tuple[Any, Any]:
+    """Load the model and tokenizer and check that they fit together. `meta=True` builds the model
+    from its config on the meta device (shapes, no weights): what the driver checks with (often a
+    small CPU-only head node) and what sharded strategies start from on every rank but 0."""
+    from ray_unlearn.models.io import check_vocab, empty_model, load_model, load_tokenizer
 
-    model = load_model(inputs.model_path, cfg.model.dtype, cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(inputs.tokenizer_path, cfg.model.trust_remote_code)
+    m = cfg.model
+    model = (empty_model if meta else load_model)(inputs.model_path, m.dtype, m.trust_remote_code)
+    tokenizer = load_tokenizer(inputs.tokenizer_path, m.trust_remote_code)
     check_vocab(model, tokenizer)
     return model, tokenizer
-
-
-def check_model(cfg: JobConfig, inputs: JobInputs) -> Any:
-    """Check model and tokenizer fit together from the model's config alone (the driver, often a small
-    CPU-only head node, never loads the weights); returns the tokenizer."""
-    from ray_unlearn.models.io import check_vocab, empty_model, load_tokenizer
-
-    model = empty_model(inputs.model_path, cfg.model.dtype, cfg.model.trust_remote_code)  # on the meta device
-    tokenizer = load_tokenizer(inputs.tokenizer_path, cfg.model.trust_remote_code)
-    check_vocab(model, tokenizer)
-    return tokenizer

@@ -100,19 +100,14 @@ def load_run(cfg: JobConfig, inputs: Any, rank: int = 0, world_size: int = 1
     no rank but 0 ever holds a full copy.
     """
     from ray_unlearn.job import load_checked
-    from ray_unlearn.models.io import check_vocab, empty_model, load_tokenizer
+    from ray_unlearn.models.io import empty_model
     from ray_unlearn.parallel import STRATEGIES
 
     meta = STRATEGIES[cfg.ray.strategy].sharded and world_size > 1
-    m = cfg.model
-    if meta and rank != 0:
-        model, tokenizer = empty_model(inputs.model_path, m.dtype, m.trust_remote_code), \
-            load_tokenizer(inputs.tokenizer_path, m.trust_remote_code)
-        check_vocab(model, tokenizer)
-    else:
-        model, tokenizer = load_checked(cfg, inputs)
+    model, tokenizer = load_checked(cfg, inputs, meta=meta and rank != 0)
     ref = None
     if objective_ref_streams(build_objective(cfg.objective)):
+        m = cfg.model
         ref = empty_model(inputs.model_path, m.dtype, m.trust_remote_code) if meta else copy.deepcopy(model)
     return model, ref, encode_data(cfg, tokenizer, inputs.forget, inputs.retain, inputs.kind), tokenizer
 
@@ -336,9 +331,7 @@ class Unlearner:
         out = atomic_dir(final)  # written under a temporary name, renamed when complete
         try:
             out.mkdir()
-            self.strategy.save_state(out, self.module, self.optimizer)
-            if self.step >= self.cfg.train.max_steps and not self.strategy.state_has_full_weights:
-                self.strategy.save_full_weights(out, self.module)  # the final model, for the HF directory
+            self.strategy.save_state(out, self.module, self.optimizer, final=self.step >= self.cfg.train.max_steps)
             if self.env.rank == 0:
                 torch.save(self.scheduler.state_dict(), out / "scheduler.pt")
                 (out / "state.json").write_text(json.dumps({

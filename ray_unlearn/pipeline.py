@@ -18,7 +18,7 @@ from rich.table import Table
 
 from ray_unlearn.config import JobConfig, dump_config
 from ray_unlearn.errors import UnlearnError
-from ray_unlearn.job import JobInputs, check_model, resolve_inputs
+from ray_unlearn.job import JobInputs, load_checked, resolve_inputs
 
 console = Console(stderr=False, highlight=False)
 
@@ -77,7 +77,7 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
         f = inputs.build_figures
         console.print(f"benchmark {f['size']}: forget10 ES target {f['target_forget10_es']:.3f} vs retain model "
                       f"{f['retain_forget10_es']:.3f} (the target memorized what the retain model never saw)")
-    tokenizer = check_model(cfg, inputs)  # from the model's config: the driver never loads the weights to train
+    _, tokenizer = load_checked(cfg, inputs, meta=True)  # from the config: the driver never loads the weights
     from ray_unlearn.loop import checkpoint_history
     from ray_unlearn.models.io import publish_model
     from ray_unlearn.train import check_resume, fit, init_ray

@@ -92,7 +92,6 @@ class Strategy:
 
     name = "base"
     sharded = False
-    state_has_full_weights = False  # True: `save_state` already writes `model.safetensors`
 
     def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  max_shard_size: str = "5GB"):
@@ -147,8 +146,10 @@ class Strategy:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     # ---------------------------------------------------------------- checkpoints
-    def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Write model weights and optimizer state into `out` (every rank calls it)."""
+    def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   final: bool = False) -> None:
+        """Write model weights and optimizer state into `out` (every rank calls it); a `final` state
+        also holds the full weights as an HF model directory's (what the run's output is made of)."""
         raise NotImplementedError
 
     def load_state(self, path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -18,7 +18,6 @@ class DDPStrategy(Strategy):
     """torch DistributedDataParallel (gloo on CPU, NCCL on GPU); a plain module on one rank."""
 
     name = "ddp"
-    state_has_full_weights = True
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)
@@ -35,8 +34,9 @@ class DDPStrategy(Strategy):
     def accumulate(self, model: torch.nn.Module, sync: bool) -> ContextManager:
         return super().accumulate(model, sync) if sync or not hasattr(model, "no_sync") else model.no_sync()
 
-    def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if self.rank == 0:
+    def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   final: bool = False) -> None:
+        if self.rank == 0:  # the full weights, final or not
             self.save_full_weights(out, module)
             torch.save(optimizer.state_dict(), out / "optimizer.pt")
 

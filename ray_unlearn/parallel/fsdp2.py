@@ -10,8 +10,9 @@ a checkpoint can be loaded by any number of ranks (DCP reshards on load).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 
@@ -44,6 +45,7 @@ class FSDP2Strategy(Strategy):
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
         """Shard blocks then the root on a mesh of every rank on this device type, then fill meta
         parameters with rank 0's weights and every rank's buffers with rank 0's."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -53,8 +55,6 @@ class FSDP2Strategy(Strategy):
         fully_shard(model, mesh=mesh)  # moves the shards (not the full model) to the device
         if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             model.to_empty(device=self.device)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         set_model_state_dict(model, dict(self._source) if self.rank == 0 else {},  # it rewrites the dict it gets
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) are in no state dict
@@ -88,12 +88,15 @@ class FSDP2Strategy(Strategy):
         dt = dtensor_type()
         return float(norm.full_tensor() if dt is not None and isinstance(norm, dt) else norm)
 
-    def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   final: bool = False) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(module, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out))
+        if final:
+            self.save_full_weights(out, module)
 
     def load_state(self, path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         import torch.distributed.checkpoint as dcp
@@ -113,16 +116,14 @@ class FSDP2Strategy(Strategy):
             write_hf_weights(out, module, full, self.max_shard_size)
 
 
-class _gradient_sync:
-    """`set_requires_gradient_sync(sync)` for the micro-batch, back to syncing afterwards."""
-
-    def __init__(self, model: Any, sync: bool):
-        self.model, self.sync = model, sync
-
-    def __enter__(self) -> None:
-        if hasattr(self.model, "set_requires_gradient_sync"):
-            self.model.set_requires_gradient_sync(self.sync)
-
-    def __exit__(self, *exc: Any) -> None:
-        if hasattr(self.model, "set_requires_gradient_sync"):
-            self.model.set_requires_gradient_sync(True)
+@contextlib.contextmanager
+def _gradient_sync(model: Any, sync: bool) -> Iterator[None]:
+    """`set_requires_gradient_sync(sync)` for one micro-batch, back to syncing afterwards."""
+    fsdp = hasattr(model, "set_requires_gradient_sync")  # a plain module when no process group is up
+    if fsdp:
+        model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        if fsdp:
+            model.set_requires_gradient_sync(True)
