@@ -27,7 +27,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-STRATEGIES = ("ddp", "fsdp2")  # the keys of ray_unlearn.parallel.STRATEGIES (a test keeps them equal)
+STRATEGIES = ("ddp", "fsdp2", "deepspeed")  # the keys of ray_unlearn.parallel.STRATEGIES (a test keeps them equal)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -181,8 +181,14 @@ class RayConfig:
     use_gpu: bool = _f(False, "One GPU per worker (NCCL); CPU workers use gloo.")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker.")
     strategy: str = _f("ddp", "Data-parallel strategy: ddp (a full model copy per worker: models that fit on one "
-                              "device) or fsdp2 (parameters, gradients, optimizer state and the reference model "
-                              "sharded over the workers: models larger than one device).")
+                              "device), fsdp2 (parameters, gradients, optimizer state and the reference model "
+                              "sharded over the workers: models larger than one device) or deepspeed (ZeRO, "
+                              "see ray.zero_stage).")
+    zero_stage: int | None = _f(None, "DeepSpeed only: ZeRO stage 1 (optimizer state partitioned), 2 (and "
+                                      "gradients; the default) or 3 (and parameters and the reference model).")
+    offload: str = _f("none", "DeepSpeed only: ZeRO-Offload of the optimizer state (optimizer) or of it and the "
+                              "parameters (params, ZeRO 3) to CPU memory, for GPU workers; none keeps all on "
+                              "the device.")
     address: str = _f("", "Ray cluster address; empty = start or join a local one.")
     max_failures: int = _f(0, "Worker-group restarts allowed before the run fails (each resumes from the latest "
                               "checkpoint); elastic runs restart this way when they resize.")
@@ -196,6 +202,28 @@ class RayConfig:
                                    f"got {self.num_workers}")
         _positive("ray.num_workers", self.min_workers, allow_zero=True)
         _positive("ray.resize_interval_s", self.resize_interval_s)
+        _positive("ray.cpus_per_worker", self.cpus_per_worker)
+        _positive("ray.max_failures", self.max_failures, allow_zero=True)
+        _choice("ray.offload", self.offload, ("none", "optimizer", "params"))
+        if self.strategy != "deepspeed" and (self.zero_stage is not None or self.offload != "none"):
+            key = "ray.zero_stage" if self.zero_stage is not None else "ray.offload"
+            raise UnlearnError(f"{key} is a DeepSpeed option; set ray.strategy=deepspeed or drop it")
+        if self.zero_stage is not None and self.zero_stage not in (1, 2, 3):
+            raise UnlearnError(f"ray.zero_stage: {self.zero_stage!r} is not one of 1, 2, 3")
+        if self.offload == "params" and self.zero != 3:
+            raise UnlearnError("ray.offload=params needs ray.zero_stage=3 (only ZeRO 3 partitions the parameters)")
+        if self.offload != "none" and not self.use_gpu:
+            raise UnlearnError(f"ray.offload={self.offload} moves state from the GPU to CPU memory; CPU workers "
+                               "already hold it there: set ray.use_gpu=true or ray.offload=none")
+        if self.strategy == "deepspeed" and self.elastic:
+            raise UnlearnError("ray.num_workers=[min, max] with ray.strategy=deepspeed: DeepSpeed's partitioned "
+                               "checkpoints load only on as many workers as wrote them; use ray.strategy=fsdp2 "
+                               "for elastic runs, or a fixed ray.num_workers")
+
+    @property
+    def zero(self) -> int:
+        """The ZeRO stage a deepspeed run uses (2 unless set)."""
+        return 2 if self.zero_stage is None else self.zero_stage
 
     @property
     def elastic(self) -> bool:
@@ -208,8 +236,6 @@ class RayConfig:
     @property
     def max_workers(self) -> int:
         return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
-        _positive("ray.cpus_per_worker", self.cpus_per_worker)
-        _positive("ray.max_failures", self.max_failures, allow_zero=True)
 
 
 @dataclass
@@ -279,10 +305,11 @@ class JobConfig:
                                "worker count takes the same steps; set it, e.g. to train.batch_size x max")
         for workers in range(self.ray.min_workers, self.ray.max_workers + 1):
             self.train.accumulation(workers)  # the global batch divides over every worker count the run may have
-        if self.ray.strategy == "fsdp2" and self.optim.name == "sophia" and self.optim.hessian == "hutchinson" \
-                and not self.optim.soul_compat:
-            raise UnlearnError("optim.hessian=hutchinson needs a double backward through the full model, which "
-                               "ray.strategy=fsdp2 cannot run; use optim.hessian=gnb or empirical, or ray.strategy=ddp")
+        if self.ray.strategy in ("fsdp2", "deepspeed") and self.optim.name == "sophia" \
+                and self.optim.hessian == "hutchinson" and not self.optim.soul_compat:
+            raise UnlearnError(f"optim.hessian=hutchinson needs a double backward through the full model, which "
+                               f"ray.strategy={self.ray.strategy} cannot run; use optim.hessian=gnb or empirical, "
+                               "or ray.strategy=ddp")
 
 
 # ---------------------------------------------------------------- loading and checking

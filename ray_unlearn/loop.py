@@ -39,8 +39,8 @@ from ray_unlearn.logprobs import batch_nll
 from ray_unlearn.objectives import (build_objective, combined_loss, objective_ref_streams,
                                     objective_streams)
 from ray_unlearn.optim import build_hessian_estimator, build_optimizer
-from ray_unlearn.optim.hessian import empirical_estimate, global_gnb_estimate, global_hutchinson_estimate
-from ray_unlearn.parallel import build_strategy, load_hf_weights
+from ray_unlearn.optim.hessian import SOUL_BS, empirical_estimate, global_hutchinson_estimate, gnb_backward
+from ray_unlearn.parallel import Strategy, build_strategy, load_hf_weights
 
 Encoded = dict[str, list[int]]
 
@@ -103,13 +103,23 @@ def load_run(cfg: JobConfig, inputs: Any, rank: int = 0, world_size: int = 1
     from ray_unlearn.models.io import empty_model
     from ray_unlearn.parallel import STRATEGIES
 
-    meta = STRATEGIES[cfg.ray.strategy].sharded and world_size > 1
+    meta = STRATEGIES[cfg.ray.strategy].starts_on_meta and world_size > 1
     model, tokenizer = load_checked(cfg, inputs, meta=meta and rank != 0)
     ref = None
     if objective_ref_streams(build_objective(cfg.objective)):
         m = cfg.model
         ref = empty_model(inputs.model_path, m.dtype, m.trust_remote_code) if meta else copy.deepcopy(model)
     return model, ref, encode_data(cfg, tokenizer, inputs.forget, inputs.retain, inputs.kind), tokenizer
+
+
+def make_strategy(cfg: JobConfig, env: LoopEnv) -> Strategy:
+    """The run's `ray.strategy` for this rank, with the strategy's own options from the config."""
+    options: dict[str, Any] = {}
+    if cfg.ray.strategy == "deepspeed":
+        options = dict(zero_stage=cfg.ray.zero, offload=cfg.ray.offload, dtype=cfg.model.dtype,
+                       micro_batch_size=cfg.train.batch_size, grad_clip=cfg.optim.grad_clip)
+    return build_strategy(cfg.ray.strategy, env.rank, env.world_size, env.device, cfg.model.max_shard_size,
+                          **options)
 
 
 def batch_slot_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:
@@ -180,18 +190,18 @@ class Unlearner:
                                    f"give {'retain data' if s == 'retain' else 'question/answer forget data'}")
         if self.ref_streams and ref_model is None:
             raise UnlearnError("objective needs a reference model but none was given")
-        self.strategy = build_strategy(cfg.ray.strategy, env.rank, env.world_size, env.device,
-                                       cfg.model.max_shard_size)
-        if cfg.train.activation_checkpointing:  # before wrapping: each block recomputes inside its own shard
+        t = cfg.train
+        self.accum = t.accumulation(env.world_size)  # micro-batches per step: the global batch is fixed
+        self.strategy = make_strategy(cfg, env)
+        if t.activation_checkpointing:  # before wrapping: each block recomputes inside its own shard
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = self.strategy.wrap(model)
+        self.model, self.optimizer = self.strategy.wrap_with_optimizer(model, lambda ps: build_optimizer(ps, cfg.optim))
         self.module = self.strategy.unwrap(self.model)
         self.ref = self.strategy.wrap_reference(ref_model if self.ref_streams else None)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.optim)
         self.hessian = build_hessian_estimator(cfg.optim)
-        t = cfg.train
-        self.accum = t.accumulation(env.world_size)  # micro-batches per step: the global batch is fixed
+        if self.hessian is not None and self.hessian.kind == "empirical":
+            self._bs = self.hessian.bs_override or SOUL_BS  # the others set it when they estimate
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.max_steps, t.warmup_steps, t.lr_schedule))
         self.step = 0
@@ -239,23 +249,28 @@ class Unlearner:
             with self.strategy.accumulate(self.model, sync=micro == self.accum - 1):
                 loss, logs = self.loss_on(self.model, batch)
                 self._check_finite(loss)
-                (loss / self.accum).backward()
+                self.strategy.backward(self.model, loss / self.accum)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v / self.accum
-        if self.cfg.optim.grad_clip > 0:
-            sums["grad_norm"] = self.strategy.clip_grad_norm(self.params, self.cfg.optim.grad_clip)
-        if self.hessian is not None and self.hessian.kind == "empirical":  # g*g of the (clipped) gradient itself
-            estimates, bs = empirical_estimate(self.params)
-            self.optimizer.update_hessian(estimates)
-            self._bs = self.hessian.bs_override or bs
         sums["lr"] = self.scheduler.get_last_lr()[0]  # the LR of this step's update, before the schedule moves on
-        self.optimizer.step(**({"bs": self._bs} if self.hessian is not None else {}))
+        if self.hessian is not None:
+            self.optimizer.bs = self._bs
+        norm = self.strategy.step(self.model, self.optimizer, self.cfg.optim.grad_clip, self._empirical_hessian)
+        if norm is not None:
+            sums["grad_norm"] = norm
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if hasattr(self.optimizer, "clip_rate"):
             sums["clip_rate"] = float(self.optimizer.clip_rate)
         return sums
+
+    def _empirical_hessian(self, optimizer: Any) -> None:
+        """Sophia's empirical estimator (the SOUL code's): g*g of the step's own clipped gradient, folded
+        in just before the update, on the params the optimizer holds (partitions under ZeRO)."""
+        if self.hessian is None or self.hessian.kind != "empirical":
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        optimizer.update_hessian(empirical_estimate(params)[0])
 
     def _estimate_hessian(self, batches: list[dict[str, dict[str, torch.Tensor]]]) -> None:
         """Fold a gnb / hutchinson estimate over the global batch into Sophia when due (or when
@@ -267,11 +282,12 @@ class Unlearner:
         if est.kind == "gnb":
             forget = [b["forget"] for b in batches]
             keys = [[key + int(i) for i in b["index"]] for b in forget]
-            estimates, bs = global_gnb_estimate(self.model, self.params, forget, keys, self.strategy)
+            bs = gnb_backward(self.model, forget, keys, self.strategy)
+            self.strategy.fold_grad_squares(self.model, self.optimizer)
         else:
             estimates, bs = global_hutchinson_estimate(
                 self.params, [lambda b=b: self.loss_on(self.module, b)[0] for b in batches], key, self.strategy)
-        self.optimizer.update_hessian(estimates)
+            self.optimizer.update_hessian(estimates)
         self._bs = est.bs_override or bs
 
     def _check_finite(self, loss: torch.Tensor) -> None:

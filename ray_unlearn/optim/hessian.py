@@ -10,7 +10,7 @@ makes rho*bs*h_hat an estimate of the diagonal Hessian (or Gauss-Newton matrix) 
 - empirical (the SOUL code): h_hat = g*g of the unlearning gradient itself, every step; bs = 5120
   (the default of SOUL's `step(bs=5120)`, which its HF Trainer never overrides).
 
-The loop uses the global-batch forms (DESIGN.md §10): `global_gnb_estimate` and
+The loop uses the global-batch forms (DESIGN.md §10): `gnb_backward` (+ the strategy's fold) and
 `global_hutchinson_estimate` estimate over every micro-batch of every rank of one optimizer step,
 reduced like a training gradient, so the estimate is the same for any split of the global batch
 into workers x accumulation steps. GNB's sampled labels are keyed by (seed, step, item index) and
@@ -130,15 +130,16 @@ class HessianEstimator:
         return self.kind == "empirical" or step % self.interval == 0
 
 
-def global_gnb_estimate(model: torch.nn.Module, params: list[Tensor], batches: Sequence[dict[str, Tensor]],
-                        keys: Sequence[Sequence[int]], strategy: Any) -> tuple[list[Tensor], float]:
-    """GNB over a global batch: ([g_hat*g_hat per param], B).
+def gnb_backward(model: torch.nn.Module, batches: Sequence[dict[str, Tensor]], keys: Sequence[Sequence[int]],
+                 strategy: Any) -> float:
+    """The backward passes of GNB over a global batch; returns B, the scored tokens of every rank.
 
-    g_hat = grad (1/B) sum CE(f(x), y_hat) over the B scored tokens of all `batches` (this rank's
-    micro-batches) on every rank, computed by backward through the wrapped `model` so that the
-    strategy reduces it like a training gradient (all-reduce for ddp, reduce-scatter into shards
-    for fsdp2). keys[i][b] seeds item b of batch i's labels. `p.grad` must be None on entry and is
-    None again on return.
+    Leaves g_hat = grad (1/B) sum CE(f(x), y_hat) over the B scored tokens of all `batches` (this rank's
+    micro-batches) on every rank where the strategy keeps reduced gradients, by backward through the
+    wrapped `model` so that the strategy reduces it like a training gradient (all-reduce for ddp,
+    reduce-scatter into shards for fsdp2, into the partitions of the ZeRO optimizer for deepspeed);
+    `strategy.fold_grad_squares` then folds g_hat*g_hat into Sophia's h. keys[i][b] seeds item b of
+    batch i's labels. The gradients must be clear on entry.
     """
     local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     total = float(strategy.all_reduce_sum_(torch.tensor([float(local)], device=batches[0]["labels"].device)))
@@ -150,7 +151,16 @@ def global_gnb_estimate(model: torch.nn.Module, params: list[Tensor], batches: S
         with strategy.accumulate(model, sync=i == len(batches) - 1):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             scored, y_hat = sample_gnb_labels(logits, batch["labels"], item_keys)
-            (F.cross_entropy(scored, y_hat, reduction="sum") * scale).backward()
+            strategy.backward(model, F.cross_entropy(scored, y_hat, reduction="sum") * scale)
+    return total
+
+
+def global_gnb_estimate(model: torch.nn.Module, params: list[Tensor], batches: Sequence[dict[str, Tensor]],
+                        keys: Sequence[Sequence[int]], strategy: Any) -> tuple[list[Tensor], float]:
+    """GNB over a global batch: ([g_hat*g_hat per param], B), for strategies whose reduced gradients
+    land in `p.grad` of `params` (ddp, fsdp2): `gnb_backward`, then the squares. `p.grad` must be None
+    on entry and is None again on return."""
+    total = gnb_backward(model, batches, keys, strategy)
     estimates = [torch.zeros_like(p) if p.grad is None else p.grad * p.grad for p in params]
     for p in params:
         p.grad = None

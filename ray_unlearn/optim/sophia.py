@@ -96,6 +96,10 @@ class SophiaG(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.soul_compat = soul_compat
         self.clip_rate = math.nan  # fraction of coordinates not clipped in the last step
+        self.bs = 5120.0  # the Hessian scale of a step() called without bs (wrappers that own the step call it so)
+        # sums clip_rate's counts over ranks when the params are plain tensors holding a partition of the
+        # model (DeepSpeed ZeRO's flat partitions); DTensor shards are summed over their mesh without it
+        self.sum_over_ranks: Callable[[Tensor], Tensor] | None = None
 
     def _state(self, p: Tensor) -> dict:
         """The state of `p`, created on first use: step count, momentum m and Hessian EMA h."""
@@ -139,8 +143,10 @@ class SophiaG(torch.optim.Optimizer):
                 local_tensor(state["exp_avg"]).mul_(beta1).add_(local_tensor(self._grad(p, group)), alpha=1 - beta1)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None, bs: float = 5120):
-        """One SophiaG step on every param with a grad (rule in `sophia_update`); sets clip_rate."""
+    def step(self, closure: Callable[[], Tensor] | None = None, bs: float | None = None):
+        """One SophiaG step on every param with a grad (rule in `sophia_update`); sets clip_rate.
+        bs=None uses `self.bs` (5120, SOUL's default, unless the caller set it)."""
+        bs = self.bs if bs is None else bs
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -170,6 +176,8 @@ class SophiaG(torch.optim.Optimizer):
             return
         counts = torch.stack([sum(k.to(kept[0].device) for k in kept).double(),
                               torch.tensor(float(total), dtype=torch.float64, device=kept[0].device)])
-        if mesh is not None and dtensor_type() is not None:
+        if self.sum_over_ranks is not None:
+            self.sum_over_ranks(counts)
+        elif mesh is not None and dtensor_type() is not None:
             torch.distributed.all_reduce(counts, group=mesh.get_group())
         self.clip_rate = float(counts[0] / counts[1])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, ContextManager, Iterable
+from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from torch import Tensor
@@ -83,6 +83,16 @@ def load_hf_weights(module: torch.nn.Module, path: Path) -> None:
                            "it was written for another model")
 
 
+def fold_grad_squares_into(optimizer: Any) -> None:
+    """h <- b2*h + (1-b2)*g*g for the gradients on the optimizer's own params, which are then cleared
+    (Sophia's reference `update_hessian()`, minus soul_compat's momentum fold)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    estimates = [torch.zeros_like(p) if p.grad is None else p.grad * p.grad for p in params]
+    for p in params:
+        p.grad = None
+    optimizer.update_hessian(estimates)
+
+
 class Strategy:
     """Data-parallel strategy base: correct for a world of one, with collectives when distributed.
 
@@ -91,7 +101,9 @@ class Strategy:
     """
 
     name = "base"
-    sharded = False
+    sharded = False  # parameters sharded: every forward pass is a collective
+    optimizer_sharded = False  # optimizer state partitioned: counts over it are summed over ranks
+    starts_on_meta = False  # every rank but 0 builds the model on the meta device (rank 0's weights fill it)
 
     def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  max_shard_size: str = "5GB"):
@@ -116,6 +128,13 @@ class Strategy:
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module whose parameters the optimizer updates and checkpoints hold."""
         return model
+
+    def wrap_with_optimizer(self, model: torch.nn.Module, make_optimizer: Callable[[list[Tensor]], Any]
+                            ) -> tuple[torch.nn.Module, Any]:
+        """(wrapped model, optimizer): `make_optimizer` gets the trainable parameters of the wrapped
+        module (sharded where the strategy shards them)."""
+        wrapped = self.wrap(model)
+        return wrapped, make_optimizer([p for p in self.unwrap(wrapped).parameters() if p.requires_grad])
 
     def accumulate(self, model: torch.nn.Module, sync: bool) -> ContextManager:
         """Context for one micro-batch's forward + backward; sync=False skips the gradient reduction."""
@@ -145,6 +164,30 @@ class Strategy:
         """Clip the global gradient norm to `max_norm`; returns the norm before clipping."""
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
+    # ---------------------------------------------------------------- backward and step
+    def backward(self, model: torch.nn.Module, loss: Tensor) -> None:
+        """Backward of one micro-batch's loss (inside `accumulate`), already divided as the caller wants."""
+        loss.backward()
+
+    def step(self, model: torch.nn.Module, optimizer: Any, max_norm: float,
+             before_update: Callable[[Any], None] | None = None) -> float | None:
+        """Clip the reduced gradients to the global norm `max_norm` (0 = off), call `before_update(optimizer)`
+        (where the optimizer's own params hold their gradients: Sophia's empirical Hessian reads them),
+        step and clear the gradients. Returns the norm before clipping (None when not clipping)."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        norm = self.clip_grad_norm(params, max_norm) if max_norm > 0 else None
+        if before_update is not None:
+            before_update(optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def fold_grad_squares(self, model: torch.nn.Module, optimizer: Any) -> None:
+        """Sophia's reference `update_hessian()`: h <- b2*h + (1-b2)*g*g over the reduced gradients the
+        last backward passes left (not the momentum: soul_compat folds only the step's own gradient),
+        then clear them."""
+        fold_grad_squares_into(optimizer)
+
     # ---------------------------------------------------------------- checkpoints
     def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    final: bool = False) -> None:
@@ -160,8 +203,9 @@ class Strategy:
         """Rank 0 writes the full weights into `out` as an HF model directory's (every rank calls it)."""
         raise NotImplementedError
 
-    def check_checkpoint(self, path: Path, written_by: str) -> None:
-        """Refuse a checkpoint written by another strategy, naming both."""
+    def check_checkpoint(self, path: Path, written_by: str, world_size: int | None = None) -> None:
+        """Refuse a checkpoint written by another strategy, naming both (`world_size`: the number of
+        workers that wrote it, for strategies whose checkpoints only load on as many)."""
         if written_by != self.name:
             raise UnlearnError(f"checkpoint {path} was written by ray.strategy={written_by}, this run uses "
                                f"ray.strategy={self.name}; rerun with ray.strategy={written_by} to resume it, "

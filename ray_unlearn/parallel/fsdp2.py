@@ -35,6 +35,8 @@ class FSDP2Strategy(Strategy):
 
     name = "fsdp2"
     sharded = True
+    optimizer_sharded = True
+    starts_on_meta = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -32,7 +32,8 @@ def _rank_main(rank: int, world_size: int, port: int, cfg_dict: dict[str, Any], 
     from ray_unlearn.config import JobConfig, from_dict
     from ray_unlearn.loop import LoopEnv, Unlearner, load_run
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))  # as torchrun (and Ray Train) set
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -52,8 +53,7 @@ def merge_checkpoint(root: Path, step: int) -> Path:
     out = Path(root) / "merged" / name
     out.mkdir(parents=True, exist_ok=True)
     for rank_dir in sorted(Path(root).glob(f"rank*/{name}")):
-        for f in rank_dir.iterdir():
-            shutil.copy2(f, out / f.name)
+        shutil.copytree(rank_dir, out, dirs_exist_ok=True)  # deepspeed's files are in a subdirectory
     return out
 
 

@@ -2,7 +2,7 @@
 
 Every run unlearns the same model on the same global batches (batch_size items per micro-batch,
 so workers x accumulation steps is constant) with NPO + retain NLL (the reference model runs, and is
-sharded under fsdp2) and Sophia with the GNB Hessian estimated over the global batch every other
+sharded under fsdp2 and ZeRO 3) and Sophia with the GNB Hessian estimated over the global batch every other
 step. Runs go through `ray_unlearn.parallel.local.run_local`: real processes over gloo, the same
 loop and strategy objects Ray Train's workers run.
 
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 SOPHIA = ["optim.name=sophia", "optim.hessian=gnb", "optim.hessian_interval=2", "optim.lr=1e-3"]
 ADAMW = ["optim.name=adamw", "optim.lr=1e-3"]
+ZERO = {stage: (f"ray.zero_stage={stage}",) for stage in (1, 2, 3)}  # extra overrides of a deepspeed run
 GLOBAL_ITEMS = 8  # forget items per optimizer step (and as many retain items)
 
 
@@ -107,3 +108,46 @@ def test_activation_checkpointing_changes_nothing_but_memory(runs, strategy):
     reference, _ = runs("ddp", 2)
     checkpointed, _ = runs(strategy, 2, (*SOPHIA, "train.activation_checkpointing=true"))
     assert_sophia_close(reference, checkpointed)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_agrees_with_ddp_at_two_workers(runs, micro_bench, stage):
+    """Sophia on ZeRO's flat partitions, its GNB Hessian folded in through an engine step."""
+    ddp, _ = runs("ddp", 2)
+    zero, _ = runs("deepspeed", 2, (*SOPHIA, *ZERO[stage]))
+    assert_moved(zero, _target(micro_bench))
+    assert_sophia_close(ddp, zero)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_workers_times_accumulation_gives_the_same_result(runs, stage):
+    reference, _ = runs("ddp", 2)
+    for workers in (1, 4):
+        assert_sophia_close(reference, runs("deepspeed", workers, (*SOPHIA, *ZERO[stage]))[0])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_adamw_deepspeed_within_1e_5_of_ddp(runs, stage):
+    ddp, _ = runs("ddp", 2, tuple(ADAMW))
+    zero, _ = runs("deepspeed", 2, (*ADAMW, *ZERO[stage]))
+    for k in ddp:
+        torch.testing.assert_close(zero[k], ddp[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resume_equals_the_uninterrupted_run(runs, stage):
+    """DeepSpeed's own checkpoint (every rank its partition) resumed by as many workers."""
+    uninterrupted, root = runs("deepspeed", 2, (*SOPHIA, *ZERO[stage]), every=2)
+    halfway = merge_checkpoint(root, 2)
+    assert (halfway / "deepspeed").is_dir()
+    resumed, _ = runs("deepspeed", 2, (*SOPHIA, *ZERO[stage]), resume_from=halfway)
+    assert_sophia_close(uninterrupted, resumed)
+
+
+def test_deepspeed_checkpoint_refuses_another_worker_count(runs):
+    from ray_unlearn.errors import UnlearnError
+    from ray_unlearn.parallel import build_strategy
+
+    _, root = runs("deepspeed", 2, (*SOPHIA, *ZERO[2]), every=2)
+    with pytest.raises(UnlearnError, match=r"written by 2 deepspeed workers .* rerun with ray.num_workers=2"):
+        build_strategy("deepspeed", world_size=4).check_checkpoint(merge_checkpoint(root, 2), "deepspeed", 2)

@@ -186,14 +186,40 @@ def test_invalid_value_names_the_key(override, key):
 
 
 def test_unknown_strategy_lists_the_valid_ones():
-    expect_error(r"^ray.strategy: 'deepspeed3' is not one of ddp, fsdp2$", overrides=["ray.strategy=deepspeed3"])
+    expect_error(r"^ray.strategy: 'deepspeed3' is not one of ddp, fsdp2, deepspeed$", overrides=["ray.strategy=deepspeed3"])
 
 
-def test_fsdp2_cannot_run_hutchinson():
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed"])
+def test_sharded_strategies_cannot_run_hutchinson(strategy):
     expect_error(r"^optim.hessian=hutchinson needs a double backward .* use optim.hessian=gnb or empirical",
-                 overrides=["ray.strategy=fsdp2", "optim.hessian=hutchinson"])
-    load_config(None, ["ray.strategy=fsdp2", "optim.hessian=gnb"])
+                 overrides=[f"ray.strategy={strategy}", "optim.hessian=hutchinson"])
+    load_config(None, [f"ray.strategy={strategy}", "optim.hessian=gnb"])
     load_config(None, ["ray.strategy=ddp", "optim.hessian=hutchinson"])
+
+
+def test_deepspeed_options():
+    cfg = load_config(None, ["ray.strategy=deepspeed"])
+    assert cfg.ray.zero_stage is None and cfg.ray.zero == 2 and cfg.ray.offload == "none"
+    assert load_config(None, ["ray.strategy=deepspeed", "ray.zero_stage=3"]).ray.zero == 3
+    cfg = load_config(None, ["ray.strategy=deepspeed", "ray.zero_stage=3", "ray.offload=params", "ray.use_gpu=true"])
+    assert cfg.ray.offload == "params"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ray.zero_stage=2"], r"^ray.zero_stage is a DeepSpeed option; set ray.strategy=deepspeed or drop it$"),
+    (["ray.strategy=fsdp2", "ray.offload=optimizer"], r"^ray.offload is a DeepSpeed option"),
+    (["ray.strategy=deepspeed", "ray.zero_stage=4"], r"^ray.zero_stage: 4 is not one of 1, 2, 3$"),
+    (["ray.strategy=deepspeed", "ray.offload=disk"], r"^ray.offload: 'disk' is not one of none, optimizer, params$"),
+    (["ray.strategy=deepspeed", "ray.offload=params", "ray.use_gpu=true"], r"^ray.offload=params needs ray.zero_stage=3"),
+    (["ray.strategy=deepspeed", "ray.offload=optimizer"], r"^ray.offload=optimizer moves state from the GPU .* "
+                                                          r"set ray.use_gpu=true or ray.offload=none$"),
+    (["ray.strategy=deepspeed", "ray.num_workers=[1,2]", "train.global_batch_size=8"],
+     r"^ray.num_workers=\[min, max\] with ray.strategy=deepspeed: .* use ray.strategy=fsdp2 for elastic runs"),
+    (["ray.cpus_per_worker=0"], r"^ray.cpus_per_worker: must be > 0"),
+    (["ray.max_failures=-1"], r"^ray.max_failures: must be >= 0"),
+])
+def test_bad_deepspeed_and_worker_options(overrides, message):
+    expect_error(message, overrides=overrides)
 
 
 def test_global_batch_size_sets_the_accumulation_for_any_worker_count():

@@ -27,7 +27,7 @@ def test_registry_matches_the_config_choices():
 
 
 def test_unknown_strategy_lists_the_valid_ones():
-    with pytest.raises(UnlearnError, match="ray.strategy: 'zero' is not one of ddp, fsdp2"):
+    with pytest.raises(UnlearnError, match="ray.strategy: 'zero' is not one of ddp, fsdp2, deepspeed"):
         build_strategy("zero")
 
 

@@ -1,0 +1,227 @@
+"""DeepSpeed ZeRO 1/2/3: optimizer state (1), gradients (2) and parameters (3) partitioned over ranks.
+
+`deepspeed.initialize` wraps the model with our own optimizer (Sophia or AdamW) as the client
+optimizer; ZeRO hands it one flat fp32 partition per parameter group, so Sophia's m and h are
+partitioned too (the rule is elementwise) and its clip_rate counts are summed over ranks. The loop
+owns accumulation: the engine runs with `managed_gradient_accumulation: false`, so backward only
+accumulates (ZeRO 2/3 reduce into the partitions as they go) and `engine.step()` is the boundary,
+where ZeRO clips to the global norm (`gradient_clipping`) and calls the client optimizer's step on
+the reduced partition gradients.
+
+Sophia's Hessian estimate reaches the partitioned optimizer the way the reference protocol's
+`update_hessian()` does, from the gradients on its own params: GNB's backward passes go through
+the engine like a training gradient, then one `engine.step()` without clipping in which the
+client's step folds g*g into h instead of updating. The empirical estimator folds the step's own
+(clipped) gradient in a pre-step hook of the client optimizer.
+
+The reference model is a full copy per rank under ZeRO 1/2 (their parameters are not partitioned)
+and a ZeRO-3 inference engine (partitioned, no optimizer) under ZeRO 3. Checkpoints are DeepSpeed's
+own (`engine.save_checkpoint`, every rank its partition), which load on the same number of ranks;
+the final model is gathered to rank 0's CPU one parameter at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+from torch import Tensor
+
+from ray_unlearn.errors import UnlearnError
+from ray_unlearn.parallel.base import fold_grad_squares_into, write_hf_weights
+from ray_unlearn.parallel.ddp import DDPStrategy
+
+TAG = "deepspeed"  # the subdirectory of a loop checkpoint that holds the engine's files
+OFFLOADS = ("none", "optimizer", "params")
+
+
+def _import_deepspeed(device: torch.device) -> Any:
+    """deepspeed, with its accelerator set from the device (it guesses otherwise, and says so)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    try:
+        import deepspeed
+    except ImportError as e:  # pragma: no cover - deepspeed is a dependency
+        raise UnlearnError(f"ray.strategy=deepspeed needs the deepspeed package ({e}); pip install deepspeed") from e
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+class DeepSpeedStrategy(DDPStrategy):
+    """`deepspeed.initialize` with ZeRO stage `zero_stage`; on a world of one (no process group) the
+    plain model, saved and loaded as ddp does."""
+
+    name = "deepspeed"
+    optimizer_sharded = True
+
+    def __init__(self, *args: Any, zero_stage: int = 2, offload: str = "none", dtype: str = "float32",
+                 micro_batch_size: int = 1, grad_clip: float = 0.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if zero_stage not in (1, 2, 3):
+            raise UnlearnError(f"ray.zero_stage: {zero_stage!r} is not one of 1, 2, 3")
+        if offload not in OFFLOADS:
+            raise UnlearnError(f"ray.offload: {offload!r} is not one of {', '.join(OFFLOADS)}")
+        self.zero_stage, self.offload, self.dtype, self.micro_batch_size = zero_stage, offload, dtype, micro_batch_size
+        self.grad_clip = grad_clip  # the engine clips inside its step, so it is fixed when it is built
+        self.engine: Any = None
+
+    @property
+    def sharded(self) -> bool:  # type: ignore[override]
+        """ZeRO-3 partitions the parameters: forward passes are collectives."""
+        return self.zero_stage == 3 and self.distributed
+
+    def config(self) -> dict[str, Any]:
+        """The engine's config: ZeRO stage and offload, precision, clipping, the loop owning accumulation."""
+        zero: dict[str, Any] = {"stage": self.zero_stage}
+        if self.offload in ("optimizer", "params"):
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if self.offload == "params":
+            zero["offload_param"] = {"device": "cpu"}
+        conf: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size, "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False, "zero_optimization": zero, "gradient_clipping": self.grad_clip,
+            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+        if self.dtype == "bfloat16":
+            conf["bf16"] = {"enabled": True}
+        elif self.dtype == "float16":
+            conf["fp16"] = {"enabled": True}
+        return conf
+
+    # ---------------------------------------------------------------- model
+    def wrap_with_optimizer(self, model: torch.nn.Module, make_optimizer: Callable[[list[Tensor]], Any]
+                            ) -> tuple[torch.nn.Module, Any]:
+        """(engine, client optimizer): the optimizer gets the module's parameters, which ZeRO replaces
+        by its flat fp32 partitions. On a world of one: the plain model and optimizer."""
+        if not self.distributed:
+            return super().wrap_with_optimizer(model, make_optimizer)
+        deepspeed = _import_deepspeed(self.device)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        self.engine, _, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
+                                                    config=self.config())
+        if hasattr(optimizer, "sum_over_ranks"):
+            optimizer.sum_over_ranks = self.all_reduce_sum_  # its params are this rank's partitions
+        return self.engine, optimizer
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.distributed:
+            raise UnlearnError("the deepspeed strategy wraps the model together with its optimizer: "
+                               "call wrap_with_optimizer")
+        return model.to(self.device)
+
+    def wrap_reference(self, ref: torch.nn.Module | None) -> torch.nn.Module | None:
+        """ZeRO 3: a partitioned inference engine; ZeRO 1/2: a full frozen copy, as their model is."""
+        if ref is None or not self.sharded:
+            return super().wrap_reference(ref)
+        deepspeed = _import_deepspeed(self.device)
+        ref = ref.to(self.device).eval().requires_grad_(False)
+        engine, _, _, _ = deepspeed.initialize(model=ref, config=self.config())
+        engine.eval()  # (returns None)
+        return engine
+
+    def accumulate(self, model: torch.nn.Module, sync: bool) -> ContextManager:
+        return contextlib.nullcontext()  # the engine only accumulates until step() (unmanaged accumulation)
+
+    # ---------------------------------------------------------------- backward and step
+    def backward(self, model: torch.nn.Module, loss: Tensor) -> None:
+        if self.engine is None:
+            return super().backward(model, loss)
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop divides by its accumulation itself
+
+    def step(self, model: torch.nn.Module, optimizer: Any, max_norm: float,
+             before_update: Callable[[Any], None] | None = None) -> float | None:
+        """`engine.step()`: reduce (ZeRO 1), clip to `max_norm` (the engine's `gradient_clipping`),
+        `before_update` and the client optimizer's step on this rank's partition, all-gather."""
+        if self.engine is None:
+            return super().step(model, optimizer, max_norm, before_update)
+        hook = None
+        if before_update is not None:
+            hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: before_update(opt))
+        try:
+            self.engine.step()
+        finally:
+            if hook is not None:
+                hook.remove()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if max_norm > 0 and norm is not None else None
+
+    def fold_grad_squares(self, model: torch.nn.Module, optimizer: Any) -> None:
+        """One `engine.step()` without clipping whose client step folds g*g of the partition gradients
+        into h (the reference `update_hessian()`) and leaves the parameters as they are."""
+        if self.engine is None:
+            return super().fold_grad_squares(model, optimizer)
+        with _stepping_folds_grad_squares(optimizer), _no_clipping(self.engine.optimizer):
+            self.engine.step()
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   final: bool = False) -> None:
+        if self.engine is None:
+            return super().save_state(out, module, optimizer, final)
+        self.engine.save_checkpoint(str(out), tag=TAG, save_latest=False)
+        if final:
+            self.save_full_weights(out, module)
+
+    def load_state(self, path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.engine is None:
+            return super().load_state(path, module, optimizer)
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise UnlearnError(f"checkpoint {path} holds no DeepSpeed state under {TAG}/; start fresh with a new "
+                               "name or output_dir")
+
+    def save_full_weights(self, out: Path, module: torch.nn.Module) -> None:
+        """Rank 0 writes the full weights; under ZeRO 3 they are gathered one parameter at a time."""
+        if not self.sharded:  # ZeRO 1/2 params are views into one flat buffer: copied out one by one
+            if self.rank == 0:
+                full = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+                write_hf_weights(out, module, full, self.max_shard_size)
+            return
+        deepspeed = _import_deepspeed(self.device)
+        full: dict[str, Tensor] = {}
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if self.rank == 0:
+                    full[name] = p.detach().to("cpu", copy=True)
+        if self.rank == 0:  # then the buffers a state dict holds
+            params = set(dict(module.named_parameters(remove_duplicate=False)))
+            full.update({k: v.detach().cpu() for k, v in module.state_dict().items() if k not in params})
+            write_hf_weights(out, module, full, self.max_shard_size)
+
+    def check_checkpoint(self, path: Path, written_by: str, world_size: int | None = None) -> None:
+        super().check_checkpoint(path, written_by, world_size)
+        if world_size is not None and world_size != self.world_size:
+            raise UnlearnError(f"checkpoint {path} was written by {world_size} deepspeed workers and DeepSpeed's "
+                               f"partitioned state loads only on as many; rerun with ray.num_workers={world_size}, "
+                               "or use a new name/output_dir to start fresh")
+
+
+@contextlib.contextmanager
+def _stepping_folds_grad_squares(optimizer: Any) -> Iterator[None]:
+    """Within it, `optimizer.step()` (called by ZeRO on its partitions) is Sophia's reference
+    `update_hessian()` from the gradients (h only: never the momentum, whatever soul_compat says)."""
+
+    patched = vars(optimizer).get("step")  # an LR scheduler wraps the instance's step to see it called
+    optimizer.step = lambda *args, **kwargs: fold_grad_squares_into(optimizer)  # shadows the class's step
+    try:
+        yield
+    finally:
+        if patched is None:
+            del optimizer.step
+        else:
+            optimizer.step = patched
+
+
+@contextlib.contextmanager
+def _no_clipping(zero_optimizer: Any) -> Iterator[None]:
+    """ZeRO's own clipping off for one step (the Hessian's gradients are not clipped)."""
+    clip = zero_optimizer.clip_grad
+    zero_optimizer.clip_grad = 0.0
+    try:
+        yield
+    finally:
+        zero_optimizer.clip_grad = clip
