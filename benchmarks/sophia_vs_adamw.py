@@ -180,10 +180,11 @@ def setup(cfg: JobConfig, device: torch.device) -> Bench:
 
 def evaluate(bench: Bench, model: Any, retain_tr: list[float] | None) -> dict[str, Any]:
     """evaluate_model on the benchmark's eval splits (forget quality when retain_tr is given)."""
+    from ray_unlearn.data.collate import prompt_format
     from ray_unlearn.eval.suite import evaluate_model
 
     c = bench.cfg
-    return evaluate_model(model, bench.tokenizer, bench.inputs.eval_splits, c.eval, c.data.prompt_template,
+    return evaluate_model(model, bench.tokenizer, bench.inputs.eval_splits, c.eval, prompt_format(c.data),
                           c.data.max_length, retain_truth_ratios=retain_tr)
 
 

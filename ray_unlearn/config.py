@@ -35,6 +35,15 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise UnlearnError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
 
 
+def chat_template_setting(key: str, value: Any) -> str | bool:
+    """A chat_template setting as "auto", True or False (the strings "true"/"false" too), or a one-line error."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if value not in ("auto", True, False) or isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise UnlearnError(f"{key}: {value!r} is not one of auto, true, false")
+    return value
+
+
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if not (value > 0 or (allow_zero and value == 0)) or (isinstance(value, float) and not math.isfinite(value)):
         raise UnlearnError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -58,7 +67,12 @@ class DataConfig:
     retain_path: str = _f("", "Retain data in the same formats; empty = the built-in retain split.")
     hub_split: str = _f("train", "Split to read when a path is a hub dataset id or a DatasetDict.")
     max_length: int = _f(128, "Maximum tokens per (prompt + answer) sequence.")
-    prompt_template: str = _f("Question: {question}\nAnswer:", "Prompt around each question ({question}).")
+    prompt_template: str = _f("Question: {question}\nAnswer:", "Prompt around each question ({question}) for "
+                                                            "tokenizers without a chat template (or with "
+                                                            "chat_template false).")
+    chat_template: str | bool = _f("auto", "Prompts through the tokenizer's chat template: auto (when it has one), "
+                                           "true (it must have one), false (never: prompt_template).")
+    system_prompt: str = _f("", "System message of chat-template prompts; empty = none (the template's default).")
     refusal: str = _f("I don't know.", "Refusal answer used by idk_dpo and refusal terms.")
     overlap: str = _f("warn", "Forget items also in the retain set: warn (and drop them from retain) or error.")
 
@@ -67,6 +81,7 @@ class DataConfig:
         _positive("data.max_length", self.max_length)
         if "{question}" not in self.prompt_template:
             raise UnlearnError("data.prompt_template: must contain {question}")
+        self.chat_template = chat_template_setting("data.chat_template", self.chat_template)
 
 
 @dataclass

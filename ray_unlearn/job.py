@@ -65,13 +65,16 @@ def resolve_inputs(cfg: JobConfig, report: Callable[[str, int, int], None] | Non
 
 
 def load_checked(cfg: JobConfig, inputs: JobInputs, meta: bool = False) -> tuple[Any, Any]:
-    """Load the model and tokenizer and check that they fit together. `meta=True` builds the model
+    """Load the model and tokenizer and check that they fit together (vocabulary; a chat template
+    when data.chat_template is true). `meta=True` builds the model
     from its config on the meta device (shapes, no weights): what the driver checks with (often a
     small CPU-only head node) and what sharded strategies start from on every rank but 0."""
+    from ray_unlearn.data.collate import prompt_format, uses_chat_template
     from ray_unlearn.models.io import check_vocab, empty_model, load_model, load_tokenizer
 
     m = cfg.model
     model = (empty_model if meta else load_model)(inputs.model_path, m.dtype, m.trust_remote_code)
     tokenizer = load_tokenizer(inputs.tokenizer_path, m.trust_remote_code)
     check_vocab(model, tokenizer)
+    uses_chat_template(tokenizer, prompt_format(cfg.data))  # data.chat_template=true needs one
     return model, tokenizer

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ray_unlearn.config import JobConfig
-from ray_unlearn.data.collate import encode_qa, encode_text, pad_batch
+from ray_unlearn.data.collate import encode_qa, encode_text, pad_batch, prompt_format
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.logprobs import batch_nll
 from ray_unlearn.objectives import (build_objective, combined_loss, objective_ref_streams,
@@ -75,18 +75,19 @@ class LoopEnv:
 
 def encode_data(cfg: JobConfig, tokenizer: Any, forget: Sequence[dict], retain: Sequence[dict],
                 kind: str = "qa") -> UnlearnData:
-    """Tokenize forget/retain items; text corpora (kind "text") have no refusal stream."""
-    d = cfg.data
+    """Tokenize forget/retain items (prompts as `prompt_format(cfg.data)` says); text corpora
+    (kind "text") have no refusal stream."""
+    d, fmt = cfg.data, prompt_format(cfg.data)
 
     def qa(items: Sequence[dict], refusal: bool = False) -> list[Encoded]:
-        return [encode_qa(tokenizer, it["question"], d.refusal if refusal else it["answer"], d.max_length,
-                          d.prompt_template) for it in items]
+        return [encode_qa(tokenizer, it["question"], d.refusal if refusal else it["answer"], d.max_length, fmt)
+                for it in items]
 
     if kind == "text":
         return UnlearnData(forget=[encode_text(tokenizer, it["text"], d.max_length) for it in forget],
                            retain=[encode_text(tokenizer, it["text"], d.max_length) if "text" in it
-                                   else encode_qa(tokenizer, it["question"], it["answer"], d.max_length,
-                                                  d.prompt_template) for it in retain])
+                                   else encode_qa(tokenizer, it["question"], it["answer"], d.max_length, fmt)
+                                   for it in retain])
     return UnlearnData(forget=qa(forget), retain=qa(retain), forget_idk=qa(forget, refusal=True))
 
 

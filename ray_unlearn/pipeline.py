@@ -108,6 +108,7 @@ def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: d
                     ) -> tuple[dict[str, dict[str, float]], list[float] | None]:
     """Evaluate each model (a "retain" entry first: its forget truth ratios give the others'
     forget quality); returns (summaries by name, the retain model's forget truth ratios)."""
+    from ray_unlearn.data.collate import prompt_format
     from ray_unlearn.eval.suite import evaluate_model, forget_truth_ratios, summary
 
     summaries, retain_tr = {}, None
@@ -115,7 +116,7 @@ def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: d
         with console.status(f"evaluating {name} model") as status:
             say = status.update if console.is_terminal else console.print
             results = evaluate_model(models[name](), tokenizer, inputs.eval_splits, cfg.eval,
-                                     cfg.data.prompt_template, cfg.data.max_length, retain_truth_ratios=retain_tr,
+                                     prompt_format(cfg.data), cfg.data.max_length, retain_truth_ratios=retain_tr,
                                      progress=lambda msg, n=name: say(f"evaluating {n} model: {msg}"))
         if name == "retain" and "forget_truth_ratio" in results:
             retain_tr = forget_truth_ratios(results)

@@ -11,8 +11,10 @@ Two deployments:
 
 Endpoints: GET /healthz (readiness, no key), GET /v1/models[/{id}], POST /v1/completions,
 POST /v1/chat/completions (both with `stream` as server-sent events), POST /v1/verify. Chat
-messages go through the tokenizer's chat template when it has one, else `prompt_template`
-around the last user message (see `serving.engine.render_chat`).
+messages and /v1/verify items are encoded as in training and evaluation (`data.collate`): through
+the tokenizer's chat template when it has one (`chat_template`, `system_prompt`), else
+`prompt_template` around the last user message (see `serving.engine.render_chat`); generation
+stops at EOS and at the chat template's end-of-turn token.
 
 The gateway calls `ModelServer` through a handle with `.options(multiplexed_model_id=<model>)`,
 so Serve routes each request to a replica that already holds its model. Every error is
@@ -38,6 +40,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_unlearn.cli import quiet_libraries
+from ray_unlearn.data.collate import prompt_format, stop_token_ids, uses_chat_template
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.serving.auth import require_key
 from ray_unlearn.serving.config import (ServeConfig, is_loopback, load_serve_config, resolve_api_key,
@@ -111,10 +114,11 @@ def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
 
 @dataclass
 class LoadedModel:
-    """A model and its tokenizer, as the multiplexed loader returns them."""
+    """A model, its tokenizer and the token ids its generation stops on, as the multiplexed loader returns them."""
 
     model: Any
     tokenizer: Any
+    stop_ids: list[int]
 
 
 @serve.deployment
@@ -143,7 +147,8 @@ class ModelServer:
 
         path = self.models[model_id]
         model = load_model(path, self.cfg.dtype, self.cfg.trust_remote_code).to(self.device).eval()
-        return LoadedModel(model, load_tokenizer(path, self.cfg.trust_remote_code))
+        tokenizer = load_tokenizer(path, self.cfg.trust_remote_code)
+        return LoadedModel(model, tokenizer, stop_token_ids(tokenizer, prompt_format(self.cfg, prefix="")))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both set from the config in __init__
     async def _generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
@@ -154,7 +159,7 @@ class ModelServer:
             raise RuntimeError(f"one batch mixes models {sorted(model_ids)}")
         loaded = await self._load(requests[0].model_id)
         self._count_batch(len(requests))
-        decoder = await asyncio.to_thread(BatchDecoder, loaded.model, loaded.tokenizer, requests)
+        decoder = await asyncio.to_thread(BatchDecoder, loaded.model, loaded.tokenizer, requests, loaded.stop_ids)
         while not decoder.done:
             deltas = await asyncio.to_thread(decoder.step)
             yield [StopIteration if d is None else d for d in deltas]
@@ -212,6 +217,7 @@ class Gateway:
         self.handles: dict[tuple[str, bool], DeploymentHandle] = {}
         self.created = int(time.time())
         self.rule = VerdictRule(cfg.verify.es_threshold, cfg.verify.prob_ratio, cfg.verify.min_forgotten_fraction)
+        self.prompt_format = prompt_format(cfg, prefix="")
 
     # -------------------------------------------------- request plumbing
 
@@ -240,7 +246,9 @@ class Gateway:
             from ray_unlearn.models.io import load_tokenizer
 
             try:
-                self.tokenizers[model_id] = load_tokenizer(self.models[model_id], self.cfg.trust_remote_code)
+                tokenizer = load_tokenizer(self.models[model_id], self.cfg.trust_remote_code)
+                uses_chat_template(tokenizer, self.prompt_format)  # chat_template=true needs one
+                self.tokenizers[model_id] = tokenizer
             except UnlearnError as e:
                 raise APIError(503, f"model {model_id!r} is unavailable: {e}", type="server_error",
                                code="model_unavailable") from None
@@ -364,7 +372,7 @@ class Gateway:
             raise APIError(400, f"messages has {len(req.messages)} messages, over the limit of {lim.max_messages}",
                            param="messages", code="too_many_messages")
         params = self._gen_params(req, req.requested_max_tokens(), lim.default_max_tokens)
-        ids = render_chat(self._tokenizer(model_id), req.messages, self.cfg.prompt_template)
+        ids = render_chat(self._tokenizer(model_id), req.messages, self.prompt_format)
         check_prompt_length(ids, lim.max_prompt_tokens, "messages")
         gen, rid = GenerationRequest(model_id, tuple(ids), params), new_id("chatcmpl")
         if req.stream:
@@ -402,7 +410,8 @@ class Gateway:
 
     def _encode_rows(self, model_id: str, rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
         c = self.cfg
-        return encode_rows(self._tokenizer(model_id), rows, c.max_length, c.prompt_template, c.limits.max_item_tokens)
+        return encode_rows(self._tokenizer(model_id), rows, c.max_length, self.prompt_format,
+                           c.limits.max_item_tokens)
 
 
 # ---------------------------------------------------------------- building and running

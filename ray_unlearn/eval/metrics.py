@@ -208,20 +208,23 @@ def model_utility(values: Sequence[float]) -> float:
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy answers to a batch of prompts (left-padded); only the new tokens, cut at EOS, stripped."""
+def greedy_generate(model: Any, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int,
+                    stop_ids: Sequence[int] | None = None) -> list[str]:
+    """Greedy answers to a batch of prompts (left-padded); only the new tokens, cut at the first stop
+    id (default: EOS; `collate.stop_token_ids` adds a chat template's end-of-turn), stripped."""
     eos = tokenizer.eos_token_id
+    stops = list(stop_ids) if stop_ids is not None else ([eos] if eos is not None else [])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     batch = pad_batch([{"input_ids": list(p)} for p in prompt_ids], pad_id, left=True)
     device = model_device(model)
     input_ids = batch["input_ids"].to(device)
     out = model.generate(input_ids, attention_mask=batch["attention_mask"].to(device), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stops or None)
     texts = []
     for row in out[:, input_ids.shape[1]:].tolist():
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip())
+        cut = min((row.index(s) for s in stops if s in row), default=len(row))
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=True).strip())
     return texts
 
 

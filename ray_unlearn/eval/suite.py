@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ray_unlearn.config import EvalConfig
-from ray_unlearn.data.collate import encode_prompt, encode_qa, pad_batch
+from ray_unlearn.data.collate import (PromptFormat, as_prompt_format, encode_prompt, encode_qa, pad_batch,
+                                      render_prompt, stop_token_ids)
 from ray_unlearn.eval import metrics as M
 from ray_unlearn.logprobs import sequence_nll
 
@@ -65,7 +66,8 @@ class _Run:
 
     model: Any
     tokenizer: Any
-    template: str
+    fmt: PromptFormat
+    stop_ids: list[int]             # generation stops on these (EOS, a chat template's end-of-turn)
     max_length: int
     batch_size: int
     max_new_tokens: int
@@ -76,20 +78,22 @@ class _Run:
 
 
 def evaluate_model(model: Any, tokenizer: Any, splits: dict[str, list[dict]], cfg: EvalConfig,
-                   prompt_template: str, max_length: int = 128,
+                   prompt_format: PromptFormat | str, max_length: int = 128,
                    retain_truth_ratios: Sequence[float] | None = None,
                    progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Evaluate `model` on the given splits ("forget", "retain", "world_facts", "real_authors").
 
     Metrics whose inputs are missing are skipped (no perturbed answers: no truth ratio; no
     retain_truth_ratios: no forget_quality; a utility split missing: no model_utility).
-    The model runs in eval mode; its training flag is restored afterwards.
+    The model runs in eval mode; its training flag is restored afterwards. Items are encoded as
+    `prompt_format` says (a bare template string: PromptFormat(template), chat template auto).
     """
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise ValueError(f"evaluate_model: unknown split(s) {unknown}; valid: {', '.join(SPLITS)}")
-    run = _Run(model, tokenizer, prompt_template, max_length, cfg.batch_size, cfg.max_new_tokens,
-               progress or (lambda msg: None))
+    fmt = as_prompt_format(prompt_format)
+    run = _Run(model, tokenizer, fmt, stop_token_ids(tokenizer, fmt), max_length, cfg.batch_size,
+               cfg.max_new_tokens, progress or (lambda msg: None))
     was_training = model.training
     model.eval()
     try:
@@ -188,7 +192,7 @@ def _teacher_forced(run: _Run, pairs: list[tuple[str, str]]) -> dict[str, np.nda
     pad_id = _pad_id(run.tokenizer)
     parts: dict[str, list[torch.Tensor]] = {"nll": [], "em": [], "es": []}
     for start in range(0, len(pairs), run.batch_size):
-        encoded = [encode_qa(run.tokenizer, q, a, run.max_length, run.template)
+        encoded = [encode_qa(run.tokenizer, q, a, run.max_length, run.fmt)
                    for q, a in pairs[start:start + run.batch_size]]
         batch = pad_batch(encoded, pad_id)
         logits = M.forward_logits(run.model, batch)
@@ -212,13 +216,13 @@ def _rouge_metric(run: _Run, items: list[dict]) -> dict:
     generations: list[str] = []
     for start in range(0, len(items), run.batch_size):
         chunk = items[start:start + run.batch_size]
-        prompts = [encode_prompt(run.tokenizer, it["question"], run.template) for it in chunk]
-        generations += M.greedy_generate(run.model, run.tokenizer, prompts, run.max_new_tokens)
+        prompts = [encode_prompt(run.tokenizer, it["question"], run.fmt) for it in chunk]
+        generations += M.greedy_generate(run.model, run.tokenizer, prompts, run.max_new_tokens, run.stop_ids)
     references = [it["answer"].strip() for it in items]
     by_index = {}
     for i, (it, gen, ref, scores) in enumerate(zip(items, generations, references,
                                                    M.rouge_scores(generations, references))):
-        by_index[str(i)] = {**scores, "input": run.template.format(question=it["question"]),
+        by_index[str(i)] = {**scores, "input": render_prompt(run.tokenizer, it["question"], run.fmt),
                             "ground_truth": ref, "generation": gen}
     return {"agg_value": float(np.mean([r["rougeL_recall"] for r in by_index.values()])),
             "value_by_index": by_index}

@@ -1,7 +1,9 @@
 """Build (or reuse from cache) the built-in benchmark: data splits, tokenizer, target and retain models.
 
 The cache key is a hash of everything that shapes the result (size, seed, recipe, prompt), so a
-changed recipe builds anew. A build writes into a temporary directory renamed when complete,
+changed recipe builds anew. The built-in tokenizer has no chat template: its models are trained
+and checked with the plain prompt template (`PromptFormat(template, chat_template=False)`), and
+data.chat_template / data.system_prompt do not change the build. A build writes into a temporary directory renamed when complete,
 under a file lock, so concurrent runs never see half a benchmark.
 """
 
@@ -154,12 +156,12 @@ def _train_one(root: str, size: str, seed: int, prompt_template: str, name: str,
 
 def _forget_es(model: Any, tokenizer: Any, items: list[dict], prompt_template: str) -> float:
     """Mean extraction strength of `model` on `items` (the build's memorization check)."""
-    from ray_unlearn.data.collate import encode_qa, pad_batch
+    from ray_unlearn.data.collate import PromptFormat, encode_qa, pad_batch
     from ray_unlearn.eval.metrics import extraction_strength
 
-    values = []
+    fmt, values = PromptFormat(template=prompt_template, chat_template=False), []
     for i in range(0, len(items), 64):
-        enc = [encode_qa(tokenizer, it["question"], it["answer"], prompt_template=prompt_template)
+        enc = [encode_qa(tokenizer, it["question"], it["answer"], fmt=fmt)
                for it in items[i:i + 64]]
         values += extraction_strength(model, pad_batch(enc, tokenizer.pad_token_id)).tolist()
     return float(sum(values) / max(1, len(values)))

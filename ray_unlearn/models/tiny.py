@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ray_unlearn.data.collate import DEFAULT_PROMPT, encode_qa, pad_batch
+from ray_unlearn.data.collate import DEFAULT_PROMPT, PromptFormat, encode_qa, pad_batch
 from ray_unlearn.logprobs import batch_nll
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -75,9 +75,11 @@ def new_llama(spec: TinySpec, tokenizer: Any, seed: int) -> Any:
 def train_memorizer(spec: TinySpec, tokenizer: Any, pairs: Sequence[tuple[str, str]], seed: int,
                     prompt_template: str = DEFAULT_PROMPT,
                     on_step: Callable[[int, int, float], None] | None = None) -> Any:
-    """Train a fresh model on answer tokens of `pairs` for spec.epochs epochs (AdamW, cosine LR)."""
+    """Train a fresh model on answer tokens of `pairs` for spec.epochs epochs (AdamW, cosine LR);
+    the built-in tokenizer has no chat template, so pairs are encoded with `prompt_template`."""
     model = new_llama(spec, tokenizer, seed)
-    encoded = [encode_qa(tokenizer, q, a, max_length=128, prompt_template=prompt_template) for q, a in pairs]
+    fmt = PromptFormat(template=prompt_template, chat_template=False)
+    encoded = [encode_qa(tokenizer, q, a, max_length=128, fmt=fmt) for q, a in pairs]
     steps_per_epoch = math.ceil(len(encoded) / spec.batch_size)
     total = spec.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 
-from ray_unlearn.config import (BenchmarkConfig, _choice, _f, _positive, from_dict, merge, parse_overrides,
-                                read_yaml_mapping)
+from ray_unlearn.config import (BenchmarkConfig, _choice, _f, _positive, chat_template_setting, from_dict, merge,
+                                parse_overrides, read_yaml_mapping)
 from ray_unlearn.data.collate import DEFAULT_PROMPT
 from ray_unlearn.errors import UnlearnError
 
@@ -158,8 +158,14 @@ class ServeConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig,
                                        metadata={"help": "Seed and cache of builtin: models and benchmarks "
                                                          "(size is taken from each builtin:<size> reference)."})
-    prompt_template: str = _f(DEFAULT_PROMPT, "Prompt around a question ({question}): chat requests to models "
-                                              "without a chat template, and /v1/verify items.")
+    prompt_template: str = _f(DEFAULT_PROMPT, "Prompt around a question ({question}) for tokenizers without a chat "
+                                              "template (or with chat_template false): chat requests (the last "
+                                              "user message) and /v1/verify items.")
+    chat_template: str | bool = _f("auto", "Chat requests and /v1/verify items through the tokenizer's chat "
+                                           "template: auto (when it has one), true (every model's must have "
+                                           "one), false (never: prompt_template).")
+    system_prompt: str = _f("", "System message of chat-template prompts (added to chat requests without one); "
+                                "empty = none (the template's default).")
     max_length: int = _f(128, "Verify items are truncated to this many tokens (prompt + answer).")
     dtype: str = _f("float32", "Parameter dtype: float32, bfloat16, float16.")
     trust_remote_code: bool = _f(False, "Allow custom model code from model directories (off unless set).")
@@ -177,6 +183,7 @@ class ServeConfig:
         _positive("max_length", self.max_length)
         if "{question}" not in self.prompt_template:
             raise UnlearnError("prompt_template: must contain {question}")
+        self.chat_template = chat_template_setting("chat_template", self.chat_template)
         if not self.models:
             raise UnlearnError("models: register at least one model, e.g. models.base=builtin:micro:target")
         for model_id, path in self.models.items():

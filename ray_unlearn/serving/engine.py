@@ -26,13 +26,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ray_unlearn.data.collate import encode_prompt, encode_qa, encode_text, pad_batch
+from ray_unlearn.data.collate import (PromptFormat, as_prompt_format, chat_prompt_ids, encode_prompt, encode_qa,
+                                      encode_text, pad_batch, uses_chat_template)
+from ray_unlearn.errors import UnlearnError
 from ray_unlearn.eval.metrics import (exact_memorization_from_logits, extraction_strength_from_logits,
                                       forward_logits, model_device)
 from ray_unlearn.logprobs import sequence_nll, token_logprobs
 from ray_unlearn.serving.schemas import APIError, ChatMessage, VerifyRequest
 
-PROMPT_ONLY = "{question}"  # completions: the prompt is used as is
+COMPLETION_FORMAT = PromptFormat(template="{question}", chat_template=False)  # completions: the prompt as is
 
 
 # ---------------------------------------------------------------- requests
@@ -70,26 +72,34 @@ class Delta:
 # ---------------------------------------------------------------- prompts
 
 
-def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], prompt_template: str) -> list[int]:
-    """Prompt token ids of a chat.
+def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], fmt: PromptFormat | str) -> list[int]:
+    """Prompt token ids of a chat, as `collate` encodes prompts for training and evaluation.
 
-    With a tokenizer chat template: the template applied to every message, plus the
-    generation prompt. Without one: `prompt_template` around the last user message's text
-    (the earlier messages are dropped), as the built-in models were trained.
+    With a chat template (`fmt.chat_template` and the tokenizer's): the template applied to every
+    message, `fmt.system_prompt` first when the chat has no system message, plus the generation
+    prompt; one user message gives exactly `encode_prompt`'s ids. Without one: `fmt.template`
+    around the last user message's text (the earlier messages are dropped), as the built-in
+    models were trained. A chat the template rejects is a 400.
     """
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
-                                             tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    fmt = as_prompt_format(fmt)
+    if uses_chat_template(tokenizer, fmt):
+        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        if fmt.system_prompt and not any(t["role"] == "system" for t in turns):
+            turns.insert(0, {"role": "system", "content": fmt.system_prompt})
+        try:
+            return chat_prompt_ids(tokenizer, turns, fmt)
+        except UnlearnError as e:
+            raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
     users = [m for m in messages if m.role == "user"]
     if not users:
         raise APIError(400, "messages: no user message to answer", param="messages", code="invalid_value")
-    return encode_prompt(tokenizer, users[-1].text(), prompt_template)
+    return encode_prompt(tokenizer, users[-1].text(), fmt)
 
 
 def render_completion(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt token ids of a completion prompt: BOS (if the tokenizer has one) + the text's tokens."""
-    return encode_prompt(tokenizer, prompt, PROMPT_ONLY)
+    """Prompt token ids of a completion prompt: BOS (if the tokenizer has one and the text does not
+    start with it) + the text's tokens; never a chat template."""
+    return encode_prompt(tokenizer, prompt, COMPLETION_FORMAT)
 
 
 def check_prompt_length(prompt_ids: Sequence[int], max_prompt_tokens: int, param: str) -> None:
@@ -204,11 +214,12 @@ class _Row:
         return delta
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def _eos_ids(model: Any, tokenizer: Any, stop_ids: Sequence[int] = ()) -> set[int]:
+    """Ids that end a row: the tokenizer's EOS, the model's generation_config EOS ids, and `stop_ids`."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-    return ids
+    return ids | set(stop_ids)
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -218,11 +229,13 @@ def _generator(seed: int | None) -> torch.Generator:
 class BatchDecoder:
     """Decode a batch of requests together, one token per row per `step()`.
 
-    Rows finish independently (EOS, a stop sequence, max_tokens, or the model's context
-    length); a finished row keeps riding along in the batch, its outputs ignored.
+    Rows finish independently (EOS or one of `stop_ids`, e.g. `collate.stop_token_ids`' chat
+    end-of-turn; a stop sequence; max_tokens; or the model's context length); a finished row
+    keeps riding along in the batch, its outputs ignored.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]) -> None:
+    def __init__(self, model: Any, tokenizer: Any, requests: Sequence[GenerationRequest],
+                 stop_ids: Sequence[int] = ()) -> None:
         self.model, self.device = model, model_device(model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         batch = pad_batch([{"input_ids": list(r.prompt_ids)} for r in requests], pad_id, left=True)
@@ -231,7 +244,7 @@ class BatchDecoder:
         self.positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
         self.past = None
         context = getattr(model.config, "max_position_embeddings", None) or math.inf
-        eos = _eos_ids(model, tokenizer)
+        eos = _eos_ids(model, tokenizer, stop_ids)
         self.rows = [_Row(r.params, int(max(1, min(r.params.max_tokens, context - len(r.prompt_ids)))),
                           tokenizer, eos) for r in requests]
         self.params = [r.params for r in requests]
@@ -255,9 +268,10 @@ class BatchDecoder:
         return deltas
 
 
-def generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]) -> list[Delta]:
+def generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest],
+             stop_ids: Sequence[int] = ()) -> list[Delta]:
     """Decode `requests` to completion: one Delta per request with its whole text."""
-    decoder = BatchDecoder(model, tokenizer, requests)
+    decoder = BatchDecoder(model, tokenizer, requests, stop_ids)
     results = [Delta("") for _ in requests]
     while not decoder.done:
         for res, d in zip(results, decoder.step()):
@@ -312,13 +326,17 @@ def verify_rows(req: VerifyRequest, benchmarks: Mapping[str, str], cap: int) -> 
     return rows, source
 
 
-def encode_rows(tokenizer: Any, rows: Sequence[dict], max_length: int, prompt_template: str,
+def encode_rows(tokenizer: Any, rows: Sequence[dict], max_length: int, fmt: PromptFormat | str,
                 max_item_tokens: int) -> list[dict[str, list[int]]]:
-    """Token ids and answer labels of each row (`encode_qa` / `encode_text`); 400 for an over-long row."""
+    """Token ids and answer labels of each row (`encode_qa` with `fmt` / `encode_text`); 400 for an
+    over-long row."""
     out = []
     for i, row in enumerate(rows):
-        enc = (encode_text(tokenizer, row["text"], max_length) if "text" in row else
-               encode_qa(tokenizer, row["question"], row["answer"], max_length, prompt_template))
+        try:
+            enc = (encode_text(tokenizer, row["text"], max_length) if "text" in row else
+                   encode_qa(tokenizer, row["question"], row["answer"], max_length, fmt))
+        except UnlearnError as e:  # the chat template rejected the item
+            raise APIError(400, f"item {i}: {e}", param=f"items.{i}", code="invalid_value") from None
         if len(enc["input_ids"]) > max_item_tokens:
             raise APIError(400, f"item {i} is {len(enc['input_ids'])} tokens, over the limit of {max_item_tokens}",
                            param=f"items.{i}", code="item_too_long")

@@ -162,3 +162,12 @@ def test_too_many_workers_fail_before_anything_is_written(ray_session, micro_con
     with pytest.raises(UnlearnError, match="^ray.num_workers=64 .* needs 64 CPUs"):
         run_job(cfg)
     assert not Path(cfg.output_dir).exists()
+
+
+def test_chat_template_true_needs_one_before_any_worker_starts(micro_bench, micro_config):
+    """The built-in tokenizer has no chat template: auto falls back to prompt_template, true is refused."""
+    _, tokenizer = load_checked(micro_config(), resolve_inputs(micro_config()), meta=True)
+    assert not getattr(tokenizer, "chat_template", None)
+    cfg = micro_config("data.chat_template=true")
+    with pytest.raises(UnlearnError, match="^data.chat_template is true but the tokenizer has no chat template"):
+        load_checked(cfg, resolve_inputs(cfg), meta=True)

@@ -349,3 +349,22 @@ def test_activation_checkpointing_gives_the_same_weights(make, optim):
     a, b = weights(plain_model), weights(ac_model)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_encode_data_uses_the_jobs_prompt_format(llama3_tokenizer):
+    """Forget, forget_idk and retain streams go through data.chat_template / data.system_prompt."""
+    from ray_unlearn.config import load_config
+    from ray_unlearn.data.collate import encode_qa, prompt_format
+
+    item = {"question": "Where was Ada Lovelace born?", "answer": "Ada Lovelace was born in London."}
+    seen = []
+    for overrides in ([], ["data.system_prompt=Answer briefly."], ["data.chat_template=false"]):
+        cfg = load_config(None, overrides)
+        fmt = prompt_format(cfg.data)
+        data = encode_data(cfg, llama3_tokenizer, [item], [item])
+        expected = encode_qa(llama3_tokenizer, item["question"], item["answer"], cfg.data.max_length, fmt)
+        assert data.forget == data.retain == [expected]
+        assert data.forget_idk == [encode_qa(llama3_tokenizer, item["question"], cfg.data.refusal,
+                                             cfg.data.max_length, fmt)]
+        seen.append(data.forget[0]["input_ids"])
+    assert len({tuple(ids) for ids in seen}) == 3  # three different encodings

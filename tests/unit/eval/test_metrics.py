@@ -231,3 +231,16 @@ def test_greedy_generate_stops_at_eos():
 
     model.lm_head.register_forward_hook(eos_first)
     assert M.greedy_generate(model, tok, [[1, 5, 6], [1, 7]], max_new_tokens=4) == ["", ""]
+
+
+def test_greedy_generate_stops_at_any_stop_id():
+    """A chat template's end-of-turn (here id 9) ends an answer as EOS does."""
+    model = tiny_llama()
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0, decode=lambda ids, **kw: " ".join(str(i) for i in ids))
+
+    def nine_first(module, inputs, logits):
+        return logits + 100.0 * torch.nn.functional.one_hot(torch.tensor(9), logits.shape[-1])
+
+    model.lm_head.register_forward_hook(nine_first)
+    assert M.greedy_generate(model, tok, [[1, 5, 6]], max_new_tokens=3) == ["9 9 9"]
+    assert M.greedy_generate(model, tok, [[1, 5, 6]], max_new_tokens=3, stop_ids=[2, 9]) == [""]

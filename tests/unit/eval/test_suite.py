@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ray_unlearn.config import EvalConfig
+from ray_unlearn.data.collate import PromptFormat
 from ray_unlearn.eval import metrics as M
 from ray_unlearn.eval.suite import evaluate_model, forget_truth_ratios, summary, write_eval
 
@@ -165,3 +166,22 @@ def test_write_eval_files(model, tokenizer, tmp_path):
     assert json.loads(summary_path.read_text()) == pytest.approx(summary(results))
     assert set(summary(results)) == set(results)
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["TOFU_EVAL.json", "TOFU_SUMMARY.json"]
+
+
+def test_chat_template_prompts_and_stops(model, tokenizer):
+    """A chat template that writes exactly the plain format (BOS, the template, " " + answer, EOS)
+    gives the plain format's numbers: one BOS, the same prompt and answer tokens."""
+    import copy
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}Question: {{ m.content }}\n"
+                          "{% else %}Answer: {{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+                          "{% if add_generation_prompt %}Answer:{% endif %}")
+    splits = {"forget": FORGET, "world_facts": WORLD}
+    plain = run(model, tokenizer, splits=splits)
+    cfg = EvalConfig(batch_size=2, max_new_tokens=6, max_items=0)
+    templated = evaluate_model(model, chat, splits, cfg, PromptFormat(template="unused {question}"), max_length=64)
+    assert templated["forget_Q_A_ROUGE"]["value_by_index"]["0"]["input"] == (
+        "[BOS]Question: Where was Ada Vell born?\nAnswer:")
+    for name in ("forget_Q_A_Prob", "forget_truth_ratio", "wf_Q_A_Prob_normalised", "extraction_strength"):
+        assert templated[name]["agg_value"] == pytest.approx(plain[name]["agg_value"], rel=1e-6), name

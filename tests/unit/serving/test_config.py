@@ -21,6 +21,15 @@ def test_example_serve_yaml_loads():
     assert cfg.http.host == "127.0.0.1" and cfg.batching.enabled
 
 
+def test_prompt_format_fields():
+    from ray_unlearn.data.collate import PromptFormat, prompt_format
+
+    cfg = load_serve_config(ROOT / "jobs" / "serve.yaml")
+    assert (cfg.chat_template, cfg.system_prompt) == ("auto", "")
+    cfg = load_serve_config(None, ["chat_template=false", "system_prompt=Be brief."])
+    assert prompt_format(cfg, prefix="") == PromptFormat(cfg.prompt_template, False, "Be brief.")
+
+
 def test_overrides_add_models_to_the_registry():
     cfg = load_serve_config(ROOT / "jobs" / "serve.yaml", ["models.unlearned=runs/unlearn/model", "http.port=9000"])
     assert cfg.models["unlearned"] == "runs/unlearn/model" and "base" in cfg.models and cfg.http.port == 9000
@@ -41,6 +50,8 @@ def test_overrides_add_models_to_the_registry():
     ({"batching": {"max_batch_size": 64}}, "max_ongoing_requests"),
     ({"verify": {"es_threshold": 1.5}}, "verify.es_threshold"),
     ({"prompt_template": "no slot"}, "prompt_template"),
+    ({"chat_template": "maybe"}, "chat_template: 'maybe' is not one of auto, true, false"),
+    ({"chat_template": 1}, "chat_template: expected str or bool"),
 ])
 def test_bad_configs_name_the_key(data, words):
     with pytest.raises(UnlearnError, match=re.escape(words)):

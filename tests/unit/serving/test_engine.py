@@ -113,6 +113,13 @@ def test_max_tokens_ends_with_length():
     assert (out.text, out.finish_reason, out.completion_tokens) == ("yzxyz", "length", 5)
 
 
+def test_stop_ids_end_a_row_like_eos():
+    """A chat template's end-of-turn (here "z") stops the row with finish_reason "stop"."""
+    (out,) = generate(BigramModel(CHAIN), CharTokenizer(), [req("x", temperature=0, max_tokens=10)],
+                      stop_ids=[ID["z"]])
+    assert (out.text, out.finish_reason, out.completion_tokens) == ("yz", "stop", 2)
+
+
 def test_context_length_caps_generation():
     (out,) = generate(BigramModel(CHAIN, context=4), CharTokenizer(), [req("xy", temperature=0, max_tokens=50)])
     assert (out.text, out.finish_reason) == ("zx", "length")
@@ -188,8 +195,48 @@ def test_chat_with_a_template_renders_every_message(micro_bench):
     assert tok.decode(ids) == "[system] Be brief.\n[user] What is 2 plus 3?\n[assistant]"
 
 
+def test_chat_with_a_real_chat_template_is_the_training_prompt(llama3_tokenizer):
+    """One user message renders exactly as `encode_prompt` (one BOS); system_prompt is added to chats without one."""
+    from ray_unlearn.data.collate import PromptFormat, chat_messages, encode_prompt
+
+    tok, question = llama3_tokenizer, "Where was Ada Lovelace born?"
+    fmt = PromptFormat(system_prompt="Answer briefly.")
+    ids = render_chat(tok, [ChatMessage(role="user", content=question)], fmt)
+    assert ids == encode_prompt(tok, question, fmt) and ids.count(tok.bos_token_id) == 1
+    assert tok.decode(ids, skip_special_tokens=False).startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|>")
+    own = render_chat(tok, [ChatMessage(role="system", content="Be kind."), ChatMessage(role="user", content=question)],
+                      fmt)
+    assert "Answer briefly." not in tok.decode(own) and "Be kind." in tok.decode(own)
+    plain = render_chat(tok, [ChatMessage(role="user", content=question)], PromptFormat(chat_template=False))
+    assert plain == encode_prompt(tok, question, PromptFormat(chat_template=False))
+    assert chat_messages(question, fmt)[0] == {"role": "system", "content": "Answer briefly."}
+
+
+def test_chat_the_template_rejects_is_a_400(chatml_tokenizer):
+    chatml_tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(APIError) as e:
+        render_chat(chatml_tokenizer, [ChatMessage(role="user", content="Hi")], "{question}")
+    assert e.value.status == 400 and "roles must alternate" in str(e.value.body())
+
+
+def test_verify_rows_are_encoded_as_in_training(chatml_tokenizer):
+    from ray_unlearn.data.collate import PromptFormat, encode_qa
+    from ray_unlearn.serving.engine import encode_rows
+
+    row = {"question": "Where was Ada Lovelace born?", "answer": "Ada Lovelace was born in London."}
+    fmt = PromptFormat(system_prompt="Answer briefly.")
+    assert encode_rows(chatml_tokenizer, [row], 128, fmt, 128) == [encode_qa(chatml_tokenizer, row["question"],
+                                                                              row["answer"], 128, fmt)]
+
+
 def test_completion_prompt_gets_bos_only():
     assert render_completion(CharTokenizer(), "ab") == [1, ID["a"], ID["b"]]
+
+
+def test_completion_prompt_that_starts_with_bos_gets_no_second_one(llama3_tokenizer):
+    ids = render_completion(llama3_tokenizer, "<|begin_of_text|>Where")
+    assert ids[:2] != [llama3_tokenizer.bos_token_id] * 2 and ids[0] == llama3_tokenizer.bos_token_id
 
 
 def test_sampling_params_defaults_and_caps():
