@@ -92,10 +92,11 @@ def _evaluator(cfg: JobConfig, inputs: JobInputs, tokenizer: Any,
     """
     if not (cfg.train.eval_every > 0 or config.get("evaluate_at_end")):
         return None
+    from ray_unlearn.data.collate import prompt_format
     from ray_unlearn.eval.suite import evaluate_model, summary
 
     def evaluate(module: Any, step: int) -> dict[str, float]:
-        results = evaluate_model(module, tokenizer, inputs.eval_splits, cfg.eval, cfg.data.prompt_template,
+        results = evaluate_model(module, tokenizer, inputs.eval_splits, cfg.eval, prompt_format(cfg.data),
                                  cfg.data.max_length, retain_truth_ratios=config.get("retain_truth_ratios"))
         return {k: float(v) for k, v in summary(results).items()}
 
