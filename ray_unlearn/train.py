@@ -151,18 +151,20 @@ def latest_checkpoint(cfg: JobConfig) -> Path | None:
 
 
 def check_resume(cfg: JobConfig) -> None:
-    """Refuse, before any work, to resume a checkpoint written by another strategy."""
+    """Refuse, before any work, to resume a checkpoint written by another strategy (or, for deepspeed,
+    by another number of workers)."""
     import json
 
     from ray_unlearn.parallel import build_strategy
 
     ckpt = latest_checkpoint(cfg)
     if ckpt is not None:
-        written_by = json.loads((ckpt / "state.json").read_text()).get("strategy")
-        if written_by is None:
+        state = json.loads((ckpt / "state.json").read_text())
+        if state.get("strategy") is None:
             raise UnlearnError(f"checkpoint {ckpt} was written by an older ray_unlearn; start fresh with a new "
                                "name or output_dir")
-        build_strategy(cfg.ray.strategy).check_checkpoint(ckpt, written_by)
+        strategy = build_strategy(cfg.ray.strategy, world_size=max(1, cfg.ray.max_workers))
+        strategy.check_checkpoint(ckpt, state["strategy"], state.get("world_size"))
 
 
 def _latest_local(path: Path) -> Path | None:

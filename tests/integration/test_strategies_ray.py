@@ -1,4 +1,4 @@
-"""ddp and fsdp2 through Ray Train on the micro benchmark: same final model, sharded checkpoints from
+"""ddp, fsdp2 and deepspeed through Ray Train on the micro benchmark: same final model, sharded checkpoints from
 every rank merged by Ray, the final model written by the workers (the driver never loads it),
 resume with another worker count, and a resume by another strategy refused."""
 
@@ -71,12 +71,35 @@ def test_fsdp2_checkpoint_holds_every_rank_shard(fsdp2_run):
     assert (state["strategy"], state["world_size"], state["step"]) == ("fsdp2", 2, 4)
 
 
-def test_fsdp2_equals_ddp_through_ray_train(fsdp2_run, micro_config, ray_session):
+@pytest.fixture(scope="module")
+def ddp_final(micro_bench, bench_cache, tmp_path_factory, ray_session) -> dict[str, torch.Tensor]:
+    from ray_unlearn.config import load_config
     from ray_unlearn.pipeline import run_job
 
-    ddp = micro_config("ray.strategy=ddp", "ray.num_workers=2", *STEPS)
+    ddp = load_config(None, ["benchmark.size=micro", f"benchmark.cache_dir={bench_cache}", "ray.strategy=ddp",
+                             "ray.num_workers=2", f"output_dir={tmp_path_factory.mktemp('ddp')}", *STEPS])
     run_job(ddp)
-    _close(_final(ddp), _final(fsdp2_run))
+    return _final(ddp)
+
+
+def test_fsdp2_equals_ddp_through_ray_train(fsdp2_run, ddp_final):
+    _close(ddp_final, _final(fsdp2_run))
+
+
+def test_deepspeed_zero3_equals_ddp_through_ray_train(micro_config, ddp_final, ray_session):
+    """ZeRO 3 in Ray Train workers: every rank reports its partition, the final model gathered by the workers."""
+    from ray_unlearn.pipeline import run_job
+
+    cfg = micro_config("ray.strategy=deepspeed", "ray.zero_stage=3", "ray.num_workers=2", "name=zero3",
+                       "train.checkpoint_every=2", *STEPS)
+    run_job(cfg)
+    _close(ddp_final, _final(cfg))
+    ckpt = max(p for p in (Path(cfg.output_dir) / "ray" / "zero3").glob("checkpoint_*") if p.is_dir())
+    names = {p.name for p in (ckpt / "deepspeed").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
+    with pytest.raises(UnlearnError, match=r"written by 2 deepspeed workers .* rerun with ray.num_workers=2"):
+        run_job(micro_config("ray.strategy=deepspeed", "ray.zero_stage=3", "ray.num_workers=1", "name=zero3",
+                             "train.max_steps=6", *STEPS[1:]))
 
 
 def test_fsdp2_resume_with_one_worker_equals_two(fsdp2_run, micro_config, ray_session):
