@@ -12,8 +12,11 @@ processes over gloo (`ray_unlearn.parallel.local`'s process group, no Ray), once
   parameters and the reference model).
 
 Per worker it records the resident set's high-water mark (VmHWM) minus the resident set before the
-model was built (Python, torch, the process group), so the figure is what the model, its training
-state and the steps added; the worker with the largest peak stands for the strategy. CPU memory
+model was built (Python, torch, deepspeed, the process group), so the figure is what the model, its
+training state and the steps added; the worker with the largest peak stands for the strategy. The
+workers run with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072): by default glibc
+raises it after large frees and keeps freed tensors in the heap, so the resident set would only
+grow and the high-water mark would count memory no tensor held any more. CPU memory
 is what this measures here; on GPUs the same script measures host memory, not device memory.
 The last line is
 
@@ -121,6 +124,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     args = parser.parse_args()
+    # glibc raises its mmap threshold after large frees, so freed tensors stay in the heap and the resident
+    # set only grows; a fixed threshold keeps every large tensor in its own mapping, returned when freed,
+    # and the high-water mark tracks the tensors alive at once (set here: the workers inherit it at start)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     params = sum(p.numel() for p in _model(args, True).parameters())
     print(f"model: random-init Llama, {params / 1e6:.0f}M parameters ({params * 4 / 2**30:.2f} GiB in fp32); "
           f"{args.workers} workers, {args.steps} steps of Sophia (GNB) + NPO + retain NLL", flush=True)

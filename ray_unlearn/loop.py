@@ -39,7 +39,7 @@ from ray_unlearn.logprobs import batch_nll
 from ray_unlearn.objectives import (build_objective, combined_loss, objective_ref_streams,
                                     objective_streams)
 from ray_unlearn.optim import build_hessian_estimator, build_optimizer
-from ray_unlearn.optim.hessian import SOUL_BS, empirical_estimate, global_hutchinson_estimate, gnb_backward
+from ray_unlearn.optim.hessian import SOUL_BS, global_hutchinson_estimate, gnb_backward
 from ray_unlearn.parallel import Strategy, build_strategy, load_hf_weights
 
 Encoded = dict[str, list[int]]
@@ -268,10 +268,8 @@ class Unlearner:
     def _empirical_hessian(self, optimizer: Any) -> None:
         """Sophia's empirical estimator (the SOUL code's): g*g of the step's own clipped gradient, folded
         in just before the update, on the params the optimizer holds (partitions under ZeRO)."""
-        if self.hessian is None or self.hessian.kind != "empirical":
-            return
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        optimizer.update_hessian(empirical_estimate(params)[0])
+        if self.hessian is not None and self.hessian.kind == "empirical":
+            optimizer.update_hessian()  # the reference protocol: g*g of each param's own grad, in place
 
     def _estimate_hessian(self, batches: list[dict[str, dict[str, torch.Tensor]]]) -> None:
         """Fold a gnb / hutchinson estimate over the global batch into Sophia when due (or when

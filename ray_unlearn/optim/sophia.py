@@ -56,6 +56,24 @@ def _sophia_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, hessian: Tenso
     return (ratio < 1).sum()
 
 
+CHUNK = 1 << 22  # elements updated at once: bounds the update's temporaries (a ZeRO partition is one flat tensor)
+
+
+def _chunks(tensors: tuple[Tensor, ...]) -> list[tuple[Tensor, ...]]:
+    """Matching flat slices of at most CHUNK elements of same-shaped contiguous tensors (else the tensors)."""
+    n = tensors[0].numel()
+    if n <= CHUNK or not all(t.is_contiguous() for t in tensors):
+        return [tensors]
+    flat = [t.view(-1) for t in tensors]
+    return [tuple(f[i:i + CHUNK] for f in flat) for i in range(0, n, CHUNK)]
+
+
+def _fold_square_(h: Tensor, g: Tensor, beta2: float) -> None:
+    """h <- b2*h + (1-b2)*(g*g) in place, squaring CHUNK elements at a time (bounded temporaries)."""
+    for hc, gc in _chunks((h, g)):
+        hc.mul_(beta2).add_(gc * gc, alpha=1 - beta2)
+
+
 @torch.no_grad()
 def sophia_update(param: Tensor, grad: Tensor, exp_avg: Tensor, hessian: Tensor, *,
                   lr: float, beta1: float, rho: float, weight_decay: float, bs: float) -> int:
@@ -123,24 +141,44 @@ class SophiaG(torch.optim.Optimizer):
         """Fold a diagonal Hessian estimate into h: h <- b2*h + (1-b2)*h_hat.
 
         estimates=None is the reference protocol, h_hat = p.grad*p.grad for each param with a
-        grad; otherwise `estimates` are aligned with the params (of all groups) that require grad,
-        in order. With soul_compat, also m <- b1*m + (1-b1)*g for each param with a grad.
+        grad (squared CHUNK elements at a time: no copy of the gradients);
+        otherwise `estimates` are aligned with the params (of all groups) that require grad, in
+        order. With soul_compat, also m <- b1*m + (1-b1)*g for each param with a grad.
         """
         pairs = self._trainable()
         if estimates is None:
-            pairs = [(p, g) for p, g in pairs if p.grad is not None]
-            estimates = [p.grad * p.grad for p, _ in pairs]
-        elif len(estimates) != len(pairs):
+            for p, group in pairs:
+                if p.grad is not None:
+                    _fold_square_(local_tensor(self._state(p)["hessian"]), local_tensor(p.grad), group["betas"][1])
+                    self._fold_momentum(p, group)
+            return
+        if len(estimates) != len(pairs):
             raise ValueError(f"update_hessian: got {len(estimates)} estimates for {len(pairs)} trainable params")
         for (p, group), est in zip(pairs, estimates):
             if est.shape != p.shape:
                 raise ValueError(f"update_hessian: estimate of shape {tuple(est.shape)} for a param of "
                                  f"shape {tuple(p.shape)}")
-            beta1, beta2 = group["betas"]
-            state = self._state(p)
-            local_tensor(state["hessian"]).mul_(beta2).add_(local_tensor(est).to(p.dtype), alpha=1 - beta2)
-            if self.soul_compat and p.grad is not None:
-                local_tensor(state["exp_avg"]).mul_(beta1).add_(local_tensor(self._grad(p, group)), alpha=1 - beta1)
+            _, beta2 = group["betas"]
+            local_tensor(self._state(p)["hessian"]).mul_(beta2).add_(local_tensor(est).to(p.dtype), alpha=1 - beta2)
+            self._fold_momentum(p, group)
+
+    def _fold_momentum(self, p: Tensor, group: dict) -> None:
+        """soul_compat: m <- b1*m + (1-b1)*g when `p` has a grad (the SOUL code's second momentum fold)."""
+        if self.soul_compat and p.grad is not None:
+            beta1 = group["betas"][0]
+            local_tensor(self._state(p)["exp_avg"]).mul_(beta1).add_(local_tensor(self._grad(p, group)), alpha=1 - beta1)
+
+    @torch.no_grad()
+    def fold_grad_squares(self) -> None:
+        """h <- b2*h + (1-b2)*g*g from every trainable param's grad (g = 0 where there is none), in place,
+        and nothing else: soul_compat's momentum fold is for the loss's gradient, and these are a
+        Hessian estimator's (GNB's sampled-label gradient)."""
+        for p, group in self._trainable():
+            h = local_tensor(self._state(p)["hessian"])
+            if p.grad is None:
+                h.mul_(group["betas"][1])
+            else:
+                _fold_square_(h, local_tensor(p.grad), group["betas"][1])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, bs: float | None = None):
@@ -163,9 +201,11 @@ class SophiaG(torch.optim.Optimizer):
                 state["step"] += 1
                 mesh = getattr(p, "device_mesh", mesh)
                 local = local_tensor(p)
-                kept.append(_sophia_update_(local, local_tensor(self._grad(p, group)), local_tensor(state["exp_avg"]),
-                                            local_tensor(state["hessian"]), lr=group["lr"], beta1=beta1,
-                                            rho=group["rho"], weight_decay=group["weight_decay"], bs=bs))
+                tensors = (local, local_tensor(self._grad(p, group)), local_tensor(state["exp_avg"]),
+                           local_tensor(state["hessian"]))
+                for param, grad, exp_avg, hessian in _chunks(tensors):
+                    kept.append(_sophia_update_(param, grad, exp_avg, hessian, lr=group["lr"], beta1=beta1,
+                                                rho=group["rho"], weight_decay=group["weight_decay"], bs=bs))
                 total += local.numel()
         self._set_clip_rate(kept, total, mesh)
         return loss

@@ -86,11 +86,8 @@ def load_hf_weights(module: torch.nn.Module, path: Path) -> None:
 def fold_grad_squares_into(optimizer: Any) -> None:
     """h <- b2*h + (1-b2)*g*g for the gradients on the optimizer's own params, which are then cleared
     (Sophia's reference `update_hessian()`, minus soul_compat's momentum fold)."""
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    estimates = [torch.zeros_like(p) if p.grad is None else p.grad * p.grad for p in params]
-    for p in params:
-        p.grad = None
-    optimizer.update_hessian(estimates)
+    optimizer.fold_grad_squares()
+    optimizer.zero_grad(set_to_none=True)
 
 
 class Strategy:

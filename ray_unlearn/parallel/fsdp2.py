@@ -1,7 +1,7 @@
 """FSDP2: parameters, gradients and optimizer state sharded over ranks (torch `fully_shard`).
 
-Each decoder block (the classes an HF model lists in `_no_split_modules`) is sharded, then the
-root, as torchtune's `shard_model` does; forward and backward all-gather one block at a time and
+Each decoder block (the classes an HF model lists in `_no_split_modules`) and untied embedding
+matrix is sharded, then the root, as torchtune's `shard_model` does; forward and backward all-gather one block at a time and
 gradients are reduce-scattered (averaged) into each rank's shard. Sophia's m and h are created
 from the sharded parameters, so they are sharded too. The frozen reference model is sharded the
 same way. Checkpoints are torch distributed checkpoints (DCP): every rank writes its shard, and
@@ -23,6 +23,18 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder blocks to shard one by one: modules whose class the model names in `_no_split_modules`."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+
+
+def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What is sharded before the root: the decoder blocks, and untied input and output embeddings (a
+    large vocabulary's two matrices would otherwise stay gathered in the root from forward to backward,
+    and in a frozen reference model for good); tied ones stay in the root (one parameter, one unit)."""
+    units = _blocks(model)
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb_in, emb_out = (get_in() if get_in else None), (get_out() if get_out else None)
+    if emb_in is not None and emb_out is not None and emb_in.weight is not emb_out.weight:
+        units += [emb_in, emb_out]
+    return units
 
 
 class FSDP2Strategy(Strategy):
@@ -52,8 +64,8 @@ class FSDP2Strategy(Strategy):
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        for block in _blocks(model):
-            fully_shard(block, mesh=mesh)
+        for unit in _units(model):
+            fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)  # moves the shards (not the full model) to the device
         if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             model.to_empty(device=self.device)

@@ -73,9 +73,18 @@ class DeepSpeedStrategy(DDPStrategy):
         """ZeRO-3 partitions the parameters: forward passes are collectives."""
         return self.zero_stage == 3 and self.distributed
 
-    def config(self) -> dict[str, Any]:
-        """The engine's config: ZeRO stage and offload, precision, clipping, the loop owning accumulation."""
+    def config(self, hidden_size: int | None = None) -> dict[str, Any]:
+        """The engine's config: ZeRO stage and offload, precision, clipping, the loop owning accumulation,
+        and communication buckets sized from the model's hidden size as HF's "auto" values are (DeepSpeed's
+        defaults, 5e8 elements, allocate 2 GB fp32 buffers whatever the model's size)."""
         zero: dict[str, Any] = {"stage": self.zero_stage}
+        if hidden_size:
+            zero.update(reduce_bucket_size=hidden_size * hidden_size, allgather_bucket_size=hidden_size * hidden_size,
+                        stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+                        stage3_param_persistence_threshold=10 * hidden_size,
+                        # release a gathered parameter when its module is done (DeepSpeed's defaults keep any
+                        # parameter reused within 1e9 elements: the whole model, between forward and backward)
+                        stage3_max_live_parameters=16 * hidden_size * hidden_size, stage3_max_reuse_distance=0)
         if self.offload in ("optimizer", "params"):
             zero["offload_optimizer"] = {"device": "cpu"}
         if self.offload == "params":
@@ -101,7 +110,7 @@ class DeepSpeedStrategy(DDPStrategy):
         deepspeed = _import_deepspeed(self.device)
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
         self.engine, _, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
-                                                    config=self.config())
+                                                    config=self.config(_hidden_size(model)))
         if hasattr(optimizer, "sum_over_ranks"):
             optimizer.sum_over_ranks = self.all_reduce_sum_  # its params are this rank's partitions
         return self.engine, optimizer
@@ -118,7 +127,7 @@ class DeepSpeedStrategy(DDPStrategy):
             return super().wrap_reference(ref)
         deepspeed = _import_deepspeed(self.device)
         ref = ref.to(self.device).eval().requires_grad_(False)
-        engine, _, _, _ = deepspeed.initialize(model=ref, config=self.config())
+        engine, _, _, _ = deepspeed.initialize(model=ref, config=self.config(_hidden_size(ref)))
         engine.eval()  # (returns None)
         return engine
 
@@ -198,6 +207,11 @@ class DeepSpeedStrategy(DDPStrategy):
             raise UnlearnError(f"checkpoint {path} was written by {world_size} deepspeed workers and DeepSpeed's "
                                f"partitioned state loads only on as many; rerun with ray.num_workers={world_size}, "
                                "or use a new name/output_dir to start fresh")
+
+
+def _hidden_size(model: torch.nn.Module) -> int | None:
+    """The model's hidden size from its HF config (None for other modules)."""
+    return getattr(getattr(model, "config", None), "hidden_size", None)
 
 
 @contextlib.contextmanager

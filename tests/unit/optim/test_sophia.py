@@ -238,3 +238,36 @@ def test_soul_compat_is_reference_with_beta1_squared():
     for a, b in zip(soul, plain):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-12)
     assert not math.isnan(opt_soul.clip_rate)
+
+
+def test_chunked_update_equals_whole_tensor_update(monkeypatch):
+    """Large tensors (a ZeRO flat partition) are updated CHUNK elements at a time: the same values,
+    the same clip_rate."""
+    import ray_unlearn.optim.sophia as sophia
+
+    def run(chunk: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        monkeypatch.setattr(sophia, "CHUNK", chunk)
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(50))
+        opt = SophiaG([p], lr=0.1, rho=0.05)
+        for _ in range(3):
+            p.grad = torch.randn(50)
+            opt.update_hessian()
+            opt.step(bs=4)
+        return p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.clip_rate
+
+    whole, chunked = run(1 << 22), run(7)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1]) and whole[2] == chunked[2]
+
+
+def test_fold_grad_squares_folds_h_only():
+    """h <- b2*h + (1-b2)*g*g by hand; the momentum untouched even with soul_compat; no grad: h decays."""
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    opt = SophiaG([p, q], betas=(0.9, 0.5), soul_compat=True)
+    p.grad = torch.tensor([2.0, -3.0])
+    opt.fold_grad_squares()
+    assert opt.state[p]["hessian"].tolist() == [2.0, 4.5] and opt.state[p]["exp_avg"].tolist() == [0.0, 0.0]
+    q.grad = None
+    opt.state[q]["hessian"].fill_(1.0)
+    opt.fold_grad_squares()
+    assert opt.state[q]["hessian"].tolist() == [0.5] and opt.state[p]["hessian"].tolist() == [3.0, 6.75]

@@ -11,7 +11,7 @@ from ray_unlearn import config
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.parallel import STRATEGIES, DDPStrategy, FSDP2Strategy, build_strategy, load_hf_weights
 from ray_unlearn.parallel.base import tied_names
-from ray_unlearn.parallel.fsdp2 import _blocks
+from ray_unlearn.parallel.fsdp2 import _blocks, _units
 
 
 def _tiny(tied: bool = True):
@@ -54,6 +54,14 @@ def test_world_of_one_is_the_plain_model(name):
 def test_fsdp2_shards_each_decoder_block():
     model = _tiny()
     assert [type(b).__name__ for b in _blocks(model)] == ["LlamaDecoderLayer", "LlamaDecoderLayer"]
+
+
+def test_fsdp2_shards_untied_embeddings_on_their_own():
+    """Untied: the input and output embeddings are units of their own (gathered only while they run);
+    tied: one parameter, left to the root."""
+    untied, tied = _tiny(tied=False), _tiny(tied=True)
+    assert _units(untied)[2:] == [untied.get_input_embeddings(), untied.get_output_embeddings()]
+    assert _units(tied) == _blocks(tied)
 
 
 def test_tied_weights_keep_the_name_save_pretrained_keeps(tmp_path: Path):
