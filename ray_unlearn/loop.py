@@ -195,7 +195,7 @@ class Unlearner:
         self.accum = t.accumulation(env.world_size)  # micro-batches per step: the global batch is fixed
         self.strategy = make_strategy(cfg, env)
         if t.activation_checkpointing:  # before wrapping: each block recomputes inside its own shard
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.model, self.optimizer = self.strategy.wrap_with_optimizer(model, lambda ps: build_optimizer(ps, cfg.optim))
         self.module = self.strategy.unwrap(self.model)
         self.ref = self.strategy.wrap_reference(ref_model if self.ref_streams else None)

@@ -344,7 +344,7 @@ def test_activation_checkpointing_gives_the_same_weights(make, optim):
     plain, plain_model, _ = make(*common, ckpt="plain")
     plain.run()
     ac, ac_model, _ = make(*common, "train.activation_checkpointing=true", ckpt="ac")
-    assert ac.module.is_gradient_checkpointing
+    assert ac.module.is_activation_checkpointing
     ac.run()
     a, b = weights(plain_model), weights(ac_model)
     for k in a:
