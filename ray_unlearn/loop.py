@@ -4,8 +4,8 @@ Per optimizer step: `train.accumulation(world_size)` micro-batches, each one for
 every stream the objective reads (forget, retain, forget_idk concatenated into one batch, so DDP
 sees a single forward) plus a no-grad pass of the frozen reference model when a term needs it; a weighted
 objective; backward; clipping; the Hessian estimate when due (Sophia); the step. Everything that
-differs between DDP and FSDP2 (wrapping, accumulation without sync, clipping, reductions,
-checkpoint format) is behind one `ray_unlearn.parallel.Strategy` object. Every
+differs between DDP, FSDP2 and DeepSpeed (wrapping, accumulation without sync, backward, clipping,
+the step, reductions, checkpoint format) is behind one `ray_unlearn.parallel.Strategy` object. Every
 `log_every` steps it reports metrics; every `checkpoint_every` steps and at the end it writes a
 checkpoint (model safetensors, optimizer, step, history) and reports it. When the runner gives an
 `evaluate` callback, every `eval_every` steps and at the last step rank 0 evaluates the model and
@@ -196,7 +196,8 @@ class Unlearner:
         self.strategy = make_strategy(cfg, env)
         if t.activation_checkpointing:  # before wrapping: each block recomputes inside its own shard
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.model, self.optimizer = self.strategy.wrap_with_optimizer(model, lambda ps: build_optimizer(ps, cfg.optim))
+        self.model, self.optimizer = self.strategy.wrap_with_optimizer(
+            model, lambda params: build_optimizer(params, cfg.optim))
         self.module = self.strategy.unwrap(self.model)
         self.ref = self.strategy.wrap_reference(ref_model if self.ref_streams else None)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
