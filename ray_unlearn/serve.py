@@ -301,7 +301,7 @@ class Gateway:
     def _gen_params(self, req: Any, max_tokens: int | None, default: int) -> Any:
         lim = self.cfg.limits
         return sampling_params(max_tokens, default, lim.max_tokens, req.temperature, req.top_p, req.stop_list(),
-                               lim.max_stop, req.seed)
+                               lim.max_stop, lim.max_stop_chars, req.seed)
 
     # -------------------------------------------------- endpoints
 

@@ -32,7 +32,7 @@ from ray_unlearn.errors import UnlearnError
 from ray_unlearn.eval.metrics import (exact_memorization_from_logits, extraction_strength_from_logits,
                                       forward_logits, model_device)
 from ray_unlearn.logprobs import sequence_nll, token_logprobs
-from ray_unlearn.serving.schemas import APIError, ChatMessage, VerifyRequest
+from ray_unlearn.serving.schemas import ACCEPTED, SEED_LIMIT, APIError, ChatMessage, VerifyRequest
 
 COMPLETION_FORMAT = PromptFormat(template="{question}", chat_template=False)  # completions: the prompt as is
 
@@ -103,22 +103,39 @@ def render_completion(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def check_prompt_length(prompt_ids: Sequence[int], max_prompt_tokens: int, param: str) -> None:
-    """400 when a prompt is longer than the configured cap."""
+    """400 when a prompt is empty (no tokens, not even BOS) or longer than the configured cap."""
+    if not prompt_ids:
+        raise APIError(400, f"{param} is empty (0 tokens); send some text", param=param, code="invalid_value")
     if len(prompt_ids) > max_prompt_tokens:
         raise APIError(400, f"{param} is {len(prompt_ids)} tokens, over the limit of {max_prompt_tokens}; "
                             "shorten it", param=param, code="context_length_exceeded")
 
 
+def _check_range(param: str, value: float | None, ok: bool) -> None:
+    if value is not None and not ok:
+        raise APIError(400, f"{param} is {value!r}; send {ACCEPTED[param]}", param=param, code="invalid_value")
+
+
 def sampling_params(max_tokens: int | None, default_max_tokens: int, max_tokens_cap: int, temperature: float | None,
-                    top_p: float | None, stop: list[str], max_stop: int, seed: int | None) -> SamplingParams:
-    """SamplingParams from request fields (None = OpenAI's default), with the caps enforced as 400s."""
+                    top_p: float | None, stop: list[str], max_stop: int, max_stop_chars: int,
+                    seed: int | None) -> SamplingParams:
+    """SamplingParams from request fields (None = OpenAI's default), with the caps and the ranges the
+    engine accepts (`schemas.ACCEPTED`) enforced as 400s."""
     n = default_max_tokens if max_tokens is None else max_tokens
     if n > max_tokens_cap:
         raise APIError(400, f"max_tokens is {n}, over the limit of {max_tokens_cap}; ask for fewer",
                        param="max_tokens", code="max_tokens_too_large")
+    _check_range("max_tokens", n, n >= 1)
+    _check_range("temperature", temperature, temperature is not None and 0 <= temperature <= 2)
+    _check_range("top_p", top_p, top_p is not None and 0 < top_p <= 1)
+    _check_range("seed", seed, seed is not None and 0 <= seed < SEED_LIMIT)
     if len(stop) > max_stop:
         raise APIError(400, f"stop has {len(stop)} sequences, over the limit of {max_stop}", param="stop",
                        code="invalid_value")
+    longest = max((len(s) for s in stop), default=0)
+    if longest > max_stop_chars:
+        raise APIError(400, f"stop has a sequence of {longest} characters, over the limit of {max_stop_chars}",
+                       param="stop", code="invalid_value")
     return SamplingParams(max_tokens=n, temperature=1.0 if temperature is None else float(temperature),
                           top_p=1.0 if top_p is None else float(top_p), stop=tuple(stop), seed=seed)
 

@@ -240,14 +240,33 @@ def test_completion_prompt_that_starts_with_bos_gets_no_second_one(llama3_tokeni
 
 
 def test_sampling_params_defaults_and_caps():
-    p = sampling_params(None, 16, 32, None, None, ["."], 4, 7)
+    p = sampling_params(None, 16, 32, None, None, ["."], 4, 8, 7)
     assert p == SamplingParams(max_tokens=16, temperature=1.0, top_p=1.0, stop=(".",), seed=7)
     with pytest.raises(APIError) as e:
-        sampling_params(33, 16, 32, 0.0, 1.0, [], 4, None)
+        sampling_params(33, 16, 32, 0.0, 1.0, [], 4, 8, None)
     assert (e.value.status, e.value.param, e.value.code) == (400, "max_tokens", "max_tokens_too_large")
     with pytest.raises(APIError) as e:
-        sampling_params(8, 16, 32, 0.0, 1.0, ["a", "b", "c"], 2, None)
+        sampling_params(8, 16, 32, 0.0, 1.0, ["a", "b", "c"], 2, 8, None)
     assert e.value.param == "stop"
+    with pytest.raises(APIError) as e:
+        sampling_params(8, 16, 32, 0.0, 1.0, ["a", "x" * 9], 2, 8, None)
+    assert e.value.param == "stop" and "9 characters, over the limit of 8" in e.value.message
+
+
+@pytest.mark.parametrize("field, value", [("seed", 2**64), ("seed", -1), ("temperature", 2.5), ("temperature", -0.1),
+                                          ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0)])
+def test_sampling_params_refuse_what_the_engine_cannot_take(field, value):
+    args = {"max_tokens": 8, "temperature": 1.0, "top_p": 1.0, "seed": 1, field: value}
+    with pytest.raises(APIError) as e:
+        sampling_params(args["max_tokens"], 16, 32, args["temperature"], args["top_p"], [], 4, 8, args["seed"])
+    assert (e.value.status, e.value.param) == (400, field) and "send " in e.value.message
+
+
+def test_seed_range_is_what_torch_accepts():
+    torch.Generator().manual_seed(2**64 - 1)
+    with pytest.raises(ValueError):  # the original defect: a seed beyond 64 bits fails inside the batch
+        torch.Generator().manual_seed(2**64)
+    assert sampling_params(8, 16, 32, 1.0, 1.0, [], 4, 8, 2**64 - 1).seed == 2**64 - 1
 
 
 # ---------------------------------------------------------------- verification
