@@ -153,7 +153,8 @@ class ModelServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both set from the config in __init__
     async def _generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
         """Decode a batch (one model id: Serve splits batches by multiplexed id); yields a Delta per request
-        per step, StopIteration once a request has finished."""
+        per step, StopIteration once a request has finished. A request that fails alone gets a Delta with
+        `error` (see `BatchDecoder`); only a failure of the whole batch (loading, the forward pass) raises."""
         model_ids = {r.model_id for r in requests}
         if len(model_ids) != 1:
             raise RuntimeError(f"one batch mixes models {sorted(model_ids)}")
@@ -169,15 +170,14 @@ class ModelServer:
         b["batches"], b["requests"], b["largest"] = b["batches"] + 1, b["requests"] + size, max(b["largest"], size)
 
     async def complete(self, request: GenerationRequest) -> Delta:
-        """The whole completion of one request (decoded in a dynamic batch)."""
+        """The whole completion of one request (decoded in a dynamic batch), or its error in `error`."""
         result = Delta("")
         async for d in self._generate_batch(request):
-            result.text += d.text
-            result.finish_reason, result.completion_tokens = d.finish_reason, d.completion_tokens
+            result.add(d)
         return result
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """The completion of one request as it is decoded, one Delta per step."""
+        """The completion of one request as it is decoded, one Delta per step (the last one may carry `error`)."""
         async for d in self._generate_batch(request):
             yield d
 
@@ -255,14 +255,18 @@ class Gateway:
         return self.tokenizers[model_id]
 
     async def _remote(self, call: Any, model_id: str) -> Any:
-        """Await a ModelServer call; its failures (e.g. a checkpoint that cannot load) become a 503."""
+        """Await a ModelServer call; its failures (e.g. a checkpoint that cannot load) become a 503, and a
+        Delta with `error` (the request failed alone in its batch) raises that error."""
         try:
-            return await call
+            result = await call
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - Ray wraps replica errors in its own types
             raise APIError(503, f"model {model_id!r} is unavailable: {_root_message(e)}", type="server_error",
                            code="model_unavailable") from None
+        if isinstance(result, Delta) and result.error is not None:
+            raise result.error
+        return result
 
     def _handle(self, model_id: str, stream: bool = False) -> DeploymentHandle:
         """The ModelServer handle routed by `model_id` (made once per id: `.options()` is not free)."""
@@ -292,6 +296,8 @@ class Gateway:
                     finished += 1
                 elif isinstance(d, Exception):
                     raise d
+                elif d.error is not None:  # this request failed alone in its batch
+                    raise d.error
                 else:
                     yield i, d
         finally:
