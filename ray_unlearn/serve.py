@@ -45,7 +45,8 @@ from ray_unlearn.errors import UnlearnError
 from ray_unlearn.serving.auth import require_key
 from ray_unlearn.serving.config import (ServeConfig, is_loopback, load_serve_config, resolve_api_key,
                                         resolve_benchmarks, resolve_models, serve_config_from_dict)
-from ray_unlearn.serving.engine import (BatchDecoder, Delta, GenerationRequest, VerdictRule, check_prompt_length,
+from ray_unlearn.serving.engine import (BatchDecoder, Delta, GenerationRequest, VerdictRule, check_max_tokens,
+                                        check_prompt_length,
                                         encode_rows, render_chat, render_completion, rule_description,
                                         sampling_params, score_items, verdict, verify_rows)
 from ray_unlearn.serving.schemas import (APIError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
@@ -306,6 +307,8 @@ class Gateway:
 
     def _gen_params(self, req: Any, max_tokens: int | None, default: int) -> Any:
         lim = self.cfg.limits
+        if req.max_tokens is not None:  # chat: checked even where max_completion_tokens wins
+            check_max_tokens("max_tokens", req.max_tokens, lim.max_tokens)
         return sampling_params(max_tokens, default, lim.max_tokens, req.temperature, req.top_p, req.stop_list(),
                                lim.max_stop, lim.max_stop_chars, req.seed)
 

@@ -127,16 +127,21 @@ def _check_range(param: str, value: float | None, ok: bool) -> None:
         raise APIError(400, f"{param} is {value!r}; send {ACCEPTED[param]}", param=param, code="invalid_value")
 
 
+def check_max_tokens(param: str, n: int, cap: int) -> None:
+    """400 unless 1 <= n <= cap."""
+    if n > cap:
+        raise APIError(400, f"{param} is {n}, over the limit of {cap}; ask for fewer", param=param,
+                       code="max_tokens_too_large")
+    _check_range(param, n, n >= 1)
+
+
 def sampling_params(max_tokens: int | None, default_max_tokens: int, max_tokens_cap: int, temperature: float | None,
                     top_p: float | None, stop: list[str], max_stop: int, max_stop_chars: int,
                     seed: int | None) -> SamplingParams:
     """SamplingParams from request fields (None = OpenAI's default), with the caps and the ranges the
     engine accepts (`schemas.ACCEPTED`) enforced as 400s."""
     n = default_max_tokens if max_tokens is None else max_tokens
-    if n > max_tokens_cap:
-        raise APIError(400, f"max_tokens is {n}, over the limit of {max_tokens_cap}; ask for fewer",
-                       param="max_tokens", code="max_tokens_too_large")
-    _check_range("max_tokens", n, n >= 1)
+    check_max_tokens("max_tokens", n, max_tokens_cap)
     _check_range("temperature", temperature, temperature is not None and 0 <= temperature <= 2)
     _check_range("top_p", top_p, top_p is not None and 0 < top_p <= 1)
     _check_range("seed", seed, seed is not None and 0 <= seed < SEED_LIMIT)
