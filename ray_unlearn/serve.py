@@ -45,7 +45,8 @@ from ray_unlearn.errors import UnlearnError
 from ray_unlearn.serving.auth import require_key
 from ray_unlearn.serving.config import (ServeConfig, is_loopback, load_serve_config, resolve_api_key,
                                         resolve_benchmarks, resolve_models, serve_config_from_dict)
-from ray_unlearn.serving.engine import (BatchDecoder, Delta, GenerationRequest, VerdictRule, check_prompt_length,
+from ray_unlearn.serving.engine import (BatchDecoder, Delta, GenerationRequest, VerdictRule, check_max_tokens,
+                                        check_prompt_length,
                                         encode_rows, render_chat, render_completion, rule_description,
                                         sampling_params, score_items, verdict, verify_rows)
 from ray_unlearn.serving.schemas import (APIError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
@@ -153,7 +154,8 @@ class ModelServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both set from the config in __init__
     async def _generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
         """Decode a batch (one model id: Serve splits batches by multiplexed id); yields a Delta per request
-        per step, StopIteration once a request has finished."""
+        per step, StopIteration once a request has finished. A request that fails alone gets a Delta with
+        `error` (see `BatchDecoder`); only a failure of the whole batch (loading, the forward pass) raises."""
         model_ids = {r.model_id for r in requests}
         if len(model_ids) != 1:
             raise RuntimeError(f"one batch mixes models {sorted(model_ids)}")
@@ -169,15 +171,14 @@ class ModelServer:
         b["batches"], b["requests"], b["largest"] = b["batches"] + 1, b["requests"] + size, max(b["largest"], size)
 
     async def complete(self, request: GenerationRequest) -> Delta:
-        """The whole completion of one request (decoded in a dynamic batch)."""
+        """The whole completion of one request (decoded in a dynamic batch), or its error in `error`."""
         result = Delta("")
         async for d in self._generate_batch(request):
-            result.text += d.text
-            result.finish_reason, result.completion_tokens = d.finish_reason, d.completion_tokens
+            result.add(d)
         return result
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """The completion of one request as it is decoded, one Delta per step."""
+        """The completion of one request as it is decoded, one Delta per step (the last one may carry `error`)."""
         async for d in self._generate_batch(request):
             yield d
 
@@ -255,14 +256,18 @@ class Gateway:
         return self.tokenizers[model_id]
 
     async def _remote(self, call: Any, model_id: str) -> Any:
-        """Await a ModelServer call; its failures (e.g. a checkpoint that cannot load) become a 503."""
+        """Await a ModelServer call; its failures (e.g. a checkpoint that cannot load) become a 503, and a
+        Delta with `error` (the request failed alone in its batch) raises that error."""
         try:
-            return await call
+            result = await call
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - Ray wraps replica errors in its own types
             raise APIError(503, f"model {model_id!r} is unavailable: {_root_message(e)}", type="server_error",
                            code="model_unavailable") from None
+        if isinstance(result, Delta) and result.error is not None:
+            raise result.error
+        return result
 
     def _handle(self, model_id: str, stream: bool = False) -> DeploymentHandle:
         """The ModelServer handle routed by `model_id` (made once per id: `.options()` is not free)."""
@@ -292,6 +297,8 @@ class Gateway:
                     finished += 1
                 elif isinstance(d, Exception):
                     raise d
+                elif d.error is not None:  # this request failed alone in its batch
+                    raise d.error
                 else:
                     yield i, d
         finally:
@@ -300,8 +307,10 @@ class Gateway:
 
     def _gen_params(self, req: Any, max_tokens: int | None, default: int) -> Any:
         lim = self.cfg.limits
+        if req.max_tokens is not None:  # chat: checked even where max_completion_tokens wins
+            check_max_tokens("max_tokens", req.max_tokens, lim.max_tokens)
         return sampling_params(max_tokens, default, lim.max_tokens, req.temperature, req.top_p, req.stop_list(),
-                               lim.max_stop, req.seed)
+                               lim.max_stop, lim.max_stop_chars, req.seed)
 
     # -------------------------------------------------- endpoints
 

@@ -54,12 +54,13 @@ class LimitsConfig:
     max_prompts: int = _f(16, "Most prompts in one /v1/completions request.")
     max_messages: int = _f(64, "Most messages in one chat request.")
     max_stop: int = _f(4, "Most stop sequences per request (OpenAI allows 4).")
+    max_stop_chars: int = _f(256, "Longest stop sequence, in characters (400 beyond).")
     max_verify_items: int = _f(256, "Most items one /v1/verify request scores (400 beyond).")
     max_item_tokens: int = _f(256, "Longest verify item (question + answer, or text), in tokens (400 beyond).")
 
     def __post_init__(self) -> None:
         for key in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "default_max_tokens", "max_prompts",
-                    "max_messages", "max_stop", "max_verify_items", "max_item_tokens"):
+                    "max_messages", "max_stop", "max_stop_chars", "max_verify_items", "max_item_tokens"):
             _positive(f"limits.{key}", getattr(self, key))
         if self.default_max_tokens > self.max_tokens:
             raise UnlearnError(f"limits.default_max_tokens ({self.default_max_tokens}) exceeds limits.max_tokens "

@@ -32,7 +32,7 @@ from ray_unlearn.errors import UnlearnError
 from ray_unlearn.eval.metrics import (exact_memorization_from_logits, extraction_strength_from_logits,
                                       forward_logits, model_device)
 from ray_unlearn.logprobs import sequence_nll, token_logprobs
-from ray_unlearn.serving.schemas import APIError, ChatMessage, VerifyRequest
+from ray_unlearn.serving.schemas import ACCEPTED, SEED_LIMIT, APIError, ChatMessage, VerifyRequest
 
 COMPLETION_FORMAT = PromptFormat(template="{question}", chat_template=False)  # completions: the prompt as is
 
@@ -62,11 +62,22 @@ class GenerationRequest:
 
 @dataclass
 class Delta:
-    """New text of one row after one step; finish_reason set on its last step ("stop" or "length")."""
+    """New text of one row after one step; finish_reason set on its last step ("stop" or "length").
+
+    `error` is set instead when this request failed alone (the other rows of its batch go on); it is
+    the request's last Delta.
+    """
 
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
+    error: APIError | None = None
+
+    def add(self, later: "Delta") -> None:
+        """Fold a later Delta of the same request into this one (the whole completion so far)."""
+        self.text += later.text
+        self.finish_reason, self.completion_tokens = later.finish_reason, later.completion_tokens
+        self.error = later.error or self.error
 
 
 # ---------------------------------------------------------------- prompts
@@ -103,22 +114,44 @@ def render_completion(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def check_prompt_length(prompt_ids: Sequence[int], max_prompt_tokens: int, param: str) -> None:
-    """400 when a prompt is longer than the configured cap."""
+    """400 when a prompt is empty (no tokens, not even BOS) or longer than the configured cap."""
+    if not prompt_ids:
+        raise APIError(400, f"{param} is empty (0 tokens); send some text", param=param, code="invalid_value")
     if len(prompt_ids) > max_prompt_tokens:
         raise APIError(400, f"{param} is {len(prompt_ids)} tokens, over the limit of {max_prompt_tokens}; "
                             "shorten it", param=param, code="context_length_exceeded")
 
 
+def _check_range(param: str, value: float | None, ok: bool) -> None:
+    if value is not None and not ok:
+        raise APIError(400, f"{param} is {value!r}; send {ACCEPTED[param]}", param=param, code="invalid_value")
+
+
+def check_max_tokens(param: str, n: int, cap: int) -> None:
+    """400 unless 1 <= n <= cap."""
+    if n > cap:
+        raise APIError(400, f"{param} is {n}, over the limit of {cap}; ask for fewer", param=param,
+                       code="max_tokens_too_large")
+    _check_range(param, n, n >= 1)
+
+
 def sampling_params(max_tokens: int | None, default_max_tokens: int, max_tokens_cap: int, temperature: float | None,
-                    top_p: float | None, stop: list[str], max_stop: int, seed: int | None) -> SamplingParams:
-    """SamplingParams from request fields (None = OpenAI's default), with the caps enforced as 400s."""
+                    top_p: float | None, stop: list[str], max_stop: int, max_stop_chars: int,
+                    seed: int | None) -> SamplingParams:
+    """SamplingParams from request fields (None = OpenAI's default), with the caps and the ranges the
+    engine accepts (`schemas.ACCEPTED`) enforced as 400s."""
     n = default_max_tokens if max_tokens is None else max_tokens
-    if n > max_tokens_cap:
-        raise APIError(400, f"max_tokens is {n}, over the limit of {max_tokens_cap}; ask for fewer",
-                       param="max_tokens", code="max_tokens_too_large")
+    check_max_tokens("max_tokens", n, max_tokens_cap)
+    _check_range("temperature", temperature, temperature is not None and 0 <= temperature <= 2)
+    _check_range("top_p", top_p, top_p is not None and 0 < top_p <= 1)
+    _check_range("seed", seed, seed is not None and 0 <= seed < SEED_LIMIT)
     if len(stop) > max_stop:
         raise APIError(400, f"stop has {len(stop)} sequences, over the limit of {max_stop}", param="stop",
                        code="invalid_value")
+    longest = max((len(s) for s in stop), default=0)
+    if longest > max_stop_chars:
+        raise APIError(400, f"stop has a sequence of {longest} characters, over the limit of {max_stop_chars}",
+                       param="stop", code="invalid_value")
     return SamplingParams(max_tokens=n, temperature=1.0 if temperature is None else float(temperature),
                           top_p=1.0 if top_p is None else float(top_p), stop=tuple(stop), seed=seed)
 
@@ -141,21 +174,26 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Per row of logits [B, V] (float, cpu): softmax(logits / temperature) after top_p filtering, [B, V]."""
+    temps = torch.tensor([max(p.temperature, 1e-6) for p in params])
+    return top_p_filter(logits / temps[:, None], torch.tensor([p.top_p for p in params])).softmax(dim=-1)
+
+
+def draw_token(logits: torch.Tensor, probs: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One row's next token: argmax of logits [V] where temperature is 0, else a draw from probs [V]."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator]) -> list[int]:
     """Next token per row of logits [B, V]: argmax where temperature is 0, else a draw from
     softmax(logits / temperature) after top_p filtering, with the row's own generator."""
     logits = logits.float().cpu()
-    temps = torch.tensor([max(p.temperature, 1e-6) for p in params])
-    filtered = top_p_filter(logits / temps[:, None], torch.tensor([p.top_p for p in params]))
-    probs = filtered.softmax(dim=-1)
-    out = []
-    for i, p in enumerate(params):
-        if p.temperature == 0:
-            out.append(int(logits[i].argmax()))
-        else:
-            out.append(int(torch.multinomial(probs[i], 1, generator=generators[i])))
-    return out
+    probs = sampling_probs(logits, params)
+    return [draw_token(logits[i], probs[i], p, g) for i, (p, g) in enumerate(zip(params, generators))]
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -226,58 +264,137 @@ def _generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
 
 
+def _start_row(request: GenerationRequest, context: float, tokenizer: Any,
+               eos_ids: set[int]) -> tuple[_Row, torch.Generator]:
+    """A request's decoding state and generator, or an error when the engine cannot take it (an empty
+    prompt, no room left in the model's context, a seed torch refuses)."""
+    n = len(request.prompt_ids)
+    if n == 0:
+        raise APIError(400, "prompt is empty (0 tokens); send some text", param="prompt", code="invalid_value")
+    if n >= context:
+        raise APIError(400, f"prompt is {n} tokens, the model's context is {context}: no room to generate; "
+                            "shorten it", param="prompt", code="context_length_exceeded")
+    budget = int(min(request.params.max_tokens, context - n))
+    if budget < 1:
+        raise APIError(400, f"max_tokens is {request.params.max_tokens}; send {ACCEPTED['max_tokens']}",
+                       param="max_tokens", code="invalid_value")
+    return _Row(request.params, budget, tokenizer, eos_ids), _generator(request.params.seed)
+
+
+def _row_error(exc: Exception, during: str) -> APIError:
+    """What a request that failed alone answers: its APIError, else a 400 while it joined the batch (its
+    own values caused it) or a 500 while it decoded."""
+    if isinstance(exc, APIError):
+        return exc
+    what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if during == "setup":
+        return APIError(400, f"the request cannot be decoded ({what}); check its parameters", code="invalid_value")
+    return APIError(500, f"generation failed for this request ({what}); the rest of its batch was not affected",
+                    type="server_error", code="generation_failed")
+
+
 class BatchDecoder:
     """Decode a batch of requests together, one token per row per `step()`.
 
     Rows finish independently (EOS or one of `stop_ids`, e.g. `collate.stop_token_ids`' chat
     end-of-turn; a stop sequence; max_tokens; or the model's context length); a finished row
     keeps riding along in the batch, its outputs ignored.
+
+    A request fails alone: one whose setup fails (`_start_row`) never joins the batch, one whose
+    sampling or stop handling fails stops there; either answers a Delta with `error` on the next
+    step, and the other rows decode exactly as they would without it. Only the forward pass is
+    shared: if it fails, the whole batch does.
     """
 
     def __init__(self, model: Any, tokenizer: Any, requests: Sequence[GenerationRequest],
                  stop_ids: Sequence[int] = ()) -> None:
-        self.model, self.device = model, model_device(model)
+        self.model, self.device, self.size = model, model_device(model), len(requests)
+        context = getattr(model.config, "max_position_embeddings", None) or math.inf
+        eos = _eos_ids(model, tokenizer, stop_ids)
+        self.failed: dict[int, APIError] = {}  # request index -> its error, not yet reported
+        self.index: list[int] = []  # request index of each batch row
+        self.rows: list[_Row] = []
+        self.generators: list[torch.Generator] = []
+        for i, r in enumerate(requests):
+            try:
+                row, generator = _start_row(r, context, tokenizer, eos)
+            except Exception as e:  # noqa: BLE001 - any failure of one request is that request's alone
+                self.failed[i] = _row_error(e, "setup")
+                continue
+            self.index.append(i)
+            self.rows.append(row)
+            self.generators.append(generator)
+        self.params = [requests[i].params for i in self.index]
+        self.past = None
+        if self.rows:
+            self._start_batch(tokenizer, [requests[i].prompt_ids for i in self.index])
+
+    def _start_batch(self, tokenizer: Any, prompts: Sequence[Sequence[int]]) -> None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        batch = pad_batch([{"input_ids": list(r.prompt_ids)} for r in requests], pad_id, left=True)
+        batch = pad_batch([{"input_ids": list(p)} for p in prompts], pad_id, left=True)
         self.inputs = batch["input_ids"].to(self.device)
         self.mask = batch["attention_mask"].to(self.device)
         self.positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
-        self.past = None
-        context = getattr(model.config, "max_position_embeddings", None) or math.inf
-        eos = _eos_ids(model, tokenizer, stop_ids)
-        self.rows = [_Row(r.params, int(max(1, min(r.params.max_tokens, context - len(r.prompt_ids)))),
-                          tokenizer, eos) for r in requests]
-        self.params = [r.params for r in requests]
-        self.generators = [_generator(r.params.seed) for r in requests]
 
     @property
     def done(self) -> bool:
-        return all(r.done for r in self.rows)
+        return not self.failed and all(r.done for r in self.rows)
 
     @torch.no_grad()
     def step(self) -> list[Delta | None]:
-        """One forward pass; a Delta per row, None for rows that had already finished."""
-        out = self.model(input_ids=self.inputs, attention_mask=self.mask, position_ids=self.positions,
-                         past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
-        tokens = sample_tokens(out.logits[:, -1, :], self.params, self.generators)
-        deltas = [None if row.done else row.advance(t) for row, t in zip(self.rows, tokens)]
+        """One forward pass; a Delta per request (in request order), None for requests already finished."""
+        out: list[Delta | None] = [None] * self.size
+        if not all(r.done for r in self.rows):
+            out = self._decode(out)
+        for i, err in self.failed.items():
+            out[i] = Delta("", None, 0, error=err)
+        self.failed = {}
+        return out
+
+    def _decode(self, out: list[Delta | None]) -> list[Delta | None]:
+        logits = self._forward()
+        tokens = self._sample(logits)
+        for j, (row, t) in enumerate(zip(self.rows, tokens)):
+            if not row.done:
+                out[self.index[j]] = self._isolated(j, row.advance, t)
         self.inputs = torch.tensor(tokens, device=self.device)[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.positions = self.positions[:, -1:] + 1
-        return deltas
+        return out
+
+    def _forward(self) -> torch.Tensor:
+        """Next-token logits of every batch row [B, V] (float, cpu)."""
+        out = self.model(input_ids=self.inputs, attention_mask=self.mask, position_ids=self.positions,
+                         past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1, :].float().cpu()
+
+    def _sample(self, logits: torch.Tensor) -> list[int]:
+        """Next token per batch row (as `sample_tokens`); a row whose draw fails fails alone (its token: 0)."""
+        probs = sampling_probs(logits, self.params)
+        return [self._isolated(j, draw_token, logits[j], probs[j], p, g) or 0
+                for j, (p, g) in enumerate(zip(self.params, self.generators))]
+
+    def _isolated(self, j: int, fn: Any, *args: Any) -> Any:
+        """fn(*args) for batch row j; if it raises, row j fails alone (None is returned)."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001
+            if not self.rows[j].done:
+                self.rows[j].done = True
+                self.failed[self.index[j]] = _row_error(e, "decode")
+            return None
 
 
 def generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest],
              stop_ids: Sequence[int] = ()) -> list[Delta]:
-    """Decode `requests` to completion: one Delta per request with its whole text."""
+    """Decode `requests` to completion: one Delta per request with its whole text (or its error)."""
     decoder = BatchDecoder(model, tokenizer, requests, stop_ids)
     results = [Delta("") for _ in requests]
     while not decoder.done:
         for res, d in zip(results, decoder.step()):
             if d is not None:
-                res.text += d.text
-                res.finish_reason, res.completion_tokens = d.finish_reason, d.completion_tokens
+                res.add(d)
     return results
 
 

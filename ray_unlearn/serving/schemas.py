@@ -2,8 +2,11 @@
 
 Requests follow OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`; unknown
 request fields are ignored (as clients send extras such as `user`), fields this server cannot
-honour (`n` > 1, `logprobs`, `echo`, `best_of` > 1, tools) are 400s rather than silently
-dropped. Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}.
+honour (`n` > 1, `logprobs`, `echo`, `best_of` > 1, tools, non-zero penalties) are 400s rather
+than silently dropped. Every numeric field is checked here against the range the engine accepts
+(`ACCEPTED`), so that no request reaches a batch with a value that fails there; numbers must be
+JSON numbers (no "0.5" strings, no booleans, no NaN or Infinity). Errors use OpenAI's body:
+{"error": {"message", "type", "param", "code"}}.
 `/v1/verify` is this project's own endpoint (see `VerifyRequest`).
 """
 
@@ -12,9 +15,28 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes [-2**63, 2**64); negative seeds alias 2**64 + seed
+
+ACCEPTED = {  # field -> the range the engine accepts, as an error message states it
+    "seed": f"an integer in [0, {SEED_LIMIT - 1}]",
+    "temperature": "a number in [0, 2]",
+    "top_p": "a number in (0, 1]",
+    "max_tokens": "an integer >= 1 (and at most the server's limits.max_tokens)",
+    "max_completion_tokens": "an integer >= 1 (and at most the server's limits.max_tokens)",
+    "n": "1",
+    "presence_penalty": "0 (penalties are not supported)",
+    "frequency_penalty": "0 (penalties are not supported)",
+    "stop": "a string or a list of strings",
+    "prompt": "a string or a non-empty list of strings",
+    "messages": "a non-empty list of {role, content} messages",
+}
+
+StrictInt = Annotated[int, Strict()]  # a JSON integer: no strings, booleans or floats
+StrictFloat = Annotated[float, Strict()]  # a JSON number: no strings or booleans
 
 
 class APIError(Exception):
@@ -29,14 +51,33 @@ class APIError(Exception):
         """{"error": {"message", "type", "param", "code"}}."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def __reduce__(self) -> tuple:
+        """Pickle with every field (the default would call __init__ with the message alone)."""
+        return APIError, (self.status, self.message, self.type, self.param, self.code)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
 
 def parse_json(raw: bytes) -> Any:
-    """Decode a request body, or a 400 naming the JSON problem."""
+    """Decode a request body, or a 400 naming the JSON problem (NaN, Infinity and lone UTF-16
+    surrogates such as "\\ud800", which no tokenizer encodes, are problems too)."""
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        data = json.loads(raw, parse_constant=_no_constant)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # raises on lone surrogates
+        return data
+    except (ValueError, UnicodeError) as e:
         raise APIError(400, f"request body is not valid JSON ({e}); send a JSON object",
                        code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply; send a flat JSON object",
+                       code="invalid_json") from None
+
+
+def _is_union_tag(loc: int | str) -> bool:
+    """Whether a pydantic error location names a union member's type ("str", "list[str]"), not a field."""
+    return isinstance(loc, str) and (loc in ("str", "int", "float", "bool") or "[" in loc)
 
 
 def validate(model: type[BaseModel], data: Any) -> Any:
@@ -47,8 +88,10 @@ def validate(model: type[BaseModel], data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise APIError(400, f"{param or 'body'}: {err['msg']}", param=param, code="invalid_value") from None
+        param = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or None
+        accepted = ACCEPTED.get(str(err["loc"][0])) if err["loc"] else None
+        hint = f"; send {accepted}" if accepted else ""
+        raise APIError(400, f"{param or 'body'}: {err['msg']}{hint}", param=param, code="invalid_value") from None
 
 
 # ---------------------------------------------------------------- requests
@@ -64,22 +107,26 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1)
-    seed: int | None = None
+    n: StrictInt | None = Field(None, ge=1)
+    seed: StrictInt | None = Field(None, ge=0, lt=SEED_LIMIT)
+    presence_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
     logprobs: Any = None
 
     @model_validator(mode="after")
     def _supported(self) -> "GenerationParams":
         if self.n not in (None, 1):
             raise ValueError("n > 1 is not supported; send one request per completion")
-        if self.logprobs not in (None, False):
+        if self.logprobs not in (None, False, 0):
             raise ValueError("logprobs are not supported")
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported; send 0 or leave them out")
         return self
 
     def stop_list(self) -> list[str]:
@@ -91,7 +138,7 @@ class GenerationParams(BaseModel):
 class CompletionRequest(GenerationParams):
     prompt: str | list[str]
     echo: bool | None = False
-    best_of: int | None = None
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
@@ -128,7 +175,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     tools: list[Any] | None = None
 
     @model_validator(mode="after")

@@ -294,6 +294,18 @@ def test_malformed_json_is_400(url, path, body):
     assert_error(post(url, path, body), 400)
 
 
+def test_a_bad_request_does_not_hurt_its_batch(url, forget):
+    """Issue 9: a seed beyond 64 bits made every request batched with it fail with a 503."""
+    bodies = [{"model": "base", "prompt": prompt(it), "temperature": 0, "max_tokens": 32} for it in forget[:7]]
+    bad = {"model": "base", "prompt": "x", "temperature": 1.0, "seed": 1180591620717411303424}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: post(url, "/v1/completions", b), bodies + [bad]))
+    assert_error(answers[-1], 400, "invalid_value", "seed")
+    assert [r.status_code for r in answers[:-1]] == [200] * 7
+    alone = [complete(url, "base", prompt(it))["choices"][0]["text"] for it in forget[:7]]
+    assert [r.json()["choices"][0]["text"] for r in answers[:-1]] == alone
+
+
 @pytest.mark.parametrize("body", [{"model": "base"}, {"model": "base", "prompt": "x", "temperature": 9},
                                   {"model": "base", "prompt": "x", "n": 3}, {"model": 5, "prompt": "x"},
                                   {"model": "base", "prompt": ["a"] * 5}])

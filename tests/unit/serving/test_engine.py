@@ -172,6 +172,87 @@ def test_batched_decoding_matches_hf_generate(micro_bench):
     assert [o.text.strip() for o in ours[:3]] == answers  # the target model memorized forget10
 
 
+# ---------------------------------------------------------------- one request cannot hurt another
+
+
+class FailingTokenizer(CharTokenizer):
+    """Decoding "z" raises: a row that samples it fails while decoding."""
+
+    def decode(self, ids, **kw) -> str:
+        if ID["z"] in ids:
+            raise RuntimeError("cannot decode z")
+        return super().decode(ids, **kw)
+
+
+def sampled(prompt: str, seed: int, **params) -> GenerationRequest:
+    return req(prompt, temperature=1.0, max_tokens=6, seed=seed, **params)
+
+
+def test_a_seed_beyond_64_bits_fails_alone():
+    """Issue 9: a request with seed 2**70 (past validation) made every request of its batch fail."""
+    flat = BigramModel({})  # every next token equally likely: what is drawn depends on the seed
+    good = [sampled("a", 1), req("x", temperature=0, max_tokens=4), sampled("b", 2**64 - 1)]
+    bad = sampled("c", 1180591620717411303424)
+    outs = generate(flat, CharTokenizer(), [good[0], bad, good[1], good[2]])
+    assert outs[1].error is not None and outs[1].error.status == 400 and outs[1].text == ""
+    assert "Overflow" in outs[1].error.message
+    alone = [generate(flat, CharTokenizer(), [g])[0] for g in good]
+    together = generate(flat, CharTokenizer(), good)
+    assert [(o.text, o.finish_reason) for o in (outs[0], outs[2], outs[3])] == \
+           [(o.text, o.finish_reason) for o in alone] == [(o.text, o.finish_reason) for o in together]
+    assert all(o.error is None for o in alone + together)
+
+
+def test_a_failed_request_is_reported_once_on_the_first_step():
+    decoder = BatchDecoder(BigramModel(CHAIN), CharTokenizer(), [req("a", temperature=0, max_tokens=10),
+                                                                 req("a", seed=2**64)])
+    steps = []
+    while not decoder.done:
+        steps.append(decoder.step())
+    assert steps[0][1].error is not None and all(s[1] is None for s in steps[1:])
+    assert "".join(s[0].text for s in steps if s[0]) == "bcd"
+
+
+def test_a_row_that_fails_while_decoding_fails_alone():
+    outs = generate(BigramModel(CHAIN), FailingTokenizer(), [req("x", temperature=0, max_tokens=6),
+                                                             req("a", temperature=0, max_tokens=6)])
+    assert (outs[0].error.status, outs[0].error.code) == (500, "generation_failed")
+    assert "cannot decode z" in outs[0].error.message
+    assert (outs[1].text, outs[1].finish_reason, outs[1].error) == ("bcd", "stop", None)
+
+
+def test_a_row_whose_draw_fails_fails_alone():
+    class NanRowModel(BigramModel):
+        """Row 0's logits are NaN: its multinomial draw raises."""
+
+        def forward(self, input_ids, **kw):
+            out = super().forward(input_ids, **kw)
+            out.logits[0] = float("nan")
+            return out
+
+    outs = generate(NanRowModel(CHAIN), CharTokenizer(), [sampled("a", 1), req("a", temperature=0, max_tokens=6)])
+    assert outs[0].error.status == 500
+    assert (outs[1].text, outs[1].error) == ("bcd", None)
+
+
+def test_requests_the_model_cannot_take_fail_without_a_forward_pass():
+    model = BigramModel(CHAIN, context=4)
+    outs = generate(model, CharTokenizer(), [req(""), req("abcd", temperature=0), req("a", max_tokens=0)])
+    assert [o.error.param for o in outs] == ["prompt", "prompt", "max_tokens"]
+    assert [o.error.code for o in outs] == ["invalid_value", "context_length_exceeded", "invalid_value"]
+    assert model.calls == []
+
+
+def test_errors_pickle_inside_deltas():
+    """A Delta with an error crosses from the model replica to the gateway (Ray pickles it)."""
+    import pickle
+
+    from ray_unlearn.serving.engine import Delta
+
+    d = pickle.loads(pickle.dumps(Delta("", error=APIError(400, "seed: bad", param="seed"))))
+    assert (d.error.status, d.error.param, d.error.message) == (400, "seed", "seed: bad")
+
+
 # ---------------------------------------------------------------- prompts and caps
 
 
@@ -240,14 +321,33 @@ def test_completion_prompt_that_starts_with_bos_gets_no_second_one(llama3_tokeni
 
 
 def test_sampling_params_defaults_and_caps():
-    p = sampling_params(None, 16, 32, None, None, ["."], 4, 7)
+    p = sampling_params(None, 16, 32, None, None, ["."], 4, 8, 7)
     assert p == SamplingParams(max_tokens=16, temperature=1.0, top_p=1.0, stop=(".",), seed=7)
     with pytest.raises(APIError) as e:
-        sampling_params(33, 16, 32, 0.0, 1.0, [], 4, None)
+        sampling_params(33, 16, 32, 0.0, 1.0, [], 4, 8, None)
     assert (e.value.status, e.value.param, e.value.code) == (400, "max_tokens", "max_tokens_too_large")
     with pytest.raises(APIError) as e:
-        sampling_params(8, 16, 32, 0.0, 1.0, ["a", "b", "c"], 2, None)
+        sampling_params(8, 16, 32, 0.0, 1.0, ["a", "b", "c"], 2, 8, None)
     assert e.value.param == "stop"
+    with pytest.raises(APIError) as e:
+        sampling_params(8, 16, 32, 0.0, 1.0, ["a", "x" * 9], 2, 8, None)
+    assert e.value.param == "stop" and "9 characters, over the limit of 8" in e.value.message
+
+
+@pytest.mark.parametrize("field, value", [("seed", 2**64), ("seed", -1), ("temperature", 2.5), ("temperature", -0.1),
+                                          ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0)])
+def test_sampling_params_refuse_what_the_engine_cannot_take(field, value):
+    args = {"max_tokens": 8, "temperature": 1.0, "top_p": 1.0, "seed": 1, field: value}
+    with pytest.raises(APIError) as e:
+        sampling_params(args["max_tokens"], 16, 32, args["temperature"], args["top_p"], [], 4, 8, args["seed"])
+    assert (e.value.status, e.value.param) == (400, field) and "send " in e.value.message
+
+
+def test_seed_range_is_what_torch_accepts():
+    torch.Generator().manual_seed(2**64 - 1)
+    with pytest.raises(ValueError):  # the original defect: a seed beyond 64 bits fails inside the batch
+        torch.Generator().manual_seed(2**64)
+    assert sampling_params(8, 16, 32, 1.0, 1.0, [], 4, 8, 2**64 - 1).seed == 2**64 - 1
 
 
 # ---------------------------------------------------------------- verification

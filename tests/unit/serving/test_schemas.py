@@ -34,6 +34,19 @@ def test_malformed_json_is_a_400():
     ({"model": "m", "prompt": []}, None),
     ({"model": "m", "prompt": "x", "n": 2}, None),
     ({"model": "m", "prompt": "x", "echo": True}, None),
+    ({"model": "m", "prompt": "x", "seed": 1180591620717411303424}, "seed"),  # issue 9: beyond 64 bits
+    ({"model": "m", "prompt": "x", "seed": 2**64}, "seed"),
+    ({"model": "m", "prompt": "x", "seed": -1}, "seed"),
+    ({"model": "m", "prompt": "x", "seed": 1.5}, "seed"),
+    ({"model": "m", "prompt": "x", "seed": "7"}, "seed"),
+    ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "temperature": "0.5"}, "temperature"),
+    ({"model": "m", "prompt": "x", "top_p": 1.01}, "top_p"),
+    ({"model": "m", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, None),
+    ({"model": "m", "prompt": "x", "frequency_penalty": -1}, None),
+    ({"model": "m", "prompt": "x", "logprobs": 3}, None),
+    ({"model": "m", "prompt": "x", "stop": ["a", 1]}, "stop"),
 ])
 def test_bad_completion_requests_are_400s(body, param):
     with pytest.raises(APIError) as e:
@@ -41,6 +54,36 @@ def test_bad_completion_requests_are_400s(body, param):
     assert e.value.status == 400
     if param:
         assert e.value.param == param
+
+
+def test_range_errors_name_the_field_and_the_accepted_range():
+    with pytest.raises(APIError) as e:
+        validate(CompletionRequest, {"model": "m", "prompt": "x", "seed": 2**70})
+    assert e.value.message == f"seed: Input should be less than {2**64}; send an integer in [0, {2**64 - 1}]"
+    with pytest.raises(APIError) as e:
+        validate(CompletionRequest, {"model": "m", "prompt": "x", "temperature": 3})
+    assert e.value.message == "temperature: Input should be less than or equal to 2; send a number in [0, 2]"
+
+
+def test_accepted_edges():
+    req = validate(CompletionRequest, {"model": "m", "prompt": "x", "seed": 2**64 - 1, "temperature": 0,
+                                       "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": 0})
+    assert (req.seed, req.temperature, req.top_p) == (2**64 - 1, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "m", "temperature": NaN}', b'{"t": Infinity}', b'{"t": -Infinity}',
+                                 b'{"prompt": "\\ud800"}', b"[" * 100_000, b'{"seed": 1' + b"0" * 5000 + b"}"])
+def test_bodies_json_cannot_carry_are_400s(raw):
+    with pytest.raises(APIError) as e:
+        parse_json(raw)
+    assert (e.value.status, e.value.code) == (400, "invalid_json")
+
+
+def test_api_errors_pickle_whole():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(APIError(404, "gone", param="model", code="model_not_found")))
+    assert (err.status, err.body()) == (404, APIError(404, "gone", param="model", code="model_not_found").body())
 
 
 def test_completion_request_fields():
