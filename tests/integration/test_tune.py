@@ -128,7 +128,7 @@ def test_trials_release_what_they_held(micro_bench, micro_config, ray_session, m
     outputs = run_tune(cfg)
     print("after each trial (ray processes, their RSS MiB, placement-group cleaners):", samples)
     assert len(outputs.rows) == 5 and len(samples) == 5
-    (count2, rss2, _), (count5, rss5, cleaners5) = samples[1], samples[-1]
+    (count2, rss2, cleaners2), (count5, rss5, cleaners5) = samples[1], samples[-1]
     assert count5 <= count2 + 1, samples
     assert rss5 <= 1.2 * rss2 + 100, samples
-    assert cleaners5 <= 1, samples
+    assert cleaners5 <= cleaners2, samples  # (earlier tests' killed runs may have left some: no more than that)
