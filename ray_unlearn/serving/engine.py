@@ -140,7 +140,7 @@ def sampling_params(max_tokens: int | None, default_max_tokens: int, max_tokens_
                     seed: int | None) -> SamplingParams:
     """SamplingParams from request fields (None = OpenAI's default), with the caps and the ranges the
     engine accepts (`schemas.ACCEPTED`) enforced as 400s."""
-    n = default_max_tokens if max_tokens is None else max_tokens
+    n = min(default_max_tokens, max_tokens_cap) if max_tokens is None else max_tokens  # a default never over the cap
     check_max_tokens("max_tokens", n, max_tokens_cap)
     _check_range("temperature", temperature, temperature is not None and 0 <= temperature <= 2)
     _check_range("top_p", top_p, top_p is not None and 0 < top_p <= 1)

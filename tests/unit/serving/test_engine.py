@@ -323,6 +323,7 @@ def test_completion_prompt_that_starts_with_bos_gets_no_second_one(llama3_tokeni
 def test_sampling_params_defaults_and_caps():
     p = sampling_params(None, 16, 32, None, None, ["."], 4, 8, 7)
     assert p == SamplingParams(max_tokens=16, temperature=1.0, top_p=1.0, stop=(".",), seed=7)
+    assert sampling_params(None, 16, 8, None, None, [], 4, 8, None).max_tokens == 8  # OpenAI's 16 over a cap of 8
     with pytest.raises(APIError) as e:
         sampling_params(33, 16, 32, 0.0, 1.0, [], 4, 8, None)
     assert (e.value.status, e.value.param, e.value.code) == (400, "max_tokens", "max_tokens_too_large")
