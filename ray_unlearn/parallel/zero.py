@@ -36,7 +36,6 @@ from ray_unlearn.parallel.base import fold_grad_squares_into, write_hf_weights
 from ray_unlearn.parallel.ddp import DDPStrategy
 
 TAG = "deepspeed"  # the subdirectory of a loop checkpoint that holds the engine's files
-OFFLOADS = ("none", "optimizer", "params")
 
 
 def _import_deepspeed(device: torch.device) -> Any:
@@ -59,11 +58,7 @@ class DeepSpeedStrategy(DDPStrategy):
 
     def __init__(self, *args: Any, zero_stage: int = 2, offload: str = "none", dtype: str = "float32",
                  micro_batch_size: int = 1, grad_clip: float = 0.0, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        if zero_stage not in (1, 2, 3):
-            raise UnlearnError(f"ray.zero_stage: {zero_stage!r} is not one of 1, 2, 3")
-        if offload not in OFFLOADS:
-            raise UnlearnError(f"ray.offload: {offload!r} is not one of {', '.join(OFFLOADS)}")
+        super().__init__(*args, **kwargs)  # stage and offload come checked from the config (RayConfig)
         self.zero_stage, self.offload, self.dtype, self.micro_batch_size = zero_stage, offload, dtype, micro_batch_size
         self.grad_clip = grad_clip  # the engine clips inside its step, so it is fixed when it is built
         self.engine: Any = None
