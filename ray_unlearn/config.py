@@ -205,6 +205,9 @@ class RayConfig:
                               "parameters (params, ZeRO 3) to CPU memory, for GPU workers; none keeps all on "
                               "the device.")
     address: str = _f("", "Ray cluster address; empty = start or join a local one.")
+    storage_path: str = _f("", "Where Ray Train keeps the run's checkpoints: a directory every node shares, or "
+                               "an s3:// or gs:// URI (multi-node runs need one: Ray does not copy worker disks "
+                               "to the head node). Empty: <output_dir>/ray.")
     max_failures: int = _f(0, "Worker-group restarts allowed before the run fails (each resumes from the latest "
                               "checkpoint); elastic runs restart this way when they resize.")
     resize_interval_s: float = _f(60.0, "Elastic runs: how often Ray Train considers resizing the worker group.")
@@ -220,6 +223,9 @@ class RayConfig:
         _positive("ray.cpus_per_worker", self.cpus_per_worker)
         _positive("ray.max_failures", self.max_failures, allow_zero=True)
         _choice("ray.offload", self.offload, ("none", "optimizer", "params"))
+        from ray_unlearn.storage import check_location
+
+        check_location("ray.storage_path", self.storage_path)
         if self.strategy != "deepspeed" and (self.zero_stage is not None or self.offload != "none"):
             key = "ray.zero_stage" if self.zero_stage is not None else "ray.offload"
             raise UnlearnError(f"{key} is a DeepSpeed option; set ray.strategy=deepspeed or drop it")
@@ -303,7 +309,8 @@ class TuneConfig:
 @dataclass
 class JobConfig:
     name: str = _f("unlearn", "Run name: resuming reuses it with the same output_dir.")
-    output_dir: str = _f("runs/unlearn", "Where checkpoints, the final model, eval and report go.")
+    output_dir: str = _f("runs/unlearn", "Where checkpoints, the final model, eval and report go: a local "
+                                         "directory or an s3:// or gs:// URI (see ray.storage_path).")
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig, metadata={"help": "Built-in benchmark."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Forget/retain data."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model to unlearn."})
@@ -315,6 +322,12 @@ class JobConfig:
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "Ray Tune search (`ray-unlearn tune`)."})
 
     def __post_init__(self) -> None:
+        from ray_unlearn.storage import check_location, is_remote
+
+        check_location("output_dir", self.output_dir)
+        if self.ray.max_workers == 0 and (is_remote(self.output_dir) or is_remote(self.ray.storage_path)):
+            raise UnlearnError("ray.num_workers=0 runs in the driver and keeps its checkpoints on local disk; "
+                               "use a local output_dir and ray.storage_path, or ray.num_workers >= 1")
         if self.ray.elastic and not self.train.global_batch_size:
             raise UnlearnError("ray.num_workers=[min, max] (elastic) needs train.global_batch_size, so that every "
                                "worker count takes the same steps; set it, e.g. to train.batch_size x max")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ray_unlearn import storage
 from ray_unlearn.config import JobConfig, dump_config
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs, load_checked, resolve_inputs
@@ -68,7 +71,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
-    """Unlearn, save the model, evaluate and report; returns the summaries by model name."""
+    """Unlearn, save the model, evaluate and report; returns the summaries by model name.
+
+    With a bucket as output_dir, the driver writes its files to a local copy and uploads it, and Ray
+    Train keeps the checkpoints in the bucket (unless ray.storage_path says elsewhere)."""
     t0 = time.time()
     validate(cfg)
     with progress_reporter() as report:
@@ -78,28 +84,48 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
         console.print(f"benchmark {f['size']}: forget10 ES target {f['target_forget10_es']:.3f} vs retain model "
                       f"{f['retain_forget10_es']:.3f} (the target memorized what the retain model never saw)")
     _, tokenizer = load_checked(cfg, inputs, meta=True)  # from the config: the driver never loads the weights
-    from ray_unlearn.loop import checkpoint_history
-    from ray_unlearn.models.io import publish_model
-    from ray_unlearn.train import check_resume, fit, init_ray
+    for key, location in (("output_dir", cfg.output_dir), ("ray.storage_path", cfg.ray.storage_path)):
+        storage.check_writable(key, location)  # a bucket: exists, reachable, takes a write
+    from ray_unlearn.train import check_resume, init_ray
 
     check_resume(cfg)
     init_ray(cfg)  # the cluster must hold the workers before anything is written
-    out = Path(cfg.output_dir)
+    if not storage.is_remote(cfg.output_dir):
+        return _unlearn(cfg, inputs, tokenizer, Path(cfg.output_dir), t0)
+    staging = Path(tempfile.mkdtemp(prefix="ray_unlearn_out_"))  # the driver's files, uploaded as they are made
+    try:
+        return _unlearn(cfg, inputs, tokenizer, staging, t0, publish=lambda: storage.upload(staging, cfg.output_dir))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: float,
+             publish: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
+    """run_job once the inputs are checked: `out` is output_dir, or a local copy of it that `publish`
+    uploads (once the config is written, and at the end)."""
+    from ray_unlearn.loop import checkpoint_history
+    from ray_unlearn.models.io import publish_model
+    from ray_unlearn.train import fit
+
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
+    publish()
     console.print(f"unlearning {inputs.model_path} on {len(inputs.forget)} forget / {len(inputs.retain)} retain "
                   f"items with {cfg.optim.name} ({cfg.ray.num_workers} Ray Train workers, {cfg.ray.strategy})")
 
-    ckpt, _ = fit(cfg, inputs)  # its last checkpoint holds the full weights, gathered by the workers
-    history = checkpoint_history(ckpt)
-    train_s = time.time() - t0
-    publish_model(ckpt, tokenizer, out / "model")
+    with tempfile.TemporaryDirectory(prefix="ray_unlearn_final_") as final:
+        fit(cfg, inputs, Path(final))  # the last checkpoint holds the full weights, gathered by the workers
+        history = checkpoint_history(Path(final))
+        train_s = time.time() - t0
+        publish_model(final, tokenizer, out / "model")
     _write_json(out / "history.json", history)
     summaries: dict[str, dict[str, float]] = {}
     if cfg.eval.enabled:
         summaries = evaluate_all(cfg, inputs, out / "model", tokenizer, out)
         _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"})
-    console.print(f"outputs in [bold]{out.resolve()}[/] (model: {out / 'model'})")
+    publish()
+    where = cfg.output_dir if storage.is_remote(cfg.output_dir) else out.resolve()
+    console.print(f"outputs in [bold]{where}[/] (model: {storage.join(str(where), 'model')})")
     return summaries
 
 

@@ -9,6 +9,7 @@ devices, `ray.train.report` (from every rank that wrote a checkpoint shard), res
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -24,6 +26,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from ray_unlearn import storage
 from ray_unlearn.config import JobConfig, from_dict, to_dict
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs
@@ -141,12 +144,19 @@ def init_ray(cfg: JobConfig) -> None:
                            f"{ray.cluster_resources().get('GPU', 0):g}; set ray.use_gpu=false")
 
 
-def latest_checkpoint(cfg: JobConfig) -> Path | None:
-    """The checkpoint a rerun of `cfg` resumes from (Ray's latest, or the driver mode's), if any."""
-    out = Path(cfg.output_dir).resolve()
+def ray_storage(cfg: JobConfig) -> str:
+    """Where Ray Train keeps this run's checkpoints: `ray.storage_path`, else <output_dir>/ray."""
+    return cfg.ray.storage_path or storage.join(cfg.output_dir, "ray")
+
+
+def latest_checkpoint(cfg: JobConfig) -> str | None:
+    """The checkpoint a rerun of `cfg` resumes from (Ray's latest, or the driver mode's): a path or URI."""
     if cfg.ray.max_workers == 0:
-        return _latest_local(out / "checkpoints")
-    ckpts = sorted(p for p in (out / "ray" / cfg.name).glob("checkpoint_*") if (p / "state.json").is_file())
+        local = _latest_local(Path(cfg.output_dir).resolve() / "checkpoints")
+        return str(local) if local else None
+    run = storage.join(ray_storage(cfg), cfg.name)
+    ckpts = [storage.join(run, d) for d in storage.subdirs(run) if d.startswith("checkpoint_")]
+    ckpts = [c for c in ckpts if storage.read_text(storage.join(c, "state.json")) is not None]
     return ckpts[-1] if ckpts else None
 
 
@@ -159,12 +169,13 @@ def check_resume(cfg: JobConfig) -> None:
 
     ckpt = latest_checkpoint(cfg)
     if ckpt is not None:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = json.loads(storage.read_text(storage.join(ckpt, "state.json")) or "{}")
         if state.get("strategy") is None:
             raise UnlearnError(f"checkpoint {ckpt} was written by an older ray_unlearn; start fresh with a new "
                                "name or output_dir")
         strategy = build_strategy(cfg.ray.strategy, world_size=max(1, cfg.ray.max_workers))
-        strategy.check_checkpoint(ckpt, state["strategy"], state.get("world_size"))
+        strategy.check_checkpoint(Path(ckpt) if not storage.is_remote(ckpt) else ckpt, state["strategy"],
+                                  state.get("world_size"))
 
 
 def _latest_local(path: Path) -> Path | None:
@@ -174,7 +185,7 @@ def _latest_local(path: Path) -> Path | None:
 
 def make_trainer(cfg: JobConfig, inputs: JobInputs, callbacks: Sequence[Any] = (),
                  **loop_extras: Any) -> TorchTrainer:
-    """The TorchTrainer of one unlearning run (storage: <output_dir>/ray/<name>, so a rerun resumes).
+    """The TorchTrainer of one unlearning run (storage: `ray_storage(cfg)`/<name>, so a rerun resumes).
 
     `callbacks` are Ray Train user callbacks (Tune's report callback); `loop_extras` go to every
     worker's loop config (`evaluate_at_end`, `retain_truth_ratios`: see `_evaluator`;
@@ -191,12 +202,15 @@ def make_trainer(cfg: JobConfig, inputs: JobInputs, callbacks: Sequence[Any] = (
         loop_config["local_checkpoints"] = str(out / "checkpoints")
         latest = _latest_local(out / "checkpoints")
         loop_config["resume_from"] = str(latest) if latest else None
+    fs, storage_path = storage.filesystem(ray_storage(cfg))  # a bucket's filesystem carries its endpoint
     return TorchTrainer(
         train_func, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=(cfg.ray.min_workers, cfg.ray.max_workers) if cfg.ray.elastic
                                      else cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
                                      elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s),
-        run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"), callbacks=list(callbacks),
+        run_config=RunConfig(name=cfg.name, storage_path=storage_path,
+                             storage_filesystem=fs if storage.is_remote(ray_storage(cfg)) else None,
+                             callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
 
@@ -212,21 +226,27 @@ def run_trainer(trainer: TorchTrainer) -> ray.train.Result:
     return result
 
 
-def fit(cfg: JobConfig, inputs: JobInputs) -> tuple[Path, ray.train.Result]:
-    """Run the unlearning with Ray Train; returns (final checkpoint directory, result).
+def fit(cfg: JobConfig, inputs: JobInputs, into: Path) -> ray.train.Result:
+    """Run the unlearning with Ray Train; copies the final checkpoint's HF model files and state.json
+    (not its optimizer state) into `into`, and returns Ray's result.
 
     Run again with the same `name` and `output_dir` to resume from the latest checkpoint.
     """
+    from ray_unlearn.parallel import HF_FILES
+
     init_ray(cfg)
     out = Path(cfg.output_dir).resolve()
     result = run_trainer(make_trainer(cfg, inputs))
     if cfg.ray.max_workers == 0:
         for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
-        return Path(result.checkpoint.path), result
-    final = Path(tempfile.mkdtemp(prefix="ray_unlearn_final_"))
-    result.checkpoint.to_directory(str(final))
-    return final, result
+    fs, path = result.checkpoint.filesystem, result.checkpoint.path
+    into.mkdir(parents=True, exist_ok=True)
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(path)):
+        if any(fnmatch.fnmatch(info.base_name, pattern) for pattern in ("state.json", *HF_FILES)):
+            pyarrow.fs.copy_files(info.path, str(into / info.base_name), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return result
 
 
 def _worker_error(e: Exception) -> str:

@@ -36,6 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from ray_unlearn import storage
 from ray_unlearn.config import JobConfig, dump_config, from_dict, load_config, to_dict
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs, resolve_inputs
@@ -49,6 +50,10 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
     from ray_unlearn.train import init_ray
 
     validate(cfg)
+    if storage.is_remote(cfg.output_dir):
+        raise UnlearnError("ray-unlearn tune writes its search state and trial outputs to a local output_dir; "
+                           "keep output_dir local and set ray.storage_path=s3://... (or gs://) to keep the "
+                           "trials' checkpoints in a bucket")
     params = check_space(cfg)
     check_metric_names(cfg)
     root = Path(cfg.output_dir).resolve() / "tune"

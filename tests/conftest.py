@@ -62,3 +62,56 @@ def micro_config(bench_cache: Path, tmp_path: Path):
                                   "eval.max_items=20", *extra])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on a loopback port for the session; yields its endpoint URL.
+
+    Tests point the AWS variables at it with `s3_env` and make buckets with `make_bucket`."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "the moto server exited at start-up"
+                assert time.time() < deadline, "the moto server did not listen within 60 s"
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()  # stopped by its PID
+        proc.wait()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """AWS variables naming the loopback S3 server (test credentials); returns make_bucket(name)."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_server, "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+
+    def make_bucket(name: str) -> str:
+        import pyarrow.fs as pafs
+
+        endpoint = s3_server.split("://", 1)[1]
+        pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", access_key="testing", secret_key="testing",
+                          region="us-east-1", allow_bucket_creation=True).create_dir(name)
+        return f"s3://{name}"
+
+    return make_bucket

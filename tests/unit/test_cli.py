@@ -25,7 +25,7 @@ def no_ray(monkeypatch):
     """Replace ray_unlearn.train so no test here can start Ray; returns the stand-in module."""
     fake = types.ModuleType("ray_unlearn.train")
 
-    def fit(cfg, inputs):
+    def fit(cfg, inputs, into):
         fake.inputs = inputs
         raise ReachedTraining()
 
@@ -255,3 +255,34 @@ def test_data_prints_the_cached_manifest(capsys, micro_bench, bench_cache, monke
     manifest = micro_bench.manifest
     for key, value in manifest.items():
         assert f"{key}: {value}" in out
+
+
+# ---------------------------------------------------------------------------- storage errors
+
+
+def test_output_dir_in_a_missing_bucket(capsys, bench_cache, s3_env):
+    missing = "s3://no-such-bucket-cli/run"
+    expect_exit_2(capsys, missing, "benchmark.size=micro", f"benchmark.cache_dir={bench_cache}",
+                  "ray.num_workers=1", match="output_dir: bucket 'no-such-bucket-cli' does not exist")
+
+
+def test_storage_path_on_an_unreachable_server(capsys, bench_cache, s3_env, monkeypatch, out_dir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    expect_exit_2(capsys, out_dir, "benchmark.size=micro", f"benchmark.cache_dir={bench_cache}",
+                  "ray.num_workers=1", "ray.storage_path=s3://ckpts/run",
+                  match="ray.storage_path: cannot write to s3://ckpts/run: ")
+
+
+def test_storage_uri_without_a_filesystem(capsys, out_dir):
+    expect_exit_2(capsys, "hdfs://nn/run", match="output_dir: no filesystem for hdfs:// URIs")
+
+
+def test_tune_keeps_its_output_dir_local(capsys, bench_cache):
+    rc, _, err = run_cli(capsys, "tune", "benchmark.size=micro", f"benchmark.cache_dir={bench_cache}",
+                         "output_dir=s3://b/search")
+    assert rc == 2 and len(err) == 1 and "set ray.storage_path=s3://" in err[0]
