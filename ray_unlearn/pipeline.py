@@ -77,11 +77,13 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
         f = inputs.build_figures
         console.print(f"benchmark {f['size']}: forget10 ES target {f['target_forget10_es']:.3f} vs retain model "
                       f"{f['retain_forget10_es']:.3f} (the target memorized what the retain model never saw)")
-    _, tokenizer = load_checked(cfg, inputs, meta=True)  # from the config: the driver never loads the weights
-    from ray_unlearn.loop import checkpoint_history
+    model, tokenizer = load_checked(cfg, inputs, meta=True)  # from the config: the driver never loads the weights
+    from ray_unlearn.loop import check_objective_fits, checkpoint_history
     from ray_unlearn.models.io import publish_model
+    from ray_unlearn.objectives import build_objective
     from ray_unlearn.train import check_resume, fit, init_ray
 
+    check_objective_fits(build_objective(cfg.objective), model)  # e.g. objective.rmu.layer within the model
     check_resume(cfg)
     init_ray(cfg)  # the cluster must hold the workers before anything is written
     out = Path(cfg.output_dir)

@@ -16,11 +16,20 @@ import torch
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
     """The decoder blocks of `model` in order: modules of the classes HF names in `_no_split_modules`.
 
-    `model` may be wrapped (DDP, a DeepSpeed engine): the module inside is searched.
+    `model` may be wrapped (DDP, a DeepSpeed engine): the module inside is searched. FSDP2's
+    `fully_shard` swaps a block's class for a subclass (FSDPLlamaDecoderLayer), hence the MRO.
     """
     model = getattr(model, "module", model)
     names = set(getattr(model, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    return [m for m in model.modules() if m is not model and any(c.__name__ in names for c in type(m).__mro__)]
+
+
+def params_through_layer(model: Any, layer: int) -> list[str]:
+    """Names of the parameters a function of decoder layer `layer`'s output depends on: the input
+    embeddings' and those of layers 0..layer (not the later layers, the final norm or an untied head)."""
+    embeddings = model.get_input_embeddings()
+    reached = {id(p) for m in [embeddings, *decoder_layers(model)[:layer + 1]] for p in m.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) in reached]
 
 
 @contextmanager

@@ -69,7 +69,7 @@ class Term:
     hparams: Mapping[str, str]   # fn kwarg -> ObjectiveConfig field ({"beta": "npo_beta"}), or field of `settings`
     help: str                    # one line for the docs
     settings: str = ""           # ObjectiveConfig section of the term's typed settings, e.g. "rmu"
-    hidden: str = ""             # settings field: the decoder layer whose output the term reads
+    hidden: str = ""             # settings field: the decoder layer whose output the term reads (not the logits)
     trainable: str = ""          # settings field: a regex of the parameter names to train ("" in it: all)
     state: TermState | None = None
 
@@ -172,9 +172,18 @@ def objective_layers(terms: Iterable[WeightedTerm]) -> list[int]:
     return sorted({layer for wt in terms for layer in wt.layers})
 
 
+def objective_reach(terms: Iterable[WeightedTerm]) -> int | None:
+    """The last decoder layer the loss depends on when every term reads only layer outputs (RMU
+    alone): later parameters get no gradient. None when some term reads the logits."""
+    terms = list(terms)
+    if all(wt.layers for wt in terms):
+        return max(layer for wt in terms for layer in wt.layers)
+    return None
+
+
 def check_model_fits(terms: Iterable[WeightedTerm], num_layers: int, param_names: list[str]) -> None:
     """One-line errors for settings the model cannot satisfy: a decoder layer out of range, a
-    trainable-parameter regex that matches nothing."""
+    trainable-parameter regex that matches none of `param_names` (those the objective can train)."""
     for wt in terms:
         for layer in wt.layers:
             if not num_layers:
@@ -185,8 +194,8 @@ def check_model_fits(terms: Iterable[WeightedTerm], num_layers: int, param_names
                                    f"{num_layers} decoder layers, valid 0..{num_layers - 1}")
         pattern = getattr(wt.settings, wt.term.trainable) if wt.term.trainable else ""
         if pattern and not any(re.fullmatch(pattern, n) for n in param_names):
-            raise UnlearnError(f"{wt.setting_key(wt.term.trainable)}={pattern!r} matches no parameter of the "
-                               f"model (its names look like {param_names[0]!r})")
+            raise UnlearnError(f"{wt.setting_key(wt.term.trainable)}={pattern!r} matches no parameter the "
+                               f"objective can train (their names look like {param_names[0]!r})")
 
 
 def is_trainable(terms: Iterable[WeightedTerm], param_name: str) -> bool:
@@ -245,4 +254,4 @@ def combined_loss(terms: Iterable[WeightedTerm], policy_out: Mapping[str, Any],
 
 __all__ = ["TERMS", "State", "StreamOutput", "Term", "TermState", "WeightedTerm", "build_objective",
            "check_model_fits", "combined_loss", "init_states", "is_trainable", "objective_layers",
-           "objective_ref_streams", "objective_streams", "state_log_keys", "update_states"]
+           "objective_reach", "objective_ref_streams", "objective_streams", "state_log_keys", "update_states"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from ray_unlearn.models.layers import capture_layer_outputs, decoder_layers
+from ray_unlearn.models.layers import capture_layer_outputs, decoder_layers, params_through_layer
 
 
 def _tiny():
@@ -48,3 +49,22 @@ def test_captured_outputs_carry_gradients():
     hidden[0].pow(2).sum().backward()
     assert model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
     assert model.model.layers[2].mlp.down_proj.weight.grad is None  # after the layer: no gradient
+
+
+def test_decoder_layers_found_after_fsdp2_swaps_their_class():
+    model = _tiny()
+    layer = model.model.layers[1]
+    layer.__class__ = type(f"FSDP{type(layer).__name__}", (type(layer),), {})  # what fully_shard does
+    assert decoder_layers(model) == list(model.model.layers)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_params_through_layer_are_the_embeddings_and_the_layers_up_to_it(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=32, tie_word_embeddings=tied))
+    names = params_through_layer(model, 1)
+    expected = ["model.embed_tokens.weight"] + [n for n, _ in model.named_parameters()
+                                                if n.startswith(("model.layers.0.", "model.layers.1."))]
+    assert names == expected  # not layer 2, model.norm or an untied lm_head

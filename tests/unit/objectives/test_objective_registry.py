@@ -12,7 +12,8 @@ import torch
 from ray_unlearn.config import ObjectiveConfig, PDUSettings, RMUSettings
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.objectives import (TERMS, build_objective, check_model_fits, combined_loss, init_states,
-                                    is_trainable, objective_layers, objective_ref_streams, objective_streams,
+                                    is_trainable, objective_layers, objective_reach, objective_ref_streams,
+                                    objective_streams,
                                     state_log_keys, update_states)
 
 STREAMS = ("forget", "retain", "forget_idk")
@@ -102,9 +103,15 @@ def test_model_fit_checks_name_the_setting_and_the_valid_range():
         check_model_fits(terms, 2, ["model.layers.0.mlp.weight"])
     assert str(err.value) == ("objective.rmu.layer=7 is out of range: the model has 2 decoder layers, valid 0..1")
     regex = build_objective(ObjectiveConfig(terms={"rmu": 1.0}, rmu=RMUSettings(layer=0, trainable_params="x")))
-    with pytest.raises(UnlearnError, match=r"^objective.rmu.trainable_params='x' matches no parameter of the model "
-                                           r"\(its names look like 'model.layers.0.mlp.weight'\)$"):
+    with pytest.raises(UnlearnError, match=r"^objective.rmu.trainable_params='x' matches no parameter the objective "
+                                           r"can train \(their names look like 'model.layers.0.mlp.weight'\)$"):
         check_model_fits(regex, 2, ["model.layers.0.mlp.weight"])
+
+
+def test_reach_is_the_last_layer_when_every_term_reads_only_layer_outputs():
+    assert objective_reach(build_objective(ObjectiveConfig(terms={"rmu": 1.0}, rmu=RMUSettings(layer=2)))) == 2
+    assert objective_reach(build_objective(ObjectiveConfig(terms={"rmu": 1.0, "ga": 1.0}))) is None
+    assert objective_reach(build_objective(ObjectiveConfig(terms={"npo": 1.0}))) is None
 
 
 def test_trainable_regex_is_a_full_match_and_empty_means_all():
