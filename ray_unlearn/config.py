@@ -100,15 +100,108 @@ class ModelConfig:
             raise UnlearnError(f"model.max_shard_size: {self.max_shard_size!r} is not a size like 5GB, 500MB or 1000000")
 
 
+def _section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# Typed settings of the terms that have more than a beta: `objective.<term>.<setting>` (defaults are
+# OpenUnlearning's, locuslab/open-unlearning src/trainer/unlearn/ and configs/trainer/).
+
+
+@dataclass
+class RMUSettings:
+    layer: int = _f(7, "Decoder layer (0-based, HF's hidden_states[layer + 1]) whose output RMU steers; "
+                       "OpenUnlearning: model.layers.7. Must be below the model's layer count.")
+    steering_coeff: float = _f(2.0, "Steering coefficient c: forget activations are pulled to c·u, u ~ U[0,1)^d "
+                                    "normalised, drawn once from train.seed (OpenUnlearning's config: 2; the WMDP "
+                                    "code: 20).")
+    retain_weight: float = _f(1.0, "Weight of the retain activation loss (layer output vs the reference model's) "
+                                   "inside the term (OpenUnlearning's alpha).")
+    trainable_params: str = _f("", "Regex of the parameter names to train (re.fullmatch); empty = all. The WMDP "
+                                   "code trains model\\.layers\\.(5|6|7)\\.mlp\\.down_proj\\.weight.")
+
+    def __post_init__(self) -> None:
+        if self.layer < 0:
+            raise UnlearnError(f"objective.rmu.layer: must be >= 0 (a decoder layer index), got {self.layer}")
+        _positive("objective.rmu.steering_coeff", self.steering_coeff)
+        _positive("objective.rmu.retain_weight", self.retain_weight, allow_zero=True)
+        try:
+            re.compile(self.trainable_params)
+        except re.error as e:
+            raise UnlearnError(f"objective.rmu.trainable_params: {self.trainable_params!r} is not a valid regex "
+                               f"({e})") from None
+
+
+@dataclass
+class UndialSettings:
+    beta: float = _f(10.0, "Penalty beta taken off the reference model's logit of the true token before the "
+                           "softmax that makes the soft labels. Averaged over answer tokens (OpenUnlearning "
+                           "averages over every position, prompt and padding included).")
+
+    def __post_init__(self) -> None:
+        _positive("objective.undial.beta", self.beta, allow_zero=True)
+
+
+@dataclass
+class WGASettings:
+    beta: float = _f(1.0, "Exponent beta of the token weights p_θ(y_t)^beta (detached).")
+
+    def __post_init__(self) -> None:
+        _positive("objective.wga.beta", self.beta, allow_zero=True)
+
+
+@dataclass
+class SatImpSettings:
+    beta1: float = _f(5.0, "Exponent beta1 of the saturation weight p^beta1 (detached).")
+    beta2: float = _f(1.0, "Exponent beta2 of the importance weight (1 - p)^beta2 (detached).")
+
+    def __post_init__(self) -> None:
+        _positive("objective.satimp.beta1", self.beta1, allow_zero=True)
+        _positive("objective.satimp.beta2", self.beta2, allow_zero=True)
+
+
+@dataclass
+class CEUSettings:
+    skip_first: int = _f(1, "Answer tokens left out at the start of each answer (CE-U's footnote; OpenUnlearning's "
+                            "ignore_first_n_answer_tokens).")
+
+    def __post_init__(self) -> None:
+        _positive("objective.ce_u.skip_first", self.skip_first, allow_zero=True)
+
+
+@dataclass
+class PDUSettings:
+    gamma: float = _f(1.0, "Weight gamma of the forget loss L_f.")
+    dual_init: float = _f(100.0, "Initial dual variable lambda_0, the retain loss's weight (TOFU: 100).")
+    dual_step_size: float = _f(5.0, "Dual step size eta: lambda <- max(0, lambda + eta·(L_r - eps)) after every "
+                                    "optimizer step (TOFU: 5).")
+    retain_eps: float = _f(0.3, "Retain-loss bound eps of the constraint L_r <= eps (TOFU: 0.3).")
+
+    def __post_init__(self) -> None:
+        for key in ("gamma", "dual_init", "dual_step_size", "retain_eps"):
+            _positive(f"objective.pdu.{key}", getattr(self, key), allow_zero=True)
+
+
 @dataclass
 class ObjectiveConfig:
     terms: dict[str, float] = _f({"npo": 1.0, "retain_nll": 1.0},
                                  "Weighted objective terms, name -> weight (ga, retain_nll, retain_kl, npo, "
-                                 "simnpo, idk_dpo, refusal).")
+                                 "simnpo, idk_dpo, refusal, rmu, undial, wga, satimp, ce_u, pdu).")
     npo_beta: float = _f(0.1, "NPO inverse temperature beta.")
     simnpo_beta: float = _f(2.5, "SimNPO inverse temperature beta.")
     simnpo_delta: float = _f(0.0, "SimNPO reward margin delta.")
     dpo_beta: float = _f(0.1, "IdkDPO inverse temperature beta.")
+    rmu: RMUSettings = _section(RMUSettings, "RMU: steer the forget activations of one decoder layer to a random "
+                                             "vector, keep the retain ones.")
+    undial: UndialSettings = _section(UndialSettings, "UNDIAL: self-distillation on reference logits with the true "
+                                                      "token pushed down.")
+    wga: WGASettings = _section(WGASettings, "WGA: gradient ascent weighted by the token's own probability.")
+    satimp: SatImpSettings = _section(SatImpSettings, "SatImp: gradient ascent weighted by saturation and importance "
+                                                      "(the forget loss; weigh it against retain_nll in terms: "
+                                                      "OpenUnlearning's SatImp.yaml uses 0.1 and 1, its class default "
+                                                      "1 and 0.1; jobs/satimp.yaml follows the YAML).")
+    ce_u: CEUSettings = _section(CEUSettings, "CE-U: cross-entropy toward the distribution without the true token.")
+    pdu: PDUSettings = _section(PDUSettings, "PDU: primal-dual unlearning with a retain-loss constraint.")
 
     def __post_init__(self) -> None:
         if not self.terms:

@@ -2,15 +2,18 @@
 
 Per optimizer step: `train.accumulation(world_size)` micro-batches, each one forward pass over
 every stream the objective reads (forget, retain, forget_idk concatenated into one batch, so DDP
-sees a single forward) plus a no-grad pass of the frozen reference model when a term needs it; a weighted
-objective; backward; clipping; the Hessian estimate when due (Sophia); the step. Everything that
+sees a single forward) plus a no-grad pass of the frozen reference model when a term needs it; a
+weighted objective; backward; clipping; the Hessian estimate when due (Sophia); the step; then
+stateful terms (PDU's λ) update from the step's logs, averaged over ranks. Terms that read a
+decoder layer's output (RMU) get it from a forward hook on that layer alone. Everything that
 differs between DDP, FSDP2 and DeepSpeed (wrapping, accumulation without sync, backward, clipping,
 the step, reductions, checkpoint format) is behind one `ray_unlearn.parallel.Strategy` object. Every
 `log_every` steps it reports metrics; every `checkpoint_every` steps and at the end it writes a
-checkpoint (model safetensors, optimizer, step, history) and reports it. When the runner gives an
-`evaluate` callback, every `eval_every` steps and at the last step rank 0 evaluates the model and
-that step's report carries the metrics (every rank reports at the same steps). A non-finite loss
-stops the run before anything is written, so the last good checkpoint stays the latest.
+checkpoint (model safetensors, optimizer, step, history, term state) and reports it. When the
+runner gives an `evaluate` callback, every `eval_every` steps and at the last step rank 0 evaluates
+the model and that step's report carries the metrics (every rank reports at the same steps). A
+non-finite loss stops the run before anything is written, so the last good checkpoint stays the
+latest.
 
 Batches are chosen by a deterministic function of (seed, step, micro-step, rank), so a resumed
 run sees the data the interrupted one would have, and 1 worker x N accumulation steps sees the
@@ -36,8 +39,10 @@ from ray_unlearn.config import JobConfig
 from ray_unlearn.data.collate import encode_qa, encode_text, pad_batch, prompt_format
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.logprobs import batch_nll
-from ray_unlearn.objectives import (build_objective, combined_loss, objective_ref_streams,
-                                    objective_streams)
+from ray_unlearn.models.layers import capture_layer_outputs, decoder_layers, params_through_layer
+from ray_unlearn.objectives import (StreamOutput, build_objective, check_model_fits, combined_loss, init_states,
+                                    is_trainable, objective_layers, objective_reach, objective_ref_streams,
+                                    objective_streams, state_log_keys, update_states)
 from ray_unlearn.optim import build_hessian_estimator, build_optimizer
 from ray_unlearn.optim.hessian import SOUL_BS, global_hutchinson_estimate, gnb_backward
 from ray_unlearn.parallel import Strategy, build_strategy, load_hf_weights
@@ -113,6 +118,20 @@ def load_run(cfg: JobConfig, inputs: Any, rank: int = 0, world_size: int = 1
     return model, ref, encode_data(cfg, tokenizer, inputs.forget, inputs.retain, inputs.kind), tokenizer
 
 
+def check_objective_fits(terms: Sequence[Any], model: Any) -> set[str]:
+    """Check the terms' settings against `model` (one-line errors: a decoder layer out of range, a
+    trainable-parameter regex matching nothing) and return the names of the parameters to train.
+
+    A loss that reads only layer ℓ's output (RMU) trains the embeddings and layers 0..ℓ: nothing
+    after ℓ gets a gradient, and DDP needs every trained parameter to get one. `model` may be on
+    the meta device.
+    """
+    reach = objective_reach(terms)
+    names = [n for n, _ in model.named_parameters()] if reach is None else params_through_layer(model, reach)
+    check_model_fits(terms, len(decoder_layers(model)), names)
+    return {name for name in names if is_trainable(terms, name)}
+
+
 def make_strategy(cfg: JobConfig, env: LoopEnv) -> Strategy:
     """The run's `ray.strategy` for this rank, with the strategy's own options from the config."""
     options: dict[str, Any] = {}
@@ -148,8 +167,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-def _forward_streams(model: Any, streams: dict[str, dict[str, torch.Tensor]], pad_id: int) -> dict[str, Any]:
-    """One forward over all streams concatenated (right-padded to one width), split back per stream."""
+def _forward_streams(model: Any, streams: dict[str, dict[str, torch.Tensor]], pad_id: int,
+                     layers: Sequence[int] = ()) -> dict[str, StreamOutput]:
+    """One forward over all streams concatenated (right-padded to one width), split back per stream,
+    with the outputs of decoder `layers` (hooked: no other layer's output is kept)."""
     names = list(streams)
     width = max(streams[n]["input_ids"].shape[1] for n in names)
 
@@ -158,18 +179,14 @@ def _forward_streams(model: Any, streams: dict[str, dict[str, torch.Tensor]], pa
 
     ids = torch.cat([widen(streams[n]["input_ids"], pad_id) for n in names])
     mask = torch.cat([widen(streams[n]["attention_mask"], 0) for n in names])
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    with capture_layer_outputs(model, layers) as hidden:
+        logits = model(input_ids=ids, attention_mask=mask).logits
     out, start = {}, 0
     for n in names:
         b, w = streams[n]["input_ids"].shape
-        out[n] = _Out(logits[start:start + b, :w])
+        out[n] = StreamOutput(logits[start:start + b, :w], {i: h[start:start + b, :w] for i, h in hidden.items()})
         start += b
     return out
-
-
-@dataclass
-class _Out:
-    logits: torch.Tensor
 
 
 class Unlearner:
@@ -191,6 +208,11 @@ class Unlearner:
                                    f"give {'retain data' if s == 'retain' else 'question/answer forget data'}")
         if self.ref_streams and ref_model is None:
             raise UnlearnError("objective needs a reference model but none was given")
+        self.layers = objective_layers(self.terms)  # decoder layers whose outputs some term reads
+        trained = check_objective_fits(self.terms, model)
+        for name, p in model.named_parameters():  # RMU: layers 0..ℓ, and only its trainable_params
+            if name not in trained:
+                p.requires_grad_(False)
         t = cfg.train
         self.accum = t.accumulation(env.world_size)  # micro-batches per step: the global batch is fixed
         self.strategy = make_strategy(cfg, env)
@@ -208,6 +230,8 @@ class Unlearner:
             self.optimizer, lambda s: lr_factor(s, t.max_steps, t.warmup_steps, t.lr_schedule))
         self.step = 0
         self.history: list[dict[str, float]] = []
+        hidden_size = getattr(getattr(self.module, "config", None), "hidden_size", 0)
+        self.states = self._on_device(init_states(self.terms, hidden_size, t.seed))  # RMU's u, PDU's λ
         if env.resume_from is not None:
             self.load_checkpoint(env.resume_from)
 
@@ -230,12 +254,12 @@ class Unlearner:
     # ------------------------------------------------------------------ one step
     def loss_on(self, model: Any, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
         """Objective value of `model` on a micro-batch (reference model run without grad)."""
-        policy = _forward_streams(model, batch, self.pad_id)
+        policy = _forward_streams(model, batch, self.pad_id, self.layers)
         ref = None
         if self.ref_streams:
             with torch.no_grad():
-                ref = _forward_streams(self.ref, {s: batch[s] for s in self.ref_streams}, self.pad_id)
-        loss, logs = combined_loss(self.terms, policy, ref, batch)
+                ref = _forward_streams(self.ref, {s: batch[s] for s in self.ref_streams}, self.pad_id, self.layers)
+        loss, logs = combined_loss(self.terms, policy, ref, batch, self.states)
         with torch.no_grad():
             logs["nll/forget"] = batch_nll(policy["forget"].logits, batch["forget"]["labels"]).item()
             if "retain" in policy:
@@ -261,6 +285,7 @@ class Unlearner:
         if norm is not None:
             sums["grad_norm"] = norm
         self.scheduler.step()
+        self._update_states(sums)
         self.step += 1
         if hasattr(self.optimizer, "clip_rate"):
             sums["clip_rate"] = float(self.optimizer.clip_rate)
@@ -289,6 +314,20 @@ class Unlearner:
                 self.params, [lambda b=b: self.loss_on(self.module, b)[0] for b in batches], key, self.strategy)
             self.optimizer.update_hessian(estimates)
         self._bs = est.bs_override or bs
+
+    def _update_states(self, logs: dict[str, float]) -> None:
+        """Stateful terms (PDU's λ) update after the step from its logs; the logs they read are first
+        averaged over ranks (in `logs` too), so every rank keeps the same state."""
+        keys = state_log_keys(self.terms, logs)
+        if keys:
+            values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.env.device)
+            self.strategy.all_reduce_sum_(values)
+            values /= self.env.world_size if self.strategy.distributed else 1
+            logs.update(zip(keys, values.tolist()))
+        self.states = self._on_device(update_states(self.terms, self.states, logs))
+
+    def _on_device(self, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {k: v.to(self.env.device) for k, v in state.items()} for name, state in states.items()}
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Stop every rank on a NaN/Inf loss before anything is written."""
@@ -350,6 +389,9 @@ class Unlearner:
             self.strategy.save_state(out, self.module, self.optimizer, final=self.step >= self.cfg.train.max_steps)
             if self.env.rank == 0:
                 torch.save(self.scheduler.state_dict(), out / "scheduler.pt")
+                if self.states:  # the same on every rank
+                    torch.save({name: {k: v.cpu() for k, v in state.items()} for name, state in self.states.items()},
+                               out / "term_state.pt")
                 (out / "state.json").write_text(json.dumps({
                     "step": self.step, "history": self.history, "hessian_bs": getattr(self, "_bs", None),
                     "strategy": self.strategy.name, "world_size": self.env.world_size}))
@@ -370,6 +412,10 @@ class Unlearner:
         self.strategy.load_state(Path(path), self.module, self.optimizer)
         self.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
         self.step, self.history = int(state["step"]), list(state["history"])
+        saved = Path(path) / "term_state.pt"
+        if self.states and saved.is_file():  # terms whose state it lacks keep their fresh state
+            stored = torch.load(saved, weights_only=True)
+            self.states = self._on_device({name: stored.get(name, state) for name, state in self.states.items()})
         if state.get("hessian_bs") is not None:  # Sophia's h is in the optimizer state; its scale is here
             self._bs = float(state["hessian_bs"])
 

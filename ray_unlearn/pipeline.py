@@ -83,7 +83,11 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
         f = inputs.build_figures
         console.print(f"benchmark {f['size']}: forget10 ES target {f['target_forget10_es']:.3f} vs retain model "
                       f"{f['retain_forget10_es']:.3f} (the target memorized what the retain model never saw)")
-    _, tokenizer = load_checked(cfg, inputs, meta=True)  # from the config: the driver never loads the weights
+    model, tokenizer = load_checked(cfg, inputs, meta=True)  # from the config: the driver never loads the weights
+    from ray_unlearn.loop import check_objective_fits
+    from ray_unlearn.objectives import build_objective
+
+    check_objective_fits(build_objective(cfg.objective), model)  # e.g. objective.rmu.layer within the model
     for key, location in (("output_dir", cfg.output_dir), ("ray.storage_path", cfg.ray.storage_path)):
         storage.check_writable(key, location)  # a bucket: exists, reachable, takes a write
     from ray_unlearn.train import check_resume, init_ray

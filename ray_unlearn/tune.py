@@ -46,6 +46,9 @@ from ray_unlearn.tuning.space import Param, check_space, decode_point, optuna_sp
 
 def run_tune(cfg: JobConfig) -> SearchOutputs:
     """Search `cfg.tune.space` for the trade-off of `cfg.tune.metrics`; write the outputs, return them."""
+    from ray_unlearn.job import load_checked
+    from ray_unlearn.loop import check_objective_fits
+    from ray_unlearn.objectives import build_objective
     from ray_unlearn.pipeline import console, progress_reporter, validate
     from ray_unlearn.train import init_ray
 
@@ -60,6 +63,7 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
     check_resume(cfg, root)
     with progress_reporter() as report:
         inputs = resolve_inputs(cfg, report)
+    check_objective_fits(build_objective(cfg.objective), load_checked(cfg, inputs, meta=True)[0])
     init_ray(trial_scaling(cfg))
     check_trial_fits(cfg)
     references, retain_tr = reference_summaries(cfg, inputs, root)

@@ -117,6 +117,17 @@ def test_unknown_optimizer(capsys, bench_cache, out_dir):
     assert "adamw" in msg and "sophia" in msg
 
 
+def test_rmu_layer_out_of_range_names_the_valid_range(capsys, micro_bench, bench_cache, out_dir):
+    # the micro model has 2 decoder layers; RMU's default layer is 7 (OpenUnlearning's)
+    expect_exit_2(capsys, out_dir, *micro_args(bench_cache), "objective.terms={rmu: 1}",
+                  match="objective.rmu.layer=7 is out of range: the model has 2 decoder layers, valid 0..1")
+
+
+def test_term_setting_of_the_wrong_type(capsys, bench_cache, out_dir):
+    expect_exit_2(capsys, out_dir, *micro_args(bench_cache), "objective.terms={pdu: 1}", "objective.pdu.dual_init=high",
+                  match="objective.pdu.dual_init: expected float, got str 'high'")
+
+
 # ---------------------------------------------------------------------------- model errors
 
 

@@ -316,3 +316,56 @@ def test_elastic_worker_range():
 ])
 def test_bad_elastic_sizes(overrides, match):
     expect_error(match, overrides=overrides)
+
+
+# ---------------------------------------------------------------------------- per-term settings
+
+
+def test_term_settings_from_a_file_and_overrides(tmp_path):
+    path = write_yaml(tmp_path, {"objective": {"terms": {"rmu": 1.0}, "rmu": {"layer": 1, "steering_coeff": 6}}})
+    cfg = load_config(path, ["objective.pdu.dual_init=10", "objective.rmu.trainable_params=model\\.layers\\.1\\..*"])
+    assert cfg.objective.terms == {"rmu": 1.0}
+    assert (cfg.objective.rmu.layer, cfg.objective.rmu.steering_coeff) == (1, 6.0)
+    assert isinstance(cfg.objective.rmu.steering_coeff, float)
+    assert cfg.objective.rmu.trainable_params == r"model\.layers\.1\..*"
+    assert cfg.objective.pdu.dual_init == 10.0 and cfg.objective.pdu.dual_step_size == 5.0
+    dump_config(cfg, tmp_path / "dumped.yaml")
+    assert load_config(tmp_path / "dumped.yaml") == cfg
+
+
+def test_term_setting_defaults_are_open_unlearnings():
+    o = load_config().objective
+    assert (o.rmu.layer, o.rmu.steering_coeff, o.rmu.trainable_params) == (7, 2.0, "")
+    assert (o.undial.beta, o.wga.beta, o.satimp.beta1, o.satimp.beta2, o.ce_u.skip_first) == (10.0, 1.0, 5.0, 1.0, 1)
+    assert (o.pdu.dual_init, o.pdu.dual_step_size, o.pdu.retain_eps, o.pdu.gamma) == (100.0, 5.0, 0.3, 1.0)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("objective.rmu.layer=seven", "objective.rmu.layer"),
+    ("objective.rmu.layer=1.5", "objective.rmu.layer"),
+    ("objective.rmu.steering_coeff=big", "objective.rmu.steering_coeff"),
+    ("objective.rmu.trainable_params=[a, b]", "objective.rmu.trainable_params"),
+    ("objective.pdu.dual_init=true", "objective.pdu.dual_init"),
+    ("objective.ce_u.skip_first=one", "objective.ce_u.skip_first"),
+    ("objective.rmu=3", "objective.rmu"),
+])
+def test_term_setting_of_the_wrong_type_names_the_term_and_setting(override, key):
+    expect_error(f"^{key}: expected", overrides=[override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("objective.rmu.layer=-1", "objective.rmu.layer"),
+    ("objective.rmu.steering_coeff=0", "objective.rmu.steering_coeff"),
+    ("objective.rmu.trainable_params=model.(", "objective.rmu.trainable_params"),
+    ("objective.undial.beta=-1", "objective.undial.beta"),
+    ("objective.pdu.dual_step_size=-5", "objective.pdu.dual_step_size"),
+    ("objective.pdu.retain_eps=.nan", "objective.pdu.retain_eps"),
+    ("objective.ce_u.skip_first=-1", "objective.ce_u.skip_first"),
+])
+def test_invalid_term_setting_names_it(override, key):
+    expect_error(f"^{key}", overrides=[override])
+
+
+def test_unknown_term_setting_lists_the_valid_ones():
+    msg = expect_error(r"^unknown config key objective\.rmu\.layers ", overrides=["objective.rmu.layers=3"])
+    assert "layer, retain_weight, steering_coeff, trainable_params" in msg

@@ -264,6 +264,96 @@ def test_refusal_stream_needs_question_answer_forget_data(make):
              data=text_data, ref=False)
 
 
+# ---------------------------------------------------------------------------- terms with layers, state, settings
+
+RMU = ["objective.terms={rmu: 1}", "objective.rmu.layer=0", "objective.rmu.steering_coeff=4"]
+PDU = ["objective.terms={pdu: 1}", "objective.pdu.dual_init=1", "objective.pdu.dual_step_size=5",
+       "objective.pdu.retain_eps=0.01"]  # the micro target's retain NLL is near 0: a small ε keeps λ moving
+
+
+def test_rmu_steers_the_layer_and_trains_only_the_matching_parameters(make):
+    u, model, _ = make(*RMU, r"objective.rmu.trainable_params=model\.layers\.0\.mlp\..*", "optim.name=adamw",
+                       "optim.lr=3e-3", "train.max_steps=3")
+    assert (u.layers, u.streams, u.ref_streams) == ([0], ["forget", "retain"], ["retain"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.layers.0.mlp.") for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    history = u.run()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (name in trainable), name
+    assert {"loss/rmu", "rmu/forget_act", "rmu/retain_act"} <= set(history[0])
+    assert history[-1]["rmu/forget_act"] < history[0]["rmu/forget_act"]  # the forget activations move to c·u
+    assert u.states["rmu"]["u"].shape == (model.config.hidden_size,)
+
+
+def test_rmu_trains_only_what_its_layer_reaches(make):
+    # layer 0 of 2: layer 1 and the final norm get no gradient (DDP needs every trained parameter to get one)
+    u, model, _ = make(*RMU, "optim.name=adamw", "train.max_steps=1")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith(("model.layers.1.", "model.norm.",
+                                                                              "lm_head."))}
+    assert "model.embed_tokens.weight" not in frozen
+
+
+def test_rmu_layer_out_of_range_is_one_line_naming_the_valid_range(make):
+    with pytest.raises(UnlearnError) as info:
+        make("objective.terms={rmu: 1}", "objective.rmu.layer=2")
+    assert str(info.value) == "objective.rmu.layer=2 is out of range: the model has 2 decoder layers, valid 0..1"
+
+
+def test_pdu_updates_lambda_every_step_from_the_logged_retain_loss(make):
+    u, _, _ = make(*PDU, "optim.name=adamw", "optim.lr=1e-3")
+    history = u.run()
+    lambdas = [h["pdu/lambda"] for h in history] + [u.states["pdu"]["lambda"].item()]
+    assert lambdas[0] == 1.0
+    for h, lam, nxt in zip(history, lambdas, lambdas[1:]):  # λ <- max(0, λ + η·(L_r − ε))
+        assert nxt == pytest.approx(max(0.0, lam + 5 * (h["pdu/retain_loss"] - 0.01)), rel=1e-12)
+        assert h["loss/pdu"] == pytest.approx(h["pdu/forget_loss"] + lam * (h["pdu/retain_loss"] - 0.01), rel=1e-5)
+    assert len(set(lambdas)) == len(lambdas) and min(lambdas) > 0
+
+
+@pytest.mark.parametrize("name, terms", [("pdu", PDU), ("rmu", RMU)])
+def test_term_state_survives_resume(make, name, terms):
+    """The resumed run continues with the interrupted run's λ / u: its weights, logs and state are an
+    uninterrupted run's."""
+    common = [*terms, "optim.name=adamw", "optim.lr=1e-3", "train.checkpoint_every=2"]
+    full, full_model, _ = make(*common, ckpt="full")
+    full_history = full.run()
+
+    def stop_at_2(logs, ckpt):
+        if ckpt is not None and logs["step"] == 2:
+            raise Interrupted
+
+    first, _, _ = make(*common, ckpt="parts", report=stop_at_2)
+    with pytest.raises(Interrupted):
+        first.run()
+    assert (first.env.checkpoint_dir / "step-000002" / "term_state.pt").is_file()
+    resumed, resumed_model, _ = make(*common, ckpt="parts", resume_from=first.env.checkpoint_dir / "step-000002")
+    for key, value in first.states[name].items():  # restored, not drawn again
+        assert torch.equal(resumed.states[name][key], value), key
+    resumed_history = resumed.run()
+    a, b = weights(full_model), weights(resumed_model)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    for h_full, h_res in zip(full_history, resumed_history):
+        assert h_res["loss/total"] == pytest.approx(h_full["loss/total"], rel=1e-5)
+        if "pdu/lambda" in h_full:
+            assert h_res["pdu/lambda"] == pytest.approx(h_full["pdu/lambda"], rel=1e-9)
+    for key, value in full.states[name].items():
+        assert torch.allclose(resumed.states[name][key], value, rtol=1e-9, atol=0), key
+
+
+def test_rmu_vector_comes_from_the_seed(make):
+    from ray_unlearn.objectives.rmu import rmu_init_state
+
+    a, _, _ = make(*RMU, "train.seed=3", ckpt="a")
+    b, model, _ = make(*RMU, "train.seed=3", ckpt="b")
+    c, _, _ = make(*RMU, "train.seed=4", ckpt="c")
+    assert torch.equal(a.states["rmu"]["u"], b.states["rmu"]["u"])  # every rank draws the same u
+    assert not torch.equal(a.states["rmu"]["u"], c.states["rmu"]["u"])
+    assert torch.equal(a.states["rmu"]["u"], rmu_init_state(None, model.config.hidden_size, 3)["u"])
+
+
 # ---------------------------------------------------------------------------- batches and schedules
 
 
