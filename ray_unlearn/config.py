@@ -259,9 +259,14 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "Recompute each decoder block's activations in backward instead of "
                                                "keeping them: less memory for long sequences and big batches, "
                                                "about one more forward pass of time.")
+    mixed_precision: str = _f("none", "bf16: forward and backward compute in bfloat16 while parameters, gradients' "
+                                      "reduction and optimizer state stay float32 (model.dtype float32): FSDP2's "
+                                      "MixedPrecisionPolicy, DeepSpeed's bf16 mode, autocast for ddp. For GPUs "
+                                      "(bf16 tensor cores); none computes in model.dtype.")
 
     def __post_init__(self) -> None:
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        _choice("train.mixed_precision", self.mixed_precision, ("none", "bf16"))
         for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
@@ -418,6 +423,10 @@ class JobConfig:
         from ray_unlearn.storage import check_location, is_remote
 
         check_location("output_dir", self.output_dir)
+        if self.train.mixed_precision != "none" and self.model.dtype != "float32":
+            raise UnlearnError(f"train.mixed_precision={self.train.mixed_precision} keeps float32 parameters and "
+                               f"computes in bf16, but model.dtype={self.model.dtype}; set model.dtype=float32 "
+                               "or train.mixed_precision=none")
         if self.ray.max_workers == 0 and (is_remote(self.output_dir) or is_remote(self.ray.storage_path)):
             raise UnlearnError("ray.num_workers=0 runs in the driver and keeps its checkpoints on local disk; "
                                "use a local output_dir and ray.storage_path, or ray.num_workers >= 1")

@@ -138,8 +138,9 @@ def make_strategy(cfg: JobConfig, env: LoopEnv) -> Strategy:
     if cfg.ray.strategy == "deepspeed":
         options = dict(zero_stage=cfg.ray.zero, offload=cfg.ray.offload, dtype=cfg.model.dtype,
                        micro_batch_size=cfg.train.batch_size, grad_clip=cfg.optim.grad_clip)
+    compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
     return build_strategy(cfg.ray.strategy, env.rank, env.world_size, env.device, cfg.model.max_shard_size,
-                          **options)
+                          compute_dtype=compute, **options)
 
 
 def batch_slot_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:
@@ -168,9 +169,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def _forward_streams(model: Any, streams: dict[str, dict[str, torch.Tensor]], pad_id: int,
-                     layers: Sequence[int] = ()) -> dict[str, StreamOutput]:
+                     layers: Sequence[int] = (), strategy: Strategy | None = None) -> dict[str, StreamOutput]:
     """One forward over all streams concatenated (right-padded to one width), split back per stream,
-    with the outputs of decoder `layers` (hooked: no other layer's output is kept)."""
+    with the outputs of decoder `layers` (hooked: no other layer's output is kept). The strategy runs
+    the forward (mixed precision: in bf16, logits and layer outputs back in float32)."""
     names = list(streams)
     width = max(streams[n]["input_ids"].shape[1] for n in names)
 
@@ -180,7 +182,9 @@ def _forward_streams(model: Any, streams: dict[str, dict[str, torch.Tensor]], pa
     ids = torch.cat([widen(streams[n]["input_ids"], pad_id) for n in names])
     mask = torch.cat([widen(streams[n]["attention_mask"], 0) for n in names])
     with capture_layer_outputs(model, layers) as hidden:
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = (strategy or Strategy()).forward(model, ids, mask)
+    if strategy is not None and strategy.compute_dtype is not None:
+        hidden = {i: h.float() for i, h in hidden.items()}
     out, start = {}, 0
     for n in names:
         b, w = streams[n]["input_ids"].shape
@@ -254,11 +258,12 @@ class Unlearner:
     # ------------------------------------------------------------------ one step
     def loss_on(self, model: Any, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
         """Objective value of `model` on a micro-batch (reference model run without grad)."""
-        policy = _forward_streams(model, batch, self.pad_id, self.layers)
+        policy = _forward_streams(model, batch, self.pad_id, self.layers, self.strategy)
         ref = None
         if self.ref_streams:
             with torch.no_grad():
-                ref = _forward_streams(self.ref, {s: batch[s] for s in self.ref_streams}, self.pad_id, self.layers)
+                ref = _forward_streams(self.ref, {s: batch[s] for s in self.ref_streams}, self.pad_id, self.layers,
+                                       self.strategy)
         loss, logs = combined_loss(self.terms, policy, ref, batch, self.states)
         with torch.no_grad():
             logs["nll/forget"] = batch_nll(policy["forget"].logits, batch["forget"]["labels"]).item()

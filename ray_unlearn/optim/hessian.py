@@ -149,7 +149,7 @@ def gnb_backward(model: torch.nn.Module, batches: Sequence[dict[str, Tensor]], k
     scale = strategy.grad_average_factor / total  # the reduction averages over ranks; undo it
     for i, (batch, item_keys) in enumerate(zip(batches, keys)):
         with strategy.accumulate(model, sync=i == len(batches) - 1):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = strategy.forward(model, batch["input_ids"], batch["attention_mask"])
             scored, y_hat = sample_gnb_labels(logits, batch["labels"], item_keys)
             strategy.backward(model, F.cross_entropy(scored, y_hat, reduction="sum") * scale)
     return total

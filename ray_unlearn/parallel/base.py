@@ -103,15 +103,32 @@ class Strategy:
     starts_on_meta = False  # every rank but 0 builds the model on the meta device (rank 0's weights fill it)
 
     def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                 max_shard_size: str = "5GB"):
+                 max_shard_size: str = "5GB", compute_dtype: torch.dtype | None = None):
         self.rank, self.world_size = rank, world_size
         self.device = device or torch.device("cpu")
         self.max_shard_size = max_shard_size  # of the safetensors files of full weights
+        self.compute_dtype = compute_dtype  # mixed precision: forward/backward in this dtype, float32 parameters
 
     @property
     def distributed(self) -> bool:
         """True when collectives must run: more than one rank in an initialised process group."""
         return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def casts_parameters(self, model: torch.nn.Module) -> bool:
+        """Whether `model`'s wrapper itself computes in `compute_dtype` (FSDP2's policy, DeepSpeed's bf16
+        mode); otherwise mixed precision is autocast around its forward pass."""
+        return False
+
+    def forward(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The model's logits. Under mixed precision the forward computes in `compute_dtype` (the
+        wrapper's casting, or autocast) and the logits come back in float32 for the losses."""
+        if self.compute_dtype is None:
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        autocast = contextlib.nullcontext() if self.casts_parameters(model) else \
+            torch.autocast(self.device.type, dtype=self.compute_dtype)
+        with autocast:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits.float()
 
     # ---------------------------------------------------------------- model
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:

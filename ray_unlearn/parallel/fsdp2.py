@@ -61,12 +61,15 @@ class FSDP2Strategy(Strategy):
         parameters with rank 0's weights and every rank's buffers with rank 0's."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # mixed precision: gathered parameters cast to compute_dtype, gradients reduced in float32
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32) \
+            if self.compute_dtype is not None else MixedPrecisionPolicy()
         for unit in _units(model):
-            fully_shard(unit, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # moves the shards (not the full model) to the device
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # moves the shards (not the full model) to the device
         if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             model.to_empty(device=self.device)
         set_model_state_dict(model, dict(self._source) if self.rank == 0 else {},  # it rewrites the dict it gets
@@ -77,6 +80,9 @@ class FSDP2Strategy(Strategy):
                 buf.copy_(self._source_buffers[name])
             torch.distributed.broadcast(buf, src=0)
         return model
+
+    def casts_parameters(self, model: torch.nn.Module) -> bool:
+        return self.distributed  # its MixedPrecisionPolicy (policy and reference); a world of one is a plain module
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.distributed:

@@ -63,6 +63,11 @@ class DeepSpeedStrategy(DDPStrategy):
         self.grad_clip = grad_clip  # the engine clips inside its step, so it is fixed when it is built
         self.engine: Any = None
 
+    def casts_parameters(self, model: torch.nn.Module) -> bool:
+        # bf16 mode: engines (the model's; ZeRO 3's reference) hold bf16 parameters, fp32 masters in the
+        # optimizer; ZeRO 1/2's plain reference copy runs under autocast
+        return self.engine is not None and (model is self.engine or self.sharded)
+
     @property
     def sharded(self) -> bool:  # type: ignore[override]
         """ZeRO-3 partitions the parameters: forward passes are collectives."""
@@ -89,8 +94,10 @@ class DeepSpeedStrategy(DDPStrategy):
             "managed_gradient_accumulation": False, "zero_optimization": zero, "gradient_clipping": self.grad_clip,
             "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
-        if self.dtype == "bfloat16":
+        if self.dtype == "bfloat16" or self.compute_dtype == torch.bfloat16:
             conf["bf16"] = {"enabled": True}
+        if self.compute_dtype is not None:  # mixed precision: gradients accumulate and reduce in float32, as fsdp2's
+            conf.update(communication_data_type="fp32", data_types={"grad_accum_dtype": "fp32"})
         elif self.dtype == "float16":
             conf["fp16"] = {"enabled": True}
         return conf
@@ -179,7 +186,10 @@ class DeepSpeedStrategy(DDPStrategy):
                                "name or output_dir")
 
     def save_full_weights(self, out: Path, module: torch.nn.Module) -> None:
-        """Rank 0 writes the full weights; under ZeRO 3 they are gathered one parameter at a time."""
+        """Rank 0 writes the full weights; under ZeRO 3 they are gathered one parameter at a time. Under
+        train.mixed_precision the engine's parameters are bf16 copies: the float32 masters are written."""
+        if self.engine is not None and self.compute_dtype is not None:
+            return self._save_fp32_masters(out, module)
         if not self.sharded:  # ZeRO 1/2 params are views into one flat buffer: copied out one by one
             if self.rank == 0:
                 full = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
@@ -194,6 +204,26 @@ class DeepSpeedStrategy(DDPStrategy):
         if self.rank == 0:  # then the buffers a state dict holds
             params = set(dict(module.named_parameters(remove_duplicate=False)))
             full.update({k: v.detach().cpu() for k, v in module.state_dict().items() if k not in params})
+            write_hf_weights(out, module, full, self.max_shard_size)
+
+    def _save_fp32_masters(self, out: Path, module: torch.nn.Module) -> None:
+        """The optimizer's float32 master of each parameter, assembled one at a time (a collective); frozen
+        parameters, which have none, from the module itself."""
+        deepspeed = _import_deepspeed(self.device)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full: dict[str, Tensor] = {}
+        for name, p in module.named_parameters():
+            master = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if master is None:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=self.sharded):
+                    master = p.detach().float()
+            if self.rank == 0:
+                full[name] = master.detach().to("cpu", dtype=torch.float32, copy=True)
+        if self.rank == 0:
+            params = set(dict(module.named_parameters(remove_duplicate=False)))
+            full.update({k: (v.float() if v.is_floating_point() else v).detach().cpu()
+                         for k, v in module.state_dict().items() if k not in params})
             write_hf_weights(out, module, full, self.max_shard_size)
 
     def check_checkpoint(self, path: Path, written_by: str, world_size: int | None = None) -> None:

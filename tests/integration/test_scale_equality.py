@@ -151,3 +151,28 @@ def test_deepspeed_checkpoint_refuses_another_worker_count(runs):
     _, root = runs("deepspeed", 2, (*SOPHIA, *ZERO[2]), every=2)
     with pytest.raises(UnlearnError, match=r"written by 2 deepspeed workers .* rerun with ray.num_workers=2"):
         build_strategy("deepspeed", world_size=4).check_checkpoint(merge_checkpoint(root, 2), "deepspeed", 2)
+
+
+@pytest.mark.parametrize("strategy, extra", [("fsdp2", ()), ("deepspeed", ZERO[2])])
+def test_mixed_precision_keeps_float32_weights_and_trains_as_float32_does(runs, micro_bench, strategy, extra):
+    """train.mixed_precision=bf16 (FSDP2's MixedPrecisionPolicy; DeepSpeed's bf16 mode with fp32 masters):
+    the weights written are float32 masters; the loss follows the float32 run within bf16's rounding
+    (measured: within 0.6 % at every step; 2 % allowed); and the weights differ from the float32 run's
+    (the forward really ran in bf16: measured, 97-99 % of coordinates differ by more than 1e-6)."""
+    import json
+
+    fp32, fp32_root = runs("ddp", 2, tuple(ADAMW))
+    mixed, mixed_root = runs(strategy, 2, (*ADAMW, "train.mixed_precision=bf16", *extra))
+    assert all(t.dtype == torch.float32 for t in mixed.values())
+    assert_moved(mixed, _target(micro_bench))
+    diff = torch.cat([(mixed[k] - fp32[k]).abs().flatten() for k in fp32])
+    assert float((diff > 1e-6).double().mean()) > 0.5
+
+    def losses(root: Path) -> list[float]:
+        state = max(root.rglob("state.json"), key=lambda p: json.loads(p.read_text())["step"])
+        return [h["loss/total"] for h in json.loads(state.read_text())["history"]]
+
+    a, b = losses(fp32_root), losses(mixed_root)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 0.02 * abs(x), (a, b)

@@ -126,3 +126,29 @@ def test_weights_of_another_model_are_refused(tmp_path: Path):
                                           num_key_value_heads=2, intermediate_size=32))
     with pytest.raises(UnlearnError, match=r"lacks 10 weights of the model \(e.g. lm_head.weight\)"):
         load_hf_weights(bigger, tmp_path)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_mixed_precision_forward_computes_in_bf16_and_returns_float32_logits(name):
+    """A world of one (and ddp at any size) runs mixed precision as autocast: matmuls in bf16, float32
+    parameters and gradients, logits upcast for the losses; without it the forward is untouched."""
+    model = _tiny()
+    seen: list[torch.dtype] = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    ids, mask = torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long)
+    plain = build_strategy(name).forward(model, ids, mask)
+    mixed = build_strategy(name, compute_dtype=torch.bfloat16).forward(model, ids, mask)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert plain.dtype == mixed.dtype == torch.float32
+    assert 0 < float((plain - mixed).abs().max()) < 0.1  # bf16 rounding, no more
+    mixed.sum().backward()
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_mixed_precision_needs_float32_parameters():
+    from ray_unlearn.config import load_config
+
+    with pytest.raises(UnlearnError, match="train.mixed_precision=bf16 keeps float32 parameters"):
+        load_config(None, ["train.mixed_precision=bf16", "model.dtype=bfloat16"])
+    with pytest.raises(UnlearnError, match="train.mixed_precision"):
+        load_config(None, ["train.mixed_precision=fp8"])
