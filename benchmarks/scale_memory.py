@@ -7,11 +7,12 @@ first step) on random token sequences, by `ray_unlearn.loop.Unlearner` in `--wor
 processes over gloo (`ray_unlearn.parallel.local`'s process group, no Ray), once per strategy:
 
 - ddp: a full copy of parameters, gradients, Sophia's m and h and the reference model per worker;
-- fsdp2: all of it sharded (rank 0 loads the model, the others start on the meta device);
+- fsdp2: all of it sharded (rank 0 loads the model, the others start on the meta device, as with zero3);
 - zero2 / zero3: DeepSpeed ZeRO stage 2 (optimizer state and gradients partitioned) and 3 (and the
   parameters and the reference model).
 
-Per worker it records the resident set's high-water mark (VmHWM) minus the resident set before the
+Per worker it records (also as it stands once the model is loaded and wrapped: "at start-up", where
+only rank 0 of fsdp2 and zero3 holds a full copy) the resident set's high-water mark (VmHWM) minus the resident set before the
 model was built (Python, torch, deepspeed, the process group), so the figure is what the model, its
 training state and the steps added; the worker with the largest peak stands for the strategy. The
 workers run with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072): by default glibc
@@ -68,7 +69,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, overrides:
     import torch.distributed as dist
 
     from ray_unlearn.config import load_config
-    from ray_unlearn.loop import LoopEnv, UnlearnData, Unlearner
+    from ray_unlearn.loop import LoopEnv, UnlearnData, Unlearner, strategy_options
     from ray_unlearn.parallel import STRATEGIES as REGISTRY
     from ray_unlearn.parallel.zero import _import_deepspeed
 
@@ -82,9 +83,9 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, overrides:
                                  "eval.enabled=false"])
         _import_deepspeed(torch.device("cpu"))  # every strategy's baseline holds the same libraries
         baseline = _rss_kib("VmRSS")
-        meta = REGISTRY[cfg.ray.strategy].starts_on_meta and rank != 0
-        model = _model(args, meta)
-        ref = _model(args, True) if REGISTRY[cfg.ray.strategy].starts_on_meta else copy.deepcopy(model)
+        on_meta = REGISTRY[cfg.ray.strategy].starts_on_meta(**strategy_options(cfg))
+        model = _model(args, on_meta and rank != 0)
+        ref = _model(args, True) if on_meta else copy.deepcopy(model)
         gen = torch.Generator().manual_seed(1)
         items = [{"input_ids": ids, "labels": [-100] * (args.seq // 2) + ids[args.seq // 2:]}
                  for ids in torch.randint(0, args.vocab, (16, args.seq), generator=gen).tolist()]
@@ -92,10 +93,11 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, overrides:
         env = LoopEnv(rank=rank, world_size=world, checkpoint_dir=Path(out) / f"rank{rank}")
         unlearner = Unlearner(cfg, model, ref, data, 0, env)
         del model, ref
+        start = (_rss_kib("VmHWM") - baseline) / 2**20  # loading, wrapping and sharding
         for _ in range(args.steps):
             unlearner.train_step()
         peak = (_rss_kib("VmHWM") - baseline) / 2**20
-        Path(out, f"peak{rank}.json").write_text(json.dumps({"peak_gib": peak}))
+        Path(out, f"peak{rank}.json").write_text(json.dumps({"peak_gib": peak, "start_gib": start}))
     finally:
         dist.destroy_process_group()
 
@@ -108,8 +110,10 @@ def measure(name: str, args: argparse.Namespace) -> float:
 
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_rank, args=(args.workers, free_port(), args, STRATEGIES[name], out), nprocs=args.workers)
-        peaks = [json.loads(Path(out, f"peak{r}.json").read_text())["peak_gib"] for r in range(args.workers)]
-    print(f"{name:6s} peak per worker (GiB): " + ", ".join(f"rank {r} {p:.2f}" for r, p in enumerate(peaks)),
+        figures = [json.loads(Path(out, f"peak{r}.json").read_text()) for r in range(args.workers)]
+    peaks = [f["peak_gib"] for f in figures]
+    print(f"{name:6s} peak per worker (GiB): " + ", ".join(f"rank {r} {p:.2f}" for r, p in enumerate(peaks))
+          + "; at start-up: " + ", ".join(f"rank {r} {f['start_gib']:.2f}" for r, f in enumerate(figures)),
           flush=True)
     return max(peaks)
 

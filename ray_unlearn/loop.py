@@ -109,7 +109,7 @@ def load_run(cfg: JobConfig, inputs: Any, rank: int = 0, world_size: int = 1
     from ray_unlearn.models.io import empty_model
     from ray_unlearn.parallel import STRATEGIES
 
-    meta = STRATEGIES[cfg.ray.strategy].starts_on_meta and world_size > 1
+    meta = world_size > 1 and STRATEGIES[cfg.ray.strategy].starts_on_meta(**strategy_options(cfg))
     model, tokenizer = load_checked(cfg, inputs, meta=meta and rank != 0)
     ref = None
     if objective_ref_streams(build_objective(cfg.objective)):
@@ -132,15 +132,19 @@ def check_objective_fits(terms: Sequence[Any], model: Any) -> set[str]:
     return {name for name in names if is_trainable(terms, name)}
 
 
+def strategy_options(cfg: JobConfig) -> dict[str, Any]:
+    """The options of the run's `ray.strategy` that only that strategy takes (deepspeed's ZeRO stage, ...)."""
+    if cfg.ray.strategy == "deepspeed":
+        return dict(zero_stage=cfg.ray.zero, offload=cfg.ray.offload, dtype=cfg.model.dtype,
+                    micro_batch_size=cfg.train.batch_size, grad_clip=cfg.optim.grad_clip)
+    return {}
+
+
 def make_strategy(cfg: JobConfig, env: LoopEnv) -> Strategy:
     """The run's `ray.strategy` for this rank, with the strategy's own options from the config."""
-    options: dict[str, Any] = {}
-    if cfg.ray.strategy == "deepspeed":
-        options = dict(zero_stage=cfg.ray.zero, offload=cfg.ray.offload, dtype=cfg.model.dtype,
-                       micro_batch_size=cfg.train.batch_size, grad_clip=cfg.optim.grad_clip)
     compute = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
     return build_strategy(cfg.ray.strategy, env.rank, env.world_size, env.device, cfg.model.max_shard_size,
-                          compute_dtype=compute, **options)
+                          compute_dtype=compute, **strategy_options(cfg))
 
 
 def batch_slot_indices(n: int, batch_size: int, slot: int, seed: int) -> list[int]:

@@ -100,7 +100,12 @@ class Strategy:
     name = "base"
     sharded = False  # parameters sharded: every forward pass is a collective
     optimizer_sharded = False  # optimizer state partitioned: counts over it are summed over ranks
-    starts_on_meta = False  # every rank but 0 builds the model on the meta device (rank 0's weights fill it)
+
+    @classmethod
+    def starts_on_meta(cls, **options: Any) -> bool:
+        """Whether every rank but 0 builds the model (and every rank the reference) on the meta device,
+        rank 0's weights filling them once sharded; `options` are the strategy's own (build_strategy's)."""
+        return False
 
     def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  max_shard_size: str = "5GB", compute_dtype: torch.dtype | None = None):

@@ -48,7 +48,10 @@ class FSDP2Strategy(Strategy):
     name = "fsdp2"
     sharded = True
     optimizer_sharded = True
-    starts_on_meta = True
+
+    @classmethod
+    def starts_on_meta(cls, **options: Any) -> bool:
+        return True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -62,6 +62,12 @@ class DeepSpeedStrategy(DDPStrategy):
         self.zero_stage, self.offload, self.dtype, self.micro_batch_size = zero_stage, offload, dtype, micro_batch_size
         self.grad_clip = grad_clip  # the engine clips inside its step, so it is fixed when it is built
         self.engine: Any = None
+        self._source: dict[str, Tensor] | None = None  # ZeRO 3: rank 0's full weights, until the reference has them
+
+    @classmethod
+    def starts_on_meta(cls, zero_stage: int = 2, **options: Any) -> bool:
+        """ZeRO 3 partitions the parameters: only rank 0 loads the weights, as fsdp2 does."""
+        return zero_stage == 3
 
     def casts_parameters(self, model: torch.nn.Module) -> bool:
         # bf16 mode: engines (the model's; ZeRO 3's reference) hold bf16 parameters, fp32 masters in the
@@ -110,6 +116,10 @@ class DeepSpeedStrategy(DDPStrategy):
         if not self.distributed:
             return super().wrap_with_optimizer(model, make_optimizer)
         deepspeed = _import_deepspeed(self.device)
+        if self.zero_stage == 3:
+            if self.rank == 0:
+                self._source = {k: v.detach() for k, v in model.state_dict().items()}
+            model = self._partitioned(model)
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
         self.engine, _, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
                                                     config=self.config(_hidden_size(model)))
@@ -125,13 +135,49 @@ class DeepSpeedStrategy(DDPStrategy):
 
     def wrap_reference(self, ref: torch.nn.Module | None) -> torch.nn.Module | None:
         """ZeRO 3: a partitioned inference engine; ZeRO 1/2: a full frozen copy, as their model is."""
-        if ref is None or not self.sharded:
-            return super().wrap_reference(ref)
+        try:
+            if ref is None or not self.sharded:
+                return super().wrap_reference(ref)
+            deepspeed = _import_deepspeed(self.device)
+            ref = self._partitioned(ref.requires_grad_(False)).eval()
+            engine, _, _, _ = deepspeed.initialize(model=ref, config=self.config(_hidden_size(ref)))
+            engine.eval()  # (returns None)
+            return engine
+        finally:
+            self._source = None  # rank 0's full copy is no longer needed
+
+    def _partitioned(self, model: torch.nn.Module) -> torch.nn.Module:
+        """ZeRO 3 without a full copy per rank: `model` (rank 0: loaded; the others: on the meta device)
+        is built again under `deepspeed.zero.Init`, each parameter partitioned as it is created, and
+        filled from rank 0's weights one parameter at a time. Requires-grad flags and activation
+        checkpointing carry over; rank 0's loaded copy is released (moved to the meta device)."""
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
         deepspeed = _import_deepspeed(self.device)
-        ref = ref.to(self.device).eval().requires_grad_(False)
-        engine, _, _, _ = deepspeed.initialize(model=ref, config=self.config(_hidden_size(ref)))
-        engine.eval()  # (returns None)
-        return engine
+        dtype = next(model.parameters()).dtype
+        # no dtype argument: DeepSpeed 0.19's Init takes bf16 for any dtype given on a CPU accelerator (an
+        # operator-precedence slip); without one it follows the config's bf16/fp16 flags, else float32
+        with deepspeed.zero.Init(config_dict_or_path=self.config(_hidden_size(model)), remote_device=None,
+                                 pin_memory=False), no_init_weights():
+            built = AutoModelForCausalLM.from_config(model.config, dtype=dtype)  # rank 0's weights fill it
+        built.tie_weights()  # init_weights (skipped) ties them otherwise
+        trains = dict(model.named_parameters())
+        for name, p in built.named_parameters():
+            p.requires_grad_(trains[name].requires_grad)
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if self.rank == 0:
+                    p.data.copy_(self._source[name])
+        for name, buf in built.named_buffers():  # buffers are not partitioned: rank 0's, on every rank
+            on_device = buf.to(self.device, copy=True)
+            if self.rank == 0 and name in self._source:
+                on_device.copy_(self._source[name])
+            torch.distributed.broadcast(on_device, src=0)
+            buf.copy_(on_device)
+        if getattr(model, "is_activation_checkpointing", False):
+            built.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.to("meta")  # rank 0's full copy goes (the caller may still hold the module)
+        return built.train(model.training)
 
     def accumulate(self, model: torch.nn.Module, sync: bool) -> ContextManager:
         return contextlib.nullcontext()  # the engine only accumulates until step() (unmanaged accumulation)

@@ -152,3 +152,10 @@ def test_mixed_precision_needs_float32_parameters():
         load_config(None, ["train.mixed_precision=bf16", "model.dtype=bfloat16"])
     with pytest.raises(UnlearnError, match="train.mixed_precision"):
         load_config(None, ["train.mixed_precision=fp8"])
+
+
+def test_sharded_parameters_start_on_the_meta_device_off_rank_0():
+    """Which strategies build the model on the meta device on every rank but 0 (rank 0's weights fill it)."""
+    assert FSDP2Strategy.starts_on_meta() and not DDPStrategy.starts_on_meta()
+    ds = STRATEGIES["deepspeed"]
+    assert ds.starts_on_meta(zero_stage=3) and not ds.starts_on_meta(zero_stage=2) and not ds.starts_on_meta()
