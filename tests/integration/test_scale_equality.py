@@ -176,3 +176,28 @@ def test_mixed_precision_keeps_float32_weights_and_trains_as_float32_does(runs, 
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert abs(x - y) <= 0.02 * abs(x), (a, b)
+
+
+def test_stateful_and_layer_terms_give_the_same_result_at_every_scale(runs, micro_bench):
+    """RMU (a hooked decoder layer's output, a seeded random direction) and PDU (a dual variable updated
+    from the step's retain loss, averaged over ranks): 1 worker x 4, ddp 2 x 2 and fsdp2 2 x 2 end at the
+    same weights (AdamW, 1e-5) and the same λ at every step."""
+    import json
+
+    terms = (*ADAMW, "objective.terms={rmu: 1, pdu: 0.5}", "objective.rmu.layer=0", "objective.pdu.dual_init=1",
+             "objective.pdu.retain_eps=0.01")
+    results = {name: runs(strategy, workers, terms) for name, strategy, workers in
+               (("ddp1", "ddp", 1), ("ddp2", "ddp", 2), ("fsdp2", "fsdp2", 2))}
+
+    def lambdas(root: Path) -> list[float]:
+        state = max(root.rglob("state.json"), key=lambda p: json.loads(p.read_text())["step"])
+        return [h["pdu/lambda"] for h in json.loads(state.read_text())["history"]]
+
+    ddp2, root = results["ddp2"]
+    assert_moved(ddp2, _target(micro_bench))
+    assert len(set(lambdas(root))) > 1  # the dual variable moved
+    for name in ("ddp1", "fsdp2"):
+        weights, other = results[name]
+        for k in ddp2:
+            torch.testing.assert_close(weights[k], ddp2[k], rtol=0, atol=1e-5, msg=f"{name}: {k}")
+        assert lambdas(other) == pytest.approx(lambdas(root), rel=1e-6, abs=1e-7)
