@@ -107,3 +107,33 @@ def test_micro_summaries_equal_the_pre_registry_values_and_mia_separates(micro_b
     assert target["privleak"] == pytest.approx(((1 - target["mia_min_k"]) - (1 - retain["mia_min_k"]))
                                                / (1 - retain["mia_min_k"]) * 100, rel=1e-6)
     assert target["privleak"] < -90
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_given_reference_model_is_scored_once_and_used(micro_bench, micro_config):
+    """eval.mia_reference_model = the target itself: the target's reference scores are all 0 (AUC 0.5)."""
+    from ray_unlearn.job import resolve_inputs
+    from ray_unlearn.models.io import load_model, load_tokenizer
+    from ray_unlearn.pipeline import evaluate_models
+
+    cfg = micro_config("eval.max_items=6", "eval.mia=[reference, min_k]",
+                       f"eval.mia_reference_model={micro_bench.target_dir}")
+    inputs = resolve_inputs(cfg)
+    assert inputs.mia_reference_path == str(micro_bench.target_dir)
+    results = {}
+    summaries, refs = evaluate_models(cfg, inputs, load_tokenizer(inputs.tokenizer_path),
+                                      {"target": lambda: load_model(inputs.model_path)},
+                                      on_result=results.__setitem__)
+    assert {k: len(v) for k, v in refs.losses.items()} == {"forget": 6, "holdout": 6}
+    scores = results["target"]["mia_reference"]
+    assert [r["score"] for s in ("forget", "holdout") for r in scores[s]["value_by_index"].values()] == [0.0] * 12
+    assert summaries["target"]["mia_reference"] == 0.5
+    assert summaries["target"]["privleak"] == pytest.approx(
+        ((1 - summaries["target"]["mia_min_k"]) - 0.5) / 0.5 * 100)  # no retain model: OpenUnlearning's 0.5
+
+
+def test_report_rows_show_mia_and_privleak():
+    from ray_unlearn.eval.report import comparison_rows
+
+    rows = comparison_rows({"target": {"mia_min_k": 1.0, "privleak": -100.0}, "retain": {"mia_min_k": 0.5}})
+    assert rows == [["MIA AUC Min-K", "1.0000", "0.5000"], ["privleak", "-100.0000", "–"]]
