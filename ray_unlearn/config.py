@@ -65,6 +65,9 @@ class DataConfig:
     forget_path: str = _f("", "TOFU-format file (.json/.jsonl/.parquet), load_from_disk dir, hub dataset id, "
                               "or .txt corpus (one document per line) to forget; empty = built-in split.")
     retain_path: str = _f("", "Retain data in the same formats; empty = the built-in retain split.")
+    holdout_path: str = _f("", "Non-members for membership inference (items like the forget set's, never trained "
+                               "on), in the same formats; empty = the built-in holdout split when the forget set "
+                               "is a built-in split.")
     hub_split: str = _f("train", "Split to read when a path is a hub dataset id or a DatasetDict.")
     max_length: int = _f(128, "Maximum tokens per (prompt + answer) sequence.")
     prompt_template: str = _f("Question: {question}\nAnswer:", "Prompt around each question ({question}) for "
@@ -363,11 +366,27 @@ class EvalConfig:
     max_items: int = _f(200, "Items per split to evaluate (the first N); 0 = all.")
     batch_size: int = _f(32, "Evaluation batch size.")
     max_new_tokens: int = _f(32, "Greedy generation length for ROUGE.")
+    mia: list[str] | str = _f("auto", "Membership-inference attacks, forget items as members and holdout items as "
+                                      "non-members (AUC per attack, privleak on min_k): a list of loss, zlib, "
+                                      "min_k, min_k_plus_plus, reference, gradnorm; auto = every one but gradnorm "
+                                      "(a backward pass per item) that the data allows (a holdout split; reference: "
+                                      "a reference model); [] = none.")
+    mia_k: float = _f(0.4, "Fraction of the lowest answer-token scores that min_k and min_k_plus_plus average.")
+    mia_reference_model: str = _f("", "Reference model of the reference attack (HF directory or hub id); "
+                                      "empty = the retain model.")
 
     def __post_init__(self) -> None:
         _positive("eval.max_items", self.max_items, allow_zero=True)
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.max_new_tokens", self.max_new_tokens)
+        if isinstance(self.mia, str) and self.mia != "auto":
+            raise UnlearnError(f"eval.mia: {self.mia!r} is not auto or a list of attacks, e.g. [loss, min_k]")
+        if not isinstance(self.mia, str):
+            from ray_unlearn.eval.registry import check_attack_names
+
+            check_attack_names("eval.mia", self.mia)
+        if not 0 < self.mia_k <= 1:
+            raise UnlearnError(f"eval.mia_k: must be in (0, 1], got {self.mia_k}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from ray_unlearn.config import JobConfig
 from ray_unlearn.errors import UnlearnError
+from ray_unlearn.eval.registry import selected_attacks
 
 BUILTIN_FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
@@ -28,6 +29,7 @@ class JobInputs:
     kind: str = "qa"
     eval_splits: dict[str, list[dict]] = field(default_factory=dict)
     build_figures: dict[str, Any] | None = None
+    mia_reference_path: str | None = None  # the reference attack's model: eval.mia_reference_model or the retain model
 
 
 def resolve_inputs(cfg: JobConfig, report: Callable[[str, int, int], None] | None = None) -> JobInputs:
@@ -58,10 +60,32 @@ def resolve_inputs(cfg: JobConfig, report: Callable[[str, int, int], None] | Non
     eval_splits["retain"] = retain
     if "world_facts" in splits:
         eval_splits["world_facts"] = splits["world_facts"]
+    holdout = _holdout(cfg, splits, forget)
+    if holdout:
+        eval_splits["holdout"] = holdout
+    reference = cfg.eval.mia_reference_model or retain_model
+    selected_attacks(cfg.eval.mia, "forget" in eval_splits, bool(holdout), bool(reference))  # a one-line error now
     bench = (f"BUILTIN_{cfg.benchmark.size}_{cfg.data.forget_split}" if not cfg.data.forget_path else "CUSTOM")
     return JobInputs(bench=bench, model_path=model_path, tokenizer_path=cfg.model.tokenizer or model_path,
                      retain_model_path=retain_model, forget=forget, retain=retain, kind=kind,
-                     eval_splits=eval_splits, build_figures=built.manifest if built is not None else None)
+                     eval_splits=eval_splits, build_figures=built.manifest if built is not None else None,
+                     mia_reference_path=reference)
+
+
+def _holdout(cfg: JobConfig, splits: dict[str, list[dict]], forget: list[dict]) -> list[dict]:
+    """Membership inference's non-members: data.holdout_path, else the built-in holdout split when the
+    forget set is a built-in split (entities of the same distribution no model was trained on)."""
+    from ray_unlearn.data.loaders import load_qa
+
+    if not cfg.data.holdout_path:
+        return list(splits.get("holdout", [])) if not cfg.data.forget_path else []
+    holdout = load_qa(cfg.data.holdout_path, cfg.data.hub_split)
+    trained = {(it.get("question"), it.get("answer")) for it in forget}
+    shared = sum((it["question"], it["answer"]) in trained for it in holdout)
+    if shared:
+        raise UnlearnError(f"data.holdout_path: {shared} item(s) are also forget items; holdout items must be "
+                           "non-members (never trained on): remove them")
+    return holdout
 
 
 def load_checked(cfg: JobConfig, inputs: JobInputs, meta: bool = False) -> tuple[Any, Any]:

@@ -12,7 +12,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,6 +22,9 @@ from ray_unlearn import storage
 from ray_unlearn.config import JobConfig, dump_config
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs, load_checked, resolve_inputs
+
+if TYPE_CHECKING:
+    from ray_unlearn.eval.suite import References
 
 console = Console(stderr=False, highlight=False)
 
@@ -135,25 +138,55 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
 
 def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: dict[str, Callable[[], Any]],
                     on_result: Callable[[str, dict], None] | None = None
-                    ) -> tuple[dict[str, dict[str, float]], list[float] | None]:
-    """Evaluate each model (a "retain" entry first: its forget truth ratios give the others'
-    forget quality); returns (summaries by name, the retain model's forget truth ratios)."""
-    from ray_unlearn.data.collate import prompt_format
-    from ray_unlearn.eval.suite import evaluate_model, forget_truth_ratios, summary
+                    ) -> tuple[dict[str, dict[str, float]], References]:
+    """Evaluate each model (a "retain" entry first: its forget truth ratios and MIA AUCs give the
+    others' forget quality and privleak); returns (summaries by name, what the retain model gives).
 
-    summaries, retain_tr = {}, None
+    The reference attack's reference losses come from the model at `inputs.mia_reference_path`,
+    scored once: the "retain" entry's model when that is the reference, else loaded for it."""
+    from ray_unlearn.data.collate import prompt_format
+    from ray_unlearn.eval.suite import References, evaluate_model, references_from, summary
+
+    summaries, refs = {}, References()
     for name in sorted(models, key=lambda n: n != "retain"):
+        model = models[name]()
+        if refs.losses is None and _wants_reference_losses(cfg, inputs):
+            is_reference = name == "retain" and inputs.mia_reference_path == inputs.retain_model_path
+            refs = References(refs.forget_truth_ratios, refs.mia_auc, _reference_losses(
+                cfg, inputs, tokenizer, model if is_reference else None))
         with console.status(f"evaluating {name} model") as status:
             say = status.update if console.is_terminal else console.print
-            results = evaluate_model(models[name](), tokenizer, inputs.eval_splits, cfg.eval,
-                                     prompt_format(cfg.data), cfg.data.max_length, retain_truth_ratios=retain_tr,
+            results = evaluate_model(model, tokenizer, inputs.eval_splits, cfg.eval, prompt_format(cfg.data),
+                                     cfg.data.max_length, references=refs,
                                      progress=lambda msg, n=name: say(f"evaluating {n} model: {msg}"))
-        if name == "retain" and "forget_truth_ratio" in results:
-            retain_tr = forget_truth_ratios(results)
+        del model
+        if name == "retain":
+            refs = references_from(results, refs.losses)
         if on_result is not None:
             on_result(name, results)
         summaries[name] = summary(results)
-    return summaries, retain_tr
+    return summaries, refs
+
+
+def _wants_reference_losses(cfg: JobConfig, inputs: JobInputs) -> bool:
+    """The reference attack will run: it is asked for (or auto) and has its model and splits."""
+    from ray_unlearn.eval.registry import HOLDOUT
+
+    wanted = cfg.eval.mia == "auto" or "reference" in cfg.eval.mia
+    return wanted and bool(inputs.mia_reference_path) and bool(inputs.eval_splits.get("forget")) \
+        and bool(inputs.eval_splits.get(HOLDOUT))
+
+
+def _reference_losses(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, model: Any | None) -> dict:
+    """The reference model's per-item answer NLL on forget and holdout (`model`, or loaded from its path)."""
+    from ray_unlearn.data.collate import prompt_format
+    from ray_unlearn.eval.suite import reference_losses
+    from ray_unlearn.models.io import load_model
+
+    if model is None:
+        model = load_model(inputs.mia_reference_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    return reference_losses(model, tokenizer, inputs.eval_splits, cfg.eval, prompt_format(cfg.data),
+                            cfg.data.max_length)
 
 
 def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: Any,
@@ -184,8 +217,12 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
 
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
+    from ray_unlearn.eval.suite import roc_path
+
+    roc = roc_path(out / "eval", inputs.bench)  # the unlearned model's, written with its EVAL files
     plots = [p for p in (plot_training(history, plots_dir / "training_curves.png"),
-                         plot_metrics(summaries, plots_dir / "metrics.png")) if p is not None]
+                         plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() else None)
+             if p is not None]
     gap = gap_closed(summaries, "target", "unlearned", "retain")
     facts = {"model": inputs.model_path, "benchmark": inputs.bench, "optimizer": cfg.optim.name,
              "objective": ", ".join(f"{k}×{v:g}" for k, v in cfg.objective.terms.items()),

@@ -91,16 +91,19 @@ def _evaluator(cfg: JobConfig, inputs: JobInputs, tokenizer: Any,
     """The loop's in-training evaluation (summary metrics of the eval section), or None when off.
 
     On when `train.eval_every` > 0 or the caller asks for it (`evaluate_at_end`: Tune trials);
-    forget quality needs `retain_truth_ratios` in the loop config.
+    forget quality, privleak and the reference attack read `references` in the loop config
+    (`eval.suite.References` as a dict).
     """
     if not (cfg.train.eval_every > 0 or config.get("evaluate_at_end")):
         return None
     from ray_unlearn.data.collate import prompt_format
-    from ray_unlearn.eval.suite import evaluate_model, summary
+    from ray_unlearn.eval.suite import References, evaluate_model, summary
+
+    references = References.from_dict(config.get("references"))
 
     def evaluate(module: Any, step: int) -> dict[str, float]:
         results = evaluate_model(module, tokenizer, inputs.eval_splits, cfg.eval, prompt_format(cfg.data),
-                                 cfg.data.max_length, retain_truth_ratios=config.get("retain_truth_ratios"))
+                                 cfg.data.max_length, references=references)
         return {k: float(v) for k, v in summary(results).items()}
 
     return evaluate
@@ -188,7 +191,7 @@ def make_trainer(cfg: JobConfig, inputs: JobInputs, callbacks: Sequence[Any] = (
     """The TorchTrainer of one unlearning run (storage: `ray_storage(cfg)`/<name>, so a rerun resumes).
 
     `callbacks` are Ray Train user callbacks (Tune's report callback); `loop_extras` go to every
-    worker's loop config (`evaluate_at_end`, `retain_truth_ratios`: see `_evaluator`;
+    worker's loop config (`evaluate_at_end`, `references`: see `_evaluator`;
     `placement_group_file`: where rank 0 writes its placement group's id).
     """
     # Ray Train 2.60's controller takes a worker's report off its one-slot queue only when it polls the

@@ -66,13 +66,13 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
     check_objective_fits(build_objective(cfg.objective), load_checked(cfg, inputs, meta=True)[0])
     init_ray(trial_scaling(cfg))
     check_trial_fits(cfg)
-    references, retain_tr = reference_summaries(cfg, inputs, root)
-    check_metrics_available(cfg, references["target"], retain_tr is not None)
+    references, retain_refs = reference_summaries(cfg, inputs, root)
+    check_metrics_available(cfg, references["target"], bool(inputs.retain_model_path))
     console.print(f"searching {len(params)} field(s) over {cfg.tune.num_samples} trials for "
                   f"{', '.join(f'{m} ({d})' for m, d in cfg.tune.metrics.items())}")
     root.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, root / "search.yaml")
-    grid = make_tuner(cfg, params, inputs, retain_tr, root).fit()
+    grid = make_tuner(cfg, params, inputs, retain_refs, root).fit()
     rows = trial_rows(grid, params, cfg.train.max_steps)
     outputs = write_outputs(cfg, params, rows, root, references)
     _print_front(console, cfg, outputs, root)
@@ -83,16 +83,10 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
 
 
 def known_metrics() -> set[str]:
-    """Every summary metric the evaluation suite can produce."""
-    from ray_unlearn.eval.suite import SPLITS
+    """Every summary metric the evaluation suite can produce (the metric registry's names)."""
+    from ray_unlearn.eval.registry import metric_names
 
-    names = {"forget_quality", "model_utility"}
-    for spec in SPLITS.values():
-        p = spec.prefix
-        names |= {f"{p}_Q_A_Prob", f"{p}_Q_A_ROUGE", f"{p}_Q_A_PARA_Prob", f"{p}_Q_A_PERT_Prob",
-                  f"{p}_Q_A_Prob_normalised", spec.truth_ratio_name}
-        names |= {n for n in (spec.es_name, spec.em_name) if n}
-    return names
+    return set(metric_names())
 
 
 def check_metric_names(cfg: JobConfig) -> None:
@@ -107,11 +101,14 @@ def check_metric_names(cfg: JobConfig) -> None:
 
 
 def check_metrics_available(cfg: JobConfig, target_summary: dict[str, float], has_retain: bool) -> None:
-    """Every searched metric is produced for this job's data (forget quality needs a retain model)."""
+    """Every searched metric is produced for this job's data (those that need the retain model's results,
+    e.g. forget quality, need a retain model)."""
+    from ray_unlearn.eval.registry import METRICS
+
     for name in cfg.tune.metrics:
-        if name == "forget_quality" and not has_retain:
-            raise UnlearnError("tune.metrics.forget_quality needs a retain model: set model.retain_model")
-        if name != "forget_quality" and name not in target_summary:
+        if METRICS[name].needs.retain and name not in target_summary and not has_retain:
+            raise UnlearnError(f"tune.metrics.{name} needs a retain model: set model.retain_model")
+        if name not in target_summary:
             raise UnlearnError(f"tune.metrics.{name}: this job's evaluation does not produce it "
                                f"(it gives: {', '.join(sorted(target_summary))})")
 
@@ -153,28 +150,29 @@ def check_trial_fits(cfg: JobConfig) -> None:
 
 
 def reference_summaries(cfg: JobConfig, inputs: JobInputs,
-                        root: Path) -> tuple[dict[str, dict[str, float]], list[float] | None]:
-    """Summaries of the target (and retain) model, and the retain model's forget truth ratios.
+                        root: Path) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Summaries of the target (and retain) model, and what the retain model gives every trial's
+    evaluation (`eval.suite.References` as a dict: forget truth ratios, MIA AUCs, reference losses).
 
     Cached in <root>/reference.json, keyed by the models and the eval section, so a resumed
     search does not evaluate them again.
     """
     key = {"eval": to_dict(cfg.eval), "target": inputs.model_path, "retain": inputs.retain_model_path,
-           "bench": inputs.bench, "data": to_dict(cfg.data)}
+           "reference": inputs.mia_reference_path, "bench": inputs.bench, "data": to_dict(cfg.data)}
     cache = root / "reference.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["summaries"], saved["retain_truth_ratios"]
-    summaries, retain_tr = _evaluate_references(cfg, inputs)
+        if saved.get("key") == key and "references" in saved:
+            return saved["summaries"], saved["references"]
+    summaries, refs = _evaluate_references(cfg, inputs)
     root.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(".reference.json.tmp")
-    tmp.write_text(json.dumps({"key": key, "summaries": _finite(summaries), "retain_truth_ratios": retain_tr}))
+    tmp.write_text(json.dumps({"key": key, "summaries": _finite(summaries), "references": refs.to_dict()}))
     tmp.replace(cache)
-    return summaries, retain_tr
+    return summaries, refs.to_dict()
 
 
-def _evaluate_references(cfg: JobConfig, inputs: JobInputs) -> tuple[dict[str, dict[str, float]], list[float] | None]:
+def _evaluate_references(cfg: JobConfig, inputs: JobInputs) -> tuple[dict[str, dict[str, float]], Any]:
     from ray_unlearn.job import load_checked
     from ray_unlearn.models.io import load_model
     from ray_unlearn.pipeline import evaluate_models
@@ -207,7 +205,7 @@ class _EvalReports(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any], inputs: JobInputs, retain_tr: list[float] | None,
+def _trial(config: dict[str, Any], base: dict[str, Any], inputs: JobInputs, references: dict[str, Any] | None,
            root: str) -> None:
     """One trial: the job with the sampled values, unlearned by its own TorchTrainer.
 
@@ -222,7 +220,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], inputs: JobInputs, reta
     cfg.name, cfg.output_dir = trial_id, str(Path(root) / "trials" / trial_id)
     cfg = trial_scaling(cfg)
     run_trainer(make_trainer(cfg, inputs, [_EvalReports(list(cfg.tune.metrics))], evaluate_at_end=True,
-                             retain_truth_ratios=retain_tr,
+                             references=references,
                              placement_group_file=str(_placement_group_file(Path(root), trial_id))))
 
 
@@ -319,11 +317,11 @@ def _scheduler(cfg: JobConfig, params: dict[str, Param]) -> ASHAScheduler | None
                          reduction_factor=cfg.tune.reduction_factor)
 
 
-def make_tuner(cfg: JobConfig, params: dict[str, Param], inputs: JobInputs, retain_tr: list[float] | None,
+def make_tuner(cfg: JobConfig, params: dict[str, Param], inputs: JobInputs, references: dict[str, Any] | None,
                root: Path) -> Tuner:
     """A new Tuner, or the restored one when <root>/ray/<name> holds this search already."""
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=to_dict(cfg), inputs=inputs, retain_tr=retain_tr, root=str(root)),
+        tune.with_parameters(_trial, base=to_dict(cfg), inputs=inputs, references=references, root=str(root)),
         {"cpu": cfg.tune.cpus_per_trial})
     _GrowableSearch.budgets[cfg.name] = cfg.tune.num_samples
     experiment = root / "ray" / cfg.name

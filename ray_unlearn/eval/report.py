@@ -6,21 +6,10 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-# (metric key in SUMMARY, label, which way is "forgotten" / "kept")
-KEY_METRICS: list[tuple[str, str]] = [
-    ("extraction_strength", "forget ES"),
-    ("exact_memorization", "forget EM"),
-    ("forget_Q_A_Prob", "forget prob"),
-    ("forget_Q_A_ROUGE", "forget ROUGE-L"),
-    ("forget_truth_ratio", "forget truth ratio"),
-    ("forget_quality", "forget quality"),
-    ("retain_extraction_strength", "retain ES"),
-    ("retain_Q_A_Prob", "retain prob"),
-    ("retain_Q_A_ROUGE", "retain ROUGE-L"),
-    ("wf_Q_A_Prob_normalised", "world prob (norm.)"),
-    ("wf_Q_A_ROUGE", "world ROUGE-L"),
-    ("model_utility", "model utility"),
-]
+from ray_unlearn.eval.registry import MIA_ATTACKS, mia_metric_name, report_rows
+
+# (metric key in SUMMARY, label): the report table's rows, from the metric registry
+KEY_METRICS: list[tuple[str, str]] = report_rows()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -112,7 +101,8 @@ def plot_metrics(summaries: dict[str, dict[str, float]], path: Path) -> Path | N
     import matplotlib.pyplot as plt
     import numpy as np
 
-    keys = [(k, lbl) for k, lbl in KEY_METRICS if k != "forget_quality" and any(k in s for s in summaries.values())]
+    keys = [(k, lbl) for k, lbl in KEY_METRICS if k != "forget_quality" and k != "privleak"
+            and any(k in s for s in summaries.values())]
     if not keys:
         return None
     x = np.arange(len(keys))
@@ -128,4 +118,40 @@ def plot_metrics(summaries: dict[str, dict[str, float]], path: Path) -> Path | N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def plot_roc(results: dict[str, dict], path: Path) -> Path | None:
+    """ROC curve of every membership-inference attack in `results` (one model), AUC in the legend.
+
+    Drawn as member detection: a forget item flagged (score below the threshold) is a true positive,
+    a holdout item flagged a false positive; the area is the reported AUC (forget 0 / holdout 1 with
+    loss-like scores is the same ranking)."""
+    attacks = [a for a in MIA_ATTACKS if mia_metric_name(a) in results]
+    if not attacks:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for attack in attacks:
+        rec = results[mia_metric_name(attack)]
+        forget, holdout = ([v["score"] for v in rec[s]["value_by_index"].values()] for s in ("forget", "holdout"))
+        fpr, tpr, _ = roc_curve([1] * len(forget) + [0] * len(holdout), -np.asarray(forget + holdout, dtype=float))
+        ax.plot(fpr, tpr, label=f"{MIA_ATTACKS[attack].label.removeprefix('MIA AUC ')} (AUC {rec['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("holdout items flagged as members (FPR)")
+    ax.set_ylabel("forget items flagged as members (TPR)")
+    ax.set_title("Membership inference: forget vs holdout")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
     return path

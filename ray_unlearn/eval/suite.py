@@ -1,13 +1,22 @@
 """Evaluate a model on TOFU-style splits and write OpenUnlearning's result files.
 
 Items follow TOFU's schema: `question`, `answer`, optional `paraphrased_answer` (str),
-`perturbed_answer` (list[str]). Results use OpenUnlearning's schema,
-`{metric: {"agg_value": float, "value_by_index": {"0": {...}, ...}}}`, with its metric names
-(configs/eval/tofu.yaml) and its per-index records:
+`perturbed_answer` (list[str]). What is computed comes from the metric registry
+(`eval.registry.METRICS`): every metric whose split is given and whose inputs exist, each through
+its handler below. The inputs the metrics share are computed once per model, on first use
+(`_Inputs`): one teacher-forced pass per split over its (question, answer) pairs feeds probability,
+EM, ES and the membership-inference scores; one greedy generation per split feeds ROUGE; the
+paraphrased and perturbed answers get one pass each for the truth ratio; GradNorm takes one
+backward pass per item.
+
+Results use OpenUnlearning's schema, `{metric: {"agg_value": float, "value_by_index": {"0": {...}, ...}}}`,
+with its metric names (configs/eval/tofu.yaml) and its per-index records:
 - probabilities: `{"prob": p, "avg_loss": nll}` (lists over the answers for *_PERT_Prob);
 - normalised probability: `{"prob": p}`; truth ratio, EM, ES: `{"score": v}`;
 - ROUGE: `{"rouge1_recall", "rougeL_f1", "rougeL_recall", "input", "ground_truth", "generation"}`;
-- forget_quality and model_utility: `agg_value` only.
+- forget_quality and model_utility: `agg_value` only;
+- mia_<attack>: `{"agg_value": AUC, "auc": AUC, "forget": {"agg_value", "value_by_index": {i: {"score"}}},
+  "holdout": {...}}` (OpenUnlearning's `mia_auc` output); privleak: `{"agg_value", "retain_auc"}`.
 """
 
 from __future__ import annotations
@@ -16,9 +25,9 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,37 +36,40 @@ from ray_unlearn.config import EvalConfig
 from ray_unlearn.data.collate import (PromptFormat, as_prompt_format, encode_prompt, encode_qa, pad_batch,
                                       render_prompt, stop_token_ids)
 from ray_unlearn.eval import metrics as M
+from ray_unlearn.eval import mia
+from ray_unlearn.eval.registry import (DEFAULT_RETAIN_AUC, EVAL_SPLITS, HOLDOUT, METRICS, MIA_ATTACKS,
+                                       PRIVLEAK_ATTACK, SPLITS, UTILITY_METRICS, Metric, SplitSpec,
+                                       mia_metric_name, selected_attacks)
 from ray_unlearn.logprobs import sequence_nll
+
+__all__ = ["References", "SPLITS", "SplitSpec", "UTILITY_METRICS", "evaluate_model", "forget_truth_ratios",
+           "reference_losses", "references_from", "summary", "write_eval"]
+
+TRUTH_RATIO_AGGREGATES: dict[str, Callable[[Any], float]] = {
+    "closer_to_1_better": M.truth_ratio_forget, "true_better": M.truth_ratio_retain}
+MIA_SPLITS = ("forget", HOLDOUT)
 
 
 @dataclass(frozen=True)
-class SplitSpec:
-    """Which metrics a split gets and under which OpenUnlearning names."""
+class References:
+    """What the evaluation of other models gives this one (every part optional)."""
 
-    prefix: str                     # metric-name prefix: forget_Q_A_Prob, wf_Q_A_ROUGE, ...
-    correct_key: str                # the "true" answer of the truth ratio
-    truth_ratio_name: str
-    truth_ratio_agg: Callable[[Any], float]
-    es_name: str | None = None      # extraction strength on this split's answers
-    em_name: str | None = None      # exact memorization on this split's answers
-    normalised: bool = False        # also report <prefix>_Q_A_Prob_normalised
+    forget_truth_ratios: tuple[float, ...] | None = None  # the retain model's per forget item: forget quality
+    mia_auc: Mapping[str, float] = field(default_factory=dict)  # the retain model's AUC per attack: privleak
+    losses: Mapping[str, tuple[float, ...]] | None = None  # reference model's answer NLL per forget / holdout item
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (Tune caches it and hands it to its trials)."""
+        return {"forget_truth_ratios": None if self.forget_truth_ratios is None else list(self.forget_truth_ratios),
+                "mia_auc": dict(self.mia_auc),
+                "losses": None if self.losses is None else {k: list(v) for k, v in self.losses.items()}}
 
-SPLITS: dict[str, SplitSpec] = {
-    "forget": SplitSpec("forget", "paraphrased_answer", "forget_truth_ratio", M.truth_ratio_forget,
-                        es_name="extraction_strength", em_name="exact_memorization"),
-    "retain": SplitSpec("retain", "paraphrased_answer", "retain_Truth_Ratio", M.truth_ratio_retain,
-                        es_name="retain_extraction_strength"),
-    "real_authors": SplitSpec("ra", "answer", "ra_Truth_Ratio", M.truth_ratio_retain, normalised=True),
-    "world_facts": SplitSpec("wf", "answer", "wf_Truth_Ratio", M.truth_ratio_retain, normalised=True),
-}
-
-# OpenUnlearning's model_utility: hmean of these, per split present (ra only with a real_authors split).
-UTILITY_METRICS: dict[str, tuple[str, ...]] = {
-    "retain": ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"),
-    "real_authors": ("ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio"),
-    "world_facts": ("wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"),
-}
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "References":
+        data = data or {}
+        tr, losses = data.get("forget_truth_ratios"), data.get("losses")
+        return cls(forget_truth_ratios=None if tr is None else tuple(tr), mia_auc=dict(data.get("mia_auc") or {}),
+                   losses=None if losses is None else {k: tuple(v) for k, v in losses.items()})
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,8 @@ class _Run:
     batch_size: int
     max_new_tokens: int
     progress: Callable[[str], None]
+    attacks: tuple[str, ...] = ()   # membership-inference attacks to run
+    mia_k: float = 0.4              # Min-K / Min-K++ fraction
 
 
 # ---------------------------------------------------------------- public API
@@ -80,33 +94,67 @@ class _Run:
 def evaluate_model(model: Any, tokenizer: Any, splits: dict[str, list[dict]], cfg: EvalConfig,
                    prompt_format: PromptFormat | str, max_length: int = 128,
                    retain_truth_ratios: Sequence[float] | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Evaluate `model` on the given splits ("forget", "retain", "world_facts", "real_authors").
+                   progress: Callable[[str], None] | None = None,
+                   references: References | None = None) -> dict[str, dict]:
+    """Evaluate `model` on the given splits ("forget", "retain", "world_facts", "real_authors", "holdout").
 
-    Metrics whose inputs are missing are skipped (no perturbed answers: no truth ratio; no
-    retain_truth_ratios: no forget_quality; a utility split missing: no model_utility).
-    The model runs in eval mode; its training flag is restored afterwards. Items are encoded as
-    `prompt_format` says (a bare template string: PromptFormat(template), chat template auto).
+    Metrics whose inputs are missing are skipped (no perturbed answers: no truth ratio; no retain
+    forget truth ratios: no forget_quality; a utility split missing: no model_utility; no holdout
+    split: no membership inference unless eval.mia lists attacks, which is an error). `references`
+    carries what other models give (see References); `retain_truth_ratios` is short for its
+    forget_truth_ratios. The model runs in eval mode; its training flag is restored afterwards.
+    Items are encoded as `prompt_format` says (a bare template string: PromptFormat(template), chat
+    template auto).
     """
-    unknown = sorted(set(splits) - set(SPLITS))
+    unknown = sorted(set(splits) - set(EVAL_SPLITS))
     if unknown:
-        raise ValueError(f"evaluate_model: unknown split(s) {unknown}; valid: {', '.join(SPLITS)}")
+        raise ValueError(f"evaluate_model: unknown split(s) {unknown}; valid: {', '.join(EVAL_SPLITS)}")
+    refs = references or References()
+    if retain_truth_ratios is not None:
+        refs = References(tuple(retain_truth_ratios), refs.mia_auc, refs.losses)
+    capped = {name: _capped(items, cfg.max_items) for name, items in splits.items()}
+    attacks = selected_attacks(cfg.mia, bool(capped.get("forget")), bool(capped.get(HOLDOUT)), refs.losses is not None)
     fmt = as_prompt_format(prompt_format)
     run = _Run(model, tokenizer, fmt, stop_token_ids(tokenizer, fmt), max_length, cfg.batch_size,
-               cfg.max_new_tokens, progress or (lambda msg: None))
+               cfg.max_new_tokens, progress or (lambda msg: None), attacks, cfg.mia_k)
     was_training = model.training
     model.eval()
     try:
+        inputs = _Inputs(run, {name: items for name, items in capped.items() if items}, refs, tuple(splits))
         results: dict[str, dict] = {}
-        for name, items in splits.items():
-            items = list(items)[: cfg.max_items] if cfg.max_items > 0 else list(items)
-            if items:
-                results.update(_evaluate_split(run, name, items))
-        _add_forget_quality(results, retain_truth_ratios)
-        _add_model_utility(results, splits)
+        for metric in _in_order(splits):
+            if _wanted(metric, inputs):
+                record = HANDLERS[metric.handler](inputs, metric, results)
+                if record is not None:
+                    results[metric.name] = record
         return results
     finally:
         model.train(was_training)
+
+
+def reference_losses(model: Any, tokenizer: Any, splits: dict[str, list[dict]], cfg: EvalConfig,
+                     prompt_format: PromptFormat | str, max_length: int = 128) -> dict[str, tuple[float, ...]]:
+    """A reference model's per-item answer NLL on the forget and holdout splits: the reference attack's
+    `References.losses`. The same items and passes as `evaluate_model`'s, so a model that is its own
+    reference scores exactly 0."""
+    fmt = as_prompt_format(prompt_format)
+    run = _Run(model, tokenizer, fmt, [], max_length, cfg.batch_size, cfg.max_new_tokens, lambda msg: None)
+    was_training = model.training
+    model.eval()
+    try:
+        return {name: tuple(float(v) for v in _teacher_forced(run, _pairs(_capped(splits[name], cfg.max_items)))["nll"])
+                for name in MIA_SPLITS if splits.get(name)}
+    finally:
+        model.train(was_training)
+
+
+def references_from(retain_results: dict, losses: Mapping[str, Sequence[float]] | None = None) -> References:
+    """What the retain model's results give the other models: its forget truth ratios and MIA AUCs,
+    with the reference model's `losses` (see `reference_losses`)."""
+    tr = tuple(forget_truth_ratios(retain_results)) if "forget_truth_ratio" in retain_results else None
+    aucs = {name: retain_results[mia_metric_name(name)]["agg_value"] for name in MIA_ATTACKS
+            if mia_metric_name(name) in retain_results}
+    return References(tr, aucs, None if losses is None else {k: tuple(v) for k, v in losses.items()})
 
 
 def summary(results: dict) -> dict[str, float]:
@@ -121,39 +169,114 @@ def forget_truth_ratios(results: dict) -> list[float]:
 
 
 def write_eval(out_dir: Path, bench: str, results: dict) -> tuple[Path, Path]:
-    """Write <out_dir>/<bench>_EVAL.json (full results) and <bench>_SUMMARY.json, atomically."""
+    """Write <out_dir>/<bench>_EVAL.json (full results) and <bench>_SUMMARY.json, atomically, and with
+    membership-inference results their ROC curves, <bench>_MIA_ROC.png."""
+    from ray_unlearn.eval.report import plot_roc
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     eval_path, summary_path = out_dir / f"{bench}_EVAL.json", out_dir / f"{bench}_SUMMARY.json"
     _write_json_atomic(eval_path, results)
     _write_json_atomic(summary_path, summary(results))
+    plot_roc(results, roc_path(out_dir, bench))
     return eval_path, summary_path
 
 
-# ---------------------------------------------------------------- one split
+def roc_path(out_dir: Path, bench: str) -> Path:
+    """Where `write_eval` puts the ROC curves of the membership-inference attacks."""
+    return Path(out_dir) / f"{bench}_MIA_ROC.png"
 
 
-def _evaluate_split(run: _Run, name: str, items: list[dict]) -> dict[str, dict]:
-    """All metrics of one split, named after its SplitSpec."""
-    spec, p = SPLITS[name], SPLITS[name].prefix
-    run.progress(f"eval {name}: answer probability ({len(items)} items)")
-    answers = _teacher_forced(run, [(it["question"], it["answer"]) for it in items])
-    out = {f"{p}_Q_A_Prob": _prob_metric(answers["nll"])}
-    if spec.es_name:
-        out[spec.es_name] = _score_metric(answers["es"])
-    if spec.em_name:
-        out[spec.em_name] = _score_metric(answers["em"])
-    run.progress(f"eval {name}: ROUGE")
-    out[f"{p}_Q_A_ROUGE"] = _rouge_metric(run, items)
-    if _has_truth_inputs(items, spec.correct_key):
-        run.progress(f"eval {name}: truth ratio")
-        out.update(_truth_metrics(run, items, spec, answers["nll"]))
-    return out
+# ---------------------------------------------------------------- which metrics, in which order
 
 
-def _has_truth_inputs(items: list[dict], correct_key: str) -> bool:
-    """Every item has a correct answer and at least one perturbed answer."""
-    return all(it.get(correct_key) and _perturbed(it) for it in items)
+def _capped(items: Sequence[dict], max_items: int) -> list[dict]:
+    """The first eval.max_items items (all with 0)."""
+    return list(items)[:max_items] if max_items > 0 else list(items)
+
+
+def _in_order(splits: dict[str, list[dict]]) -> list[Metric]:
+    """Each given split's metrics (in the caller's split order), then the metrics of several splits."""
+    per_split = [m for name in splits for m in METRICS.values() if m.split == name]
+    return per_split + [m for m in METRICS.values() if m.split is None]
+
+
+def _wanted(metric: Metric, inputs: "_Inputs") -> bool:
+    """Its splits have items, and a membership-inference metric's attack was asked for."""
+    if metric.attack and metric.attack not in inputs.run.attacks:
+        return False
+    return all(name in inputs.splits for name in metric.needs.splits)
+
+
+# ---------------------------------------------------------------- shared inputs, computed once
+
+
+class _Inputs:
+    """The inputs the metrics of one model's evaluation share; each is computed on first use, once."""
+
+    def __init__(self, run: _Run, splits: dict[str, list[dict]], references: References, given: tuple[str, ...]):
+        self.run, self.splits, self.references, self.given = run, splits, references, given
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def _once(self, what: str, split: str, compute: Callable[[], Any]) -> Any:
+        if (what, split) not in self._cache:
+            self._cache[(what, split)] = compute()
+        return self._cache[(what, split)]
+
+    def answers(self, split: str) -> dict[str, Any]:
+        """The split's one teacher-forced pass: per-item nll, em, es (+ MIA token statistics)."""
+        def compute() -> dict[str, Any]:
+            items = self.splits[split]
+            self.run.progress(f"eval {split}: answer probability ({len(items)} items)")
+            mia_split = split in MIA_SPLITS and bool(self.run.attacks)
+            vocab = mia_split and any(MIA_ATTACKS[a].needs.vocab_stats for a in self.run.attacks)
+            return _teacher_forced(self.run, _pairs(items), token_stats=mia_split, vocab_stats=vocab)
+        return self._once("answers", split, compute)
+
+    def generations(self, split: str) -> list[str]:
+        def compute() -> list[str]:
+            self.run.progress(f"eval {split}: ROUGE")
+            return _generate(self.run, self.splits[split])
+        return self._once("generations", split, compute)
+
+    def has_truth(self, split: str) -> bool:
+        """Every item has a correct answer and at least one perturbed answer."""
+        key = SPLITS[split].correct_key
+        return all(it.get(key) and _perturbed(it) for it in self.splits[split])
+
+    def correct_nll(self, split: str) -> np.ndarray:
+        """NLL of the truth ratio's correct answers (the paraphrased answer, or the answer itself)."""
+        key = SPLITS[split].correct_key
+        if key == "answer":
+            return self.answers(split)["nll"]
+
+        def compute() -> np.ndarray:
+            self.run.progress(f"eval {split}: truth ratio")
+            return _teacher_forced(self.run, [(it["question"], it[key]) for it in self.splits[split]])["nll"]
+        return self._once("correct", split, compute)
+
+    def perturbed_nll(self, split: str) -> list[np.ndarray]:
+        """NLL of every perturbed answer, grouped per item (lengths may differ)."""
+        def compute() -> list[np.ndarray]:
+            if SPLITS[split].correct_key == "answer":
+                self.run.progress(f"eval {split}: truth ratio")
+            items = self.splits[split]
+            flat = _teacher_forced(self.run, [(it["question"], a) for it in items for a in _perturbed(it)])["nll"]
+            bounds = np.cumsum([0] + [len(_perturbed(it)) for it in items])
+            return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return self._once("perturbed", split, compute)
+
+    def gradnorms(self, split: str) -> np.ndarray:
+        def compute() -> np.ndarray:
+            items = self.splits[split]
+            self.run.progress(f"eval {split}: GradNorm ({len(items)} backward passes)")
+            encoded = [encode_qa(self.run.tokenizer, q, a, self.run.max_length, self.run.fmt) for q, a in _pairs(items)]
+            return mia.gradnorm_scores(self.run.model, encoded)
+        return self._once("gradnorms", split, compute)
+
+
+def _pairs(items: Sequence[dict]) -> list[tuple[str, str]]:
+    return [(it["question"], it["answer"]) for it in items]
 
 
 def _perturbed(item: dict) -> list[str]:
@@ -162,35 +285,17 @@ def _perturbed(item: dict) -> list[str]:
     return [pert] if isinstance(pert, str) else list(pert)
 
 
-def _truth_metrics(run: _Run, items: list[dict], spec: SplitSpec, answer_nll: np.ndarray) -> dict[str, dict]:
-    """Truth ratio (+ the PARA/PERT probabilities it is made of, + normalised probability)."""
-    p, out = spec.prefix, {}
-    if spec.correct_key == "answer":
-        correct_nll = answer_nll
-    else:
-        correct_nll = _teacher_forced(run, [(it["question"], it[spec.correct_key]) for it in items])["nll"]
-        out[f"{p}_Q_A_PARA_Prob"] = _prob_metric(correct_nll)
-    wrong_nll = _perturbed_nll(run, items)
-    out[f"{p}_Q_A_PERT_Prob"] = _prob_metric_multi(wrong_nll)
-    mean_wrong = torch.tensor([w.mean() for w in wrong_nll], dtype=torch.float64)[:, None]
-    tr = M.truth_ratio(torch.from_numpy(correct_nll), mean_wrong).numpy()
-    out[spec.truth_ratio_name] = {"agg_value": spec.truth_ratio_agg(tr),
-                                  "value_by_index": {str(i): {"score": float(v)} for i, v in enumerate(tr)}}
-    if spec.normalised:
-        sum_wrong = torch.tensor([np.exp(-w).sum() for w in wrong_nll], dtype=torch.float64)[:, None]
-        norm = M.normalised_probability(torch.from_numpy(np.exp(-answer_nll)), sum_wrong).numpy()
-        out[f"{p}_Q_A_Prob_normalised"] = {"agg_value": float(norm.mean()),
-                                           "value_by_index": {str(i): {"prob": float(v)} for i, v in enumerate(norm)}}
-    return out
-
-
 # ---------------------------------------------------------------- model passes
 
 
-def _teacher_forced(run: _Run, pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-    """Per-pair NLL, EM and ES of (question, answer) pairs, one forward pass per batch."""
+def _teacher_forced(run: _Run, pairs: list[tuple[str, str]], token_stats: bool = False,
+                    vocab_stats: bool = False) -> dict[str, Any]:
+    """Per-pair NLL, EM and ES of (question, answer) pairs, one forward pass per batch; with
+    `token_stats` also the MIA inputs: scored token log-probs ("logp"), Min-K++'s normalised ones
+    ("z", with `vocab_stats`) and the decoded answer text ("text")."""
     pad_id = _pad_id(run.tokenizer)
     parts: dict[str, list[torch.Tensor]] = {"nll": [], "em": [], "es": []}
+    extra: dict[str, list] = {"logp": [], "z": [], "text": []}
     for start in range(0, len(pairs), run.batch_size):
         encoded = [encode_qa(run.tokenizer, q, a, run.max_length, run.fmt)
                    for q, a in pairs[start:start + run.batch_size]]
@@ -200,32 +305,23 @@ def _teacher_forced(run: _Run, pairs: list[tuple[str, str]]) -> dict[str, np.nda
         parts["nll"].append(sequence_nll(logits, labels))
         parts["em"].append(M.exact_memorization_from_logits(logits, labels))
         parts["es"].append(M.extraction_strength_from_logits(logits, labels))
-    return {k: torch.cat(v).double().cpu().numpy() for k, v in parts.items()}
+        if token_stats:
+            stats = mia.answer_token_stats(logits, labels, vocab_stats)
+            extra["logp"] += [s["logp"] for s in stats]
+            extra["z"] += [s.get("z") for s in stats]
+            extra["text"] += mia.answer_texts(run.tokenizer, batch["labels"])
+    out: dict[str, Any] = {k: torch.cat(v).double().cpu().numpy() for k, v in parts.items()}
+    return {**out, **extra} if token_stats else out
 
 
-def _perturbed_nll(run: _Run, items: list[dict]) -> list[np.ndarray]:
-    """NLL of every perturbed answer, grouped per item (lengths may differ)."""
-    pairs = [(it["question"], a) for it in items for a in _perturbed(it)]
-    flat = _teacher_forced(run, pairs)["nll"]
-    bounds = np.cumsum([0] + [len(_perturbed(it)) for it in items])
-    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _rouge_metric(run: _Run, items: list[dict]) -> dict:
-    """ROUGE-L recall of greedy answers; per item the generation and OpenUnlearning's ROUGE record."""
+def _generate(run: _Run, items: list[dict]) -> list[str]:
+    """Greedy answers to the items' questions, batch by batch."""
     generations: list[str] = []
     for start in range(0, len(items), run.batch_size):
         chunk = items[start:start + run.batch_size]
         prompts = [encode_prompt(run.tokenizer, it["question"], run.fmt) for it in chunk]
         generations += M.greedy_generate(run.model, run.tokenizer, prompts, run.max_new_tokens, run.stop_ids)
-    references = [it["answer"].strip() for it in items]
-    by_index = {}
-    for i, (it, gen, ref, scores) in enumerate(zip(items, generations, references,
-                                                   M.rouge_scores(generations, references))):
-        by_index[str(i)] = {**scores, "input": render_prompt(run.tokenizer, it["question"], run.fmt),
-                            "ground_truth": ref, "generation": gen}
-    return {"agg_value": float(np.mean([r["rougeL_recall"] for r in by_index.values()])),
-            "value_by_index": by_index}
+    return generations
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -236,7 +332,149 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- records and aggregates
+# ---------------------------------------------------------------- handlers: (inputs, metric, results so far) -> record
+
+
+Handler = Callable[[_Inputs, Metric, dict], "dict | None"]
+
+
+def _probability(inputs: _Inputs, m: Metric, results: dict) -> dict:
+    return _prob_metric(inputs.answers(m.split)["nll"])
+
+
+def _extraction_strength(inputs: _Inputs, m: Metric, results: dict) -> dict:
+    return _score_metric(inputs.answers(m.split)["es"])
+
+
+def _exact_memorization(inputs: _Inputs, m: Metric, results: dict) -> dict:
+    return _score_metric(inputs.answers(m.split)["em"])
+
+
+def _rouge(inputs: _Inputs, m: Metric, results: dict) -> dict:
+    """ROUGE-L recall of greedy answers; per item the generation and OpenUnlearning's ROUGE record."""
+    run, items = inputs.run, inputs.splits[m.split]
+    generations = inputs.generations(m.split)
+    references = [it["answer"].strip() for it in items]
+    by_index = {}
+    for i, (it, gen, ref, scores) in enumerate(zip(items, generations, references,
+                                                   M.rouge_scores(generations, references))):
+        by_index[str(i)] = {**scores, "input": render_prompt(run.tokenizer, it["question"], run.fmt),
+                            "ground_truth": ref, "generation": gen}
+    return {"agg_value": float(np.mean([r["rougeL_recall"] for r in by_index.values()])),
+            "value_by_index": by_index}
+
+
+def _paraphrased_probability(inputs: _Inputs, m: Metric, results: dict) -> dict | None:
+    return _prob_metric(inputs.correct_nll(m.split)) if inputs.has_truth(m.split) else None
+
+
+def _perturbed_probability(inputs: _Inputs, m: Metric, results: dict) -> dict | None:
+    return _prob_metric_multi(inputs.perturbed_nll(m.split)) if inputs.has_truth(m.split) else None
+
+
+def _truth_ratio(inputs: _Inputs, m: Metric, results: dict) -> dict | None:
+    if not inputs.has_truth(m.split):
+        return None
+    mean_wrong = torch.tensor([w.mean() for w in inputs.perturbed_nll(m.split)], dtype=torch.float64)[:, None]
+    tr = M.truth_ratio(torch.from_numpy(inputs.correct_nll(m.split)), mean_wrong).numpy()
+    aggregate = TRUTH_RATIO_AGGREGATES[SPLITS[m.split].truth_ratio_agg]
+    return {"agg_value": aggregate(tr), "value_by_index": {str(i): {"score": float(v)} for i, v in enumerate(tr)}}
+
+
+def _normalised_probability(inputs: _Inputs, m: Metric, results: dict) -> dict | None:
+    if not inputs.has_truth(m.split):
+        return None
+    sum_wrong = torch.tensor([np.exp(-w).sum() for w in inputs.perturbed_nll(m.split)], dtype=torch.float64)[:, None]
+    norm = M.normalised_probability(torch.from_numpy(np.exp(-inputs.answers(m.split)["nll"])), sum_wrong).numpy()
+    return {"agg_value": float(norm.mean()), "value_by_index": {str(i): {"prob": float(v)} for i, v in enumerate(norm)}}
+
+
+def _forget_quality(inputs: _Inputs, m: Metric, results: dict) -> dict | None:
+    """KS p-value against the retain model's forget truth ratios (agg_value only), when both exist."""
+    retain_tr = inputs.references.forget_truth_ratios
+    if retain_tr is None or "forget_truth_ratio" not in results:
+        return None
+    return {"agg_value": M.forget_quality(forget_truth_ratios(results), list(retain_tr))}
+
+
+def _model_utility(inputs: _Inputs, m: Metric, results: dict) -> dict | None:
+    """Harmonic mean of the retain and world-facts (and real-authors) utility metrics."""
+    used = ["retain", "world_facts"] + (["real_authors"] if "real_authors" in inputs.given else [])
+    needed = [name for split in used for name in UTILITY_METRICS[split]]
+    if not all(name in results for name in needed):
+        return None
+    return {"agg_value": M.model_utility([results[n]["agg_value"] for n in needed])}
+
+
+def _mia_auc(inputs: _Inputs, m: Metric, results: dict) -> dict:
+    """One attack's scores on forget (members) and holdout (non-members) and their AUC."""
+    forget, holdout = (_attack_scores(inputs, m.attack, split) for split in MIA_SPLITS)
+    auc = mia.mia_auc(forget, holdout)
+    return {"agg_value": auc, "auc": auc, "forget": _scores_record(forget), "holdout": _scores_record(holdout)}
+
+
+def _privleak(inputs: _Inputs, m: Metric, results: dict) -> dict | None:
+    """privleak of the Min-K AUC against the retain model's (OpenUnlearning's 0.5 when it is unknown)."""
+    name = mia_metric_name(PRIVLEAK_ATTACK)
+    if name not in results:
+        return None
+    retain_auc = float(inputs.references.mia_auc.get(PRIVLEAK_ATTACK, DEFAULT_RETAIN_AUC))
+    return {"agg_value": mia.privleak(results[name]["agg_value"], retain_auc), "retain_auc": retain_auc}
+
+
+HANDLERS: dict[str, Handler] = {
+    "probability": _probability, "extraction_strength": _extraction_strength,
+    "exact_memorization": _exact_memorization, "rouge": _rouge, "paraphrased_probability": _paraphrased_probability,
+    "perturbed_probability": _perturbed_probability, "truth_ratio": _truth_ratio,
+    "normalised_probability": _normalised_probability, "forget_quality": _forget_quality,
+    "model_utility": _model_utility, "mia_auc": _mia_auc, "privleak": _privleak,
+}
+
+
+# ---------------------------------------------------------------- attack scores (higher = less likely a member)
+
+
+def _loss_scores(inputs: _Inputs, split: str) -> np.ndarray:
+    return inputs.answers(split)["nll"]
+
+
+def _zlib_scores(inputs: _Inputs, split: str) -> np.ndarray:
+    a = inputs.answers(split)
+    return np.array([mia.zlib_score(loss, text) for loss, text in zip(a["nll"], a["text"])])
+
+
+def _min_k_scores(inputs: _Inputs, split: str) -> np.ndarray:
+    return np.array([mia.lowest_k_score(lp, inputs.run.mia_k) for lp in inputs.answers(split)["logp"]])
+
+
+def _min_k_plus_plus_scores(inputs: _Inputs, split: str) -> np.ndarray:
+    return np.array([mia.lowest_k_score(z, inputs.run.mia_k) for z in inputs.answers(split)["z"]])
+
+
+def _reference_scores(inputs: _Inputs, split: str) -> np.ndarray:
+    nll = inputs.answers(split)["nll"]
+    ref = np.asarray((inputs.references.losses or {}).get(split, ()), dtype=np.float64)
+    if ref.shape != nll.shape:
+        raise ValueError(f"reference attack: {len(ref)} reference losses for the {len(nll)} {split} items; "
+                         "compute them with reference_losses on the same splits and eval settings")
+    return np.array([mia.reference_score(a, b) for a, b in zip(nll, ref)])
+
+
+def _gradnorm_scores(inputs: _Inputs, split: str) -> np.ndarray:
+    return inputs.gradnorms(split)
+
+
+ATTACK_SCORES: dict[str, Callable[[_Inputs, str], np.ndarray]] = {
+    "loss": _loss_scores, "zlib": _zlib_scores, "min_k": _min_k_scores, "min_k_plus_plus": _min_k_plus_plus_scores,
+    "reference": _reference_scores, "gradnorm": _gradnorm_scores,
+}
+
+
+def _attack_scores(inputs: _Inputs, attack: str, split: str) -> np.ndarray:
+    return np.asarray(ATTACK_SCORES[attack](inputs, split), dtype=np.float64)
+
+
+# ---------------------------------------------------------------- records
 
 
 def _prob_metric(nll: np.ndarray) -> dict:
@@ -261,19 +499,10 @@ def _score_metric(values: np.ndarray) -> dict:
             "value_by_index": {str(i): {"score": None if math.isnan(v) else float(v)} for i, v in enumerate(values)}}
 
 
-def _add_forget_quality(results: dict, retain_truth_ratios: Sequence[float] | None) -> None:
-    """forget_quality (agg_value only) when both truth-ratio samples exist."""
-    if retain_truth_ratios is not None and "forget_truth_ratio" in results:
-        results["forget_quality"] = {"agg_value": M.forget_quality(forget_truth_ratios(results),
-                                                                   list(retain_truth_ratios))}
-
-
-def _add_model_utility(results: dict, splits: dict) -> None:
-    """model_utility = hmean of the retain and world-facts (and real-authors) utility metrics."""
-    used = ["retain", "world_facts"] + (["real_authors"] if "real_authors" in splits else [])
-    needed = [name for split in used for name in UTILITY_METRICS[split]]
-    if all(name in results for name in needed):
-        results["model_utility"] = {"agg_value": M.model_utility([results[n]["agg_value"] for n in needed])}
+def _scores_record(scores: np.ndarray) -> dict:
+    """An attack's scores on one split, as OpenUnlearning's Attack.attack() returns them."""
+    return {"agg_value": float(np.mean(scores)),
+            "value_by_index": {str(i): {"score": float(v)} for i, v in enumerate(scores)}}
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

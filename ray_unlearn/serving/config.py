@@ -132,7 +132,8 @@ class VerifyConfig:
     prob_ratio: float = _f(0.5, "... and its answer probability is <= prob_ratio x the base model's.")
     min_forgotten_fraction: float = _f(0.9, "The request's verdict is forgotten when at least this fraction "
                                             "of its items is forgotten.")
-    mink_k: float = _f(0.4, "Membership score: mean of the lowest k fraction of answer-token log-probs (MinK).")
+    mink_k: float = _f(0.4, "Membership score (mink): mean of the lowest k fraction of answer-token log-probs, "
+                            "the EOS left out (the evaluation's min_k attack, negated).")
     batch_size: int = _f(32, "Items per forward pass.")
 
     def __post_init__(self) -> None:

@@ -13,8 +13,9 @@ Verification scores (question, answer) items (or raw texts) with the metrics of
     the request's verdict is "forgotten"  <=>  forgotten items / items >= min_forgotten_fraction
 
 ES, EM and p are DESIGN.md §7's definitions (OpenUnlearning-compatible). The membership score
-is MinK (k = 0.4 by default): the mean of the lowest k fraction of the answer-token
-log-probabilities; it is reported, not used by the verdict; higher = more member-like.
+`mink` is the evaluation suite's Min-K attack (`eval.registry.MIA_ATTACKS["min_k"]`, k = 0.4 by
+default) negated: the mean of the lowest max(1, floor(k n)) of the n answer-token log-probabilities,
+the EOS left out; it is reported, not used by the verdict; higher = more member-like.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from ray_unlearn.data.collate import (PromptFormat, as_prompt_format, chat_promp
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.eval.metrics import (exact_memorization_from_logits, extraction_strength_from_logits,
                                       forward_logits, model_device)
-from ray_unlearn.logprobs import sequence_nll, token_logprobs
+from ray_unlearn.eval.mia import answer_token_stats, lowest_k_score
+from ray_unlearn.eval.registry import MIA_ATTACKS
+from ray_unlearn.logprobs import sequence_nll
 from ray_unlearn.serving.schemas import ACCEPTED, SEED_LIMIT, APIError, ChatMessage, VerifyRequest
 
 COMPLETION_FORMAT = PromptFormat(template="{question}", chat_template=False)  # completions: the prompt as is
@@ -462,17 +465,11 @@ def encode_rows(tokenizer: Any, rows: Sequence[dict], max_length: int, fmt: Prom
 
 
 def mink_scores(logits: torch.Tensor, labels: torch.Tensor, k: float) -> torch.Tensor:
-    """MinK membership score per item [B]: mean of the lowest ceil(k * n) of its n answer-token log-probs."""
-    logp, mask = token_logprobs(logits, labels)
-    out = []
-    for row, m in zip(logp, mask):
-        values = row[m].double()
-        if values.numel() == 0:
-            out.append(float("nan"))
-            continue
-        n = max(1, math.ceil(k * values.numel()))
-        out.append(float(values.sort().values[:n].mean()))
-    return torch.tensor(out, dtype=torch.float64)
+    """Membership score per item [B]: the suite's Min-K attack score negated (higher = more member-like),
+    i.e. the mean of the lowest max(1, floor(k * n)) of its n answer-token log-probs, the EOS left out;
+    NaN for an item with no scored token."""
+    return torch.tensor([-lowest_k_score(s["logp"], k) if s["logp"].size else float("nan")
+                         for s in answer_token_stats(logits, labels)], dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -507,8 +504,8 @@ def rule_description(rule: VerdictRule, mink_k: float) -> dict[str, Any]:
     return {"item": "es <= es_threshold and probability <= prob_ratio * base probability",
             "request": "forgotten_fraction >= min_forgotten_fraction", "es_threshold": rule.es_threshold,
             "prob_ratio": rule.prob_ratio, "min_forgotten_fraction": rule.min_forgotten_fraction,
-            "membership_score": f"mink: mean of the lowest {mink_k:g} fraction of answer-token log-probs "
-                                "(higher = more member-like)"}
+            "membership_score": f"mink: the evaluation's min_k attack score negated, k = {mink_k:g}; min_k = "
+                                f"{MIA_ATTACKS['min_k'].score} (higher mink = more member-like)"}
 
 
 def item_forgotten(es: float, prob: float, base_prob: float, rule: VerdictRule) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ray_unlearn.config import JobConfig, dump_config
+from ray_unlearn.eval.registry import HEADLINE_METRICS
 from ray_unlearn.tuning.space import Param, apply_values, encode_point, optuna_space
 
 
@@ -110,8 +111,7 @@ def _cell(value: Any) -> str:
 
 
 # shown after the searched metrics in pareto.md (the CSV files have every reported metric)
-MARKDOWN_METRICS = ("extraction_strength", "forget_quality", "model_utility", "exact_memorization",
-                    "retain_extraction_strength")
+MARKDOWN_METRICS = HEADLINE_METRICS
 
 
 def table_rows(rows: Sequence[TrialRow], metrics: dict[str, str], paths: Sequence[str], ranks: dict[str, int],

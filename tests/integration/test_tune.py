@@ -76,7 +76,7 @@ def test_a_stopped_trial_frees_its_train_workers(micro_bench, micro_config, ray_
 
     cfg = search(micro_config, 2)
     params, inputs, root = check_space(cfg), resolve_inputs(cfg), tmp_path / "tune"
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=to_dict(cfg), inputs=inputs, retain_tr=None,
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=to_dict(cfg), inputs=inputs, references=None,
                                                          root=str(root)), {"cpu": 0.1})
     grid = tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=_search(cfg, params), num_samples=2),
                       run_config=tune.RunConfig(name="stopped", storage_path=str(root / "ray"),

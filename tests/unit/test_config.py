@@ -369,3 +369,27 @@ def test_invalid_term_setting_names_it(override, key):
 def test_unknown_term_setting_lists_the_valid_ones():
     msg = expect_error(r"^unknown config key objective\.rmu\.layers ", overrides=["objective.rmu.layers=3"])
     assert "layer, retain_weight, steering_coeff, trainable_params" in msg
+
+
+def test_mia_selection():
+    assert load_config(None).eval.mia == "auto" and load_config(None).eval.mia_k == 0.4
+    assert load_config(None, ["eval.mia=[gradnorm, min_k]"]).eval.mia == ["gradnorm", "min_k"]
+    assert load_config(None, ["eval.mia=[]"]).eval.mia == []
+    with pytest.raises(UnlearnError, match=r"^eval.mia: unknown membership-inference attack 'mink' \(valid: loss, "
+                                           r"zlib, min_k, min_k_plus_plus, reference, gradnorm; or auto, or \[\] "
+                                           r"for none\)$"):
+        load_config(None, ["eval.mia=[loss, mink]"])
+    with pytest.raises(UnlearnError, match=r"^eval.mia: 'all' is not auto or a list of attacks"):
+        load_config(None, ["eval.mia=all"])
+    with pytest.raises(UnlearnError, match=r"^eval.mia_k: must be in \(0, 1\], got 1.5$"):
+        load_config(None, ["eval.mia_k=1.5"])
+
+
+def test_mia_help_names_every_attack():
+    import dataclasses
+
+    from ray_unlearn.config import EvalConfig
+    from ray_unlearn.eval.registry import MIA_ATTACKS
+
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(EvalConfig) if f.name == "mia")
+    assert all(name in help_text for name in MIA_ATTACKS)

@@ -33,7 +33,9 @@ def test_builtin_benchmark_inputs(micro_bench, micro_config):
     assert inputs.kind == "qa"
     assert inputs.forget == splits["forget10"]
     assert inputs.retain == splits["retain"]  # the built-in splits do not overlap
-    assert set(inputs.eval_splits) == {"forget", "retain", "world_facts"}
+    assert set(inputs.eval_splits) == {"forget", "retain", "world_facts", "holdout"}
+    assert inputs.eval_splits["holdout"] == splits["holdout"]  # MIA non-members: never trained on
+    assert inputs.mia_reference_path == str(micro_bench.retain_dir)
     assert inputs.build_figures == micro_bench.manifest
 
 
@@ -61,8 +63,8 @@ def test_user_model_and_data_need_no_benchmark(micro_bench, micro_config, tmp_pa
     assert inputs.retain_model_path is None  # no retrained model known for a user's model
     assert [it["question"] for it in inputs.forget] == [it["question"] for it in forget]
     assert len(inputs.retain) == 6
-    assert set(inputs.eval_splits) == {"forget", "retain"}
-    assert inputs.build_figures is None
+    assert set(inputs.eval_splits) == {"forget", "retain"}  # no holdout: eval.mia=auto runs no attack
+    assert inputs.build_figures is None and inputs.mia_reference_path is None
 
 
 def test_user_model_on_builtin_data_has_no_retain_model(micro_bench, micro_config):
@@ -171,3 +173,34 @@ def test_chat_template_true_needs_one_before_any_worker_starts(micro_bench, micr
     cfg = micro_config("data.chat_template=true")
     with pytest.raises(UnlearnError, match="^data.chat_template is true but the tokenizer has no chat template"):
         load_checked(cfg, resolve_inputs(cfg), meta=True)
+
+
+def test_holdout_path_gives_mia_non_members(micro_bench, micro_config, tmp_path, no_build):
+    splits = micro_bench.splits()
+    data = [f"model.path={micro_bench.target_dir}",
+            f"data.forget_path={write_jsonl(tmp_path / 'f.jsonl', splits['forget10'][:4])}",
+            f"data.retain_path={write_jsonl(tmp_path / 'r.jsonl', splits['retain'][:6])}"]
+    holdout = write_jsonl(tmp_path / "h.jsonl", splits["holdout"][:5])
+    inputs = resolve_inputs(micro_config(*data, f"data.holdout_path={holdout}", "eval.mia=[loss, min_k]"))
+    assert [it["question"] for it in inputs.eval_splits["holdout"]] == [it["question"] for it in splits["holdout"][:5]]
+    reference = resolve_inputs(micro_config(*data, f"data.holdout_path={holdout}",
+                                            f"eval.mia_reference_model={micro_bench.retain_dir}"))
+    assert reference.mia_reference_path == str(micro_bench.retain_dir) and reference.retain_model_path is None
+    members = write_jsonl(tmp_path / "m.jsonl", splits["forget10"][:2] + splits["holdout"][:2])
+    with pytest.raises(UnlearnError, match=r"^data.holdout_path: 2 item\(s\) are also forget items; .*remove them$"):
+        resolve_inputs(micro_config(*data, f"data.holdout_path={members}"))
+
+
+def test_mia_without_a_holdout_split_is_one_line(micro_bench, micro_config, tmp_path, no_build):
+    splits = micro_bench.splits()
+    data = [f"model.path={micro_bench.target_dir}",
+            f"data.forget_path={write_jsonl(tmp_path / 'f.jsonl', splits['forget10'][:4])}",
+            f"data.retain_path={write_jsonl(tmp_path / 'r.jsonl', splits['retain'][:6])}"]
+    resolve_inputs(micro_config(*data))  # auto: no holdout, no attack, no error
+    with pytest.raises(UnlearnError, match=r"^eval.mia: membership inference needs a holdout split .* set "
+                                           r"data.holdout_path, use a built-in forget split .*eval.mia=\[\]$"):
+        resolve_inputs(micro_config(*data, "eval.mia=[min_k]"))
+    holdout = write_jsonl(tmp_path / "h.jsonl", splits["holdout"][:5])
+    with pytest.raises(UnlearnError, match="^eval.mia: the reference attack needs a reference model; set "
+                                           "eval.mia_reference_model or model.retain_model"):
+        resolve_inputs(micro_config(*data, f"data.holdout_path={holdout}", "eval.mia=[reference]"))

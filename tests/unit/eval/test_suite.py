@@ -10,7 +10,10 @@ import torch
 from ray_unlearn.config import EvalConfig
 from ray_unlearn.data.collate import PromptFormat
 from ray_unlearn.eval import metrics as M
-from ray_unlearn.eval.suite import evaluate_model, forget_truth_ratios, summary, write_eval
+from ray_unlearn.errors import UnlearnError
+from ray_unlearn.eval import mia
+from ray_unlearn.eval.suite import (References, evaluate_model, forget_truth_ratios, reference_losses,
+                                   references_from, summary, write_eval)
 
 TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -85,7 +88,8 @@ def model(tokenizer):
 
 
 def run(model, tokenizer, splits=SPLITS, **kw):
-    cfg = EvalConfig(batch_size=kw.pop("batch_size", 2), max_new_tokens=6, max_items=kw.pop("max_items", 0))
+    cfg = EvalConfig(batch_size=kw.pop("batch_size", 2), max_new_tokens=6, max_items=kw.pop("max_items", 0),
+                     mia=kw.pop("mia", "auto"))
     return evaluate_model(model, tokenizer, splits, cfg, TEMPLATE, max_length=64, **kw)
 
 
@@ -154,7 +158,7 @@ def test_missing_inputs_skip_metrics_and_flags_restored(model, tokenizer):
     run(model, tokenizer, splits={"world_facts": WORLD})
     assert not model.training
     with pytest.raises(ValueError, match="valid"):
-        run(model, tokenizer, splits={"holdout": FORGET})
+        run(model, tokenizer, splits={"heldout": FORGET})
 
 
 def test_write_eval_files(model, tokenizer, tmp_path):
@@ -185,3 +189,89 @@ def test_chat_template_prompts_and_stops(model, tokenizer):
         "[BOS]Question: Where was Ada Vell born?\nAnswer:")
     for name in ("forget_Q_A_Prob", "forget_truth_ratio", "wf_Q_A_Prob_normalised", "extraction_strength"):
         assert templated[name]["agg_value"] == pytest.approx(plain[name]["agg_value"], rel=1e-6), name
+
+
+# ---------------------------------------------------------------- membership inference
+
+ATTACKS = ["loss", "zlib", "min_k", "min_k_plus_plus", "reference", "gradnorm"]
+MIA_SPLITS = {"forget": FORGET, "holdout": RETAIN}  # the untrained model: holdout stands in for non-members
+
+
+def _scores(record, split):
+    return [rec["score"] for rec in record[split]["value_by_index"].values()]
+
+
+def test_mia_records_and_privleak(model, tokenizer):
+    cfg = EvalConfig(batch_size=2, max_items=0)
+    losses = reference_losses(model, tokenizer, MIA_SPLITS, cfg, TEMPLATE, max_length=64)
+    results = run(model, tokenizer, splits=MIA_SPLITS, mia=ATTACKS, references=References(losses=losses))
+    assert {f"mia_{a}" for a in ATTACKS} | {"privleak"} <= set(results)
+    for attack in ATTACKS:
+        rec = results[f"mia_{attack}"]
+        assert set(rec) == {"agg_value", "auc", "forget", "holdout"} and rec["agg_value"] == rec["auc"]
+        assert rec["auc"] == mia.mia_auc(_scores(rec, "forget"), _scores(rec, "holdout"))
+        assert len(_scores(rec, "forget")) == len(_scores(rec, "holdout")) == 3
+        assert rec["forget"]["agg_value"] == pytest.approx(sum(_scores(rec, "forget")) / 3)
+    loss = results["mia_loss"]
+    assert _scores(loss, "forget") == [r["avg_loss"] for r in results["forget_Q_A_Prob"]["value_by_index"].values()]
+    assert _scores(loss, "forget") == pytest.approx(list(losses["forget"]))  # its own reference: the same pass
+    assert _scores(results["mia_reference"], "holdout") == [0.0, 0.0, 0.0] and results["mia_reference"]["auc"] == 0.5
+    assert all(v > 0 for v in _scores(results["mia_gradnorm"], "forget"))
+    auc = results["mia_min_k"]["auc"]
+    assert results["privleak"] == {"agg_value": pytest.approx(mia.privleak(auc, 0.5)), "retain_auc": 0.5}
+    against = run(model, tokenizer, splits=MIA_SPLITS, mia=["min_k"], references=References(mia_auc={"min_k": 0.8}))
+    assert against["privleak"]["agg_value"] == pytest.approx(((1 - auc) - 0.2) / 0.2 * 100)
+    assert set(against) == {"forget_Q_A_Prob", "extraction_strength", "exact_memorization", "forget_Q_A_ROUGE",
+                            "forget_Q_A_PARA_Prob", "forget_Q_A_PERT_Prob", "forget_truth_ratio", "mia_min_k",
+                            "privleak"}
+
+
+def test_mia_scores_from_the_shared_pass_match_a_direct_computation(model, tokenizer):
+    from ray_unlearn.data.collate import encode_qa, pad_batch
+
+    one = run(model, tokenizer, splits=MIA_SPLITS, mia=["min_k", "min_k_plus_plus", "zlib"], batch_size=1)
+    many = run(model, tokenizer, splits=MIA_SPLITS, mia=["min_k", "min_k_plus_plus", "zlib"], batch_size=3)
+    batch = pad_batch([encode_qa(tokenizer, it["question"], it["answer"], 64, TEMPLATE) for it in FORGET],
+                      tokenizer.pad_token_id)
+    stats = mia.answer_token_stats(M.forward_logits(model, batch), batch["labels"], vocab_stats=True)
+    for attack, key in (("min_k", "logp"), ("min_k_plus_plus", "z")):
+        expected = [mia.lowest_k_score(s[key], 0.4) for s in stats]
+        assert _scores(one[f"mia_{attack}"], "forget") == pytest.approx(expected, abs=1e-5)
+        assert _scores(many[f"mia_{attack}"], "forget") == pytest.approx(expected, abs=1e-5)
+    texts = mia.answer_texts(tokenizer, batch["labels"])
+    assert texts[0] == "Ada Vell was born in Norden ."  # the labelled tokens decoded, EOS skipped
+    nll = [r["avg_loss"] for r in one["forget_Q_A_Prob"]["value_by_index"].values()]
+    assert _scores(one["mia_zlib"], "forget") == pytest.approx([mia.zlib_score(n, t) for n, t in zip(nll, texts)])
+
+
+def test_mia_needs_a_holdout_split_and_auto_skips_without_one(model, tokenizer):
+    results = run(model, tokenizer, splits={"forget": FORGET})
+    assert not [k for k in results if k.startswith("mia_") or k == "privleak"]
+    auto = run(model, tokenizer, splits=MIA_SPLITS)  # no reference losses: every default attack but reference
+    assert [k for k in auto if k.startswith("mia_")] == ["mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"]
+    with pytest.raises(UnlearnError, match=r"^eval.mia: membership inference needs a holdout split .*data.holdout_path"):
+        run(model, tokenizer, splits={"forget": FORGET}, mia=["loss"])
+    with pytest.raises(UnlearnError, match="^eval.mia: the reference attack needs a reference model"):
+        run(model, tokenizer, splits=MIA_SPLITS, mia=["reference"])
+    with pytest.raises(ValueError, match="2 reference losses for the 3 forget items"):
+        run(model, tokenizer, splits=MIA_SPLITS, mia=["reference"],
+            references=References(losses={"forget": (1.0, 2.0), "holdout": (1.0, 1.0, 1.0)}))
+
+
+def test_references_round_trip_and_from_retain_results(model, tokenizer):
+    results = run(model, tokenizer, splits={**SPLITS, "holdout": RETAIN}, mia=["loss", "min_k"])
+    refs = references_from(results, {"forget": [1.0, 2.0, 3.0]})
+    assert refs.forget_truth_ratios == tuple(forget_truth_ratios(results))
+    assert refs.mia_auc == {"loss": results["mia_loss"]["auc"], "min_k": results["mia_min_k"]["auc"]}
+    assert References.from_dict(json.loads(json.dumps(refs.to_dict()))) == refs
+    assert References.from_dict(None) == References()
+
+
+def test_write_eval_draws_the_roc_curves(model, tokenizer, tmp_path):
+    results = run(model, tokenizer, splits=MIA_SPLITS, mia=["loss", "min_k"])
+    write_eval(tmp_path, "TOFU", results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["TOFU_EVAL.json", "TOFU_MIA_ROC.png", "TOFU_SUMMARY.json"]
+    assert (tmp_path / "TOFU_MIA_ROC.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "TOFU_EVAL.json").read_text())
+    assert saved["mia_min_k"]["forget"]["value_by_index"]["2"]["score"] == pytest.approx(
+        results["mia_min_k"]["forget"]["value_by_index"]["2"]["score"])

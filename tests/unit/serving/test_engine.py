@@ -355,14 +355,24 @@ def test_seed_range_is_what_torch_accepts():
 
 
 def test_mink_by_hand():
-    """Answer-token log-probs log(0.5), log(0.25), log(0.125), log(1): k=0.4 keeps the lowest ceil(1.6)=2."""
+    """Answer-token log-probs log(0.5), log(0.25), log(0.125), then log(1) for the last labelled token
+    (the EOS), which Min-K leaves out: n = 3, and k=0.4 keeps the lowest max(1, floor(1.2)) = 1."""
     probs = [[0.5, 0.5, 0.0], [0.25, 0.75, 0.0], [0.125, 0.875, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
     logits = torch.log(torch.tensor(probs) + 1e-30)[None]  # [1, 5, 3]
     labels = torch.tensor([[-100, 0, 0, 0, 0]])  # tokens 1..4 are label 0
-    expected = (math.log(0.125) + math.log(0.25)) / 2
-    assert mink_scores(logits, labels, 0.4).tolist() == pytest.approx([expected], abs=1e-6)
+    assert mink_scores(logits, labels, 0.4).tolist() == pytest.approx([math.log(0.125)], abs=1e-6)
     assert mink_scores(logits, labels, 1.0).tolist() == pytest.approx(
-        [(math.log(0.5) + math.log(0.25) + math.log(0.125)) / 4], abs=1e-6)
+        [(math.log(0.5) + math.log(0.25) + math.log(0.125)) / 3], abs=1e-6)
+    assert math.isnan(mink_scores(logits[:, :2], torch.tensor([[-100, 0]]), 0.4).item())  # only the EOS: no score
+
+
+def test_mink_is_the_suites_min_k_negated():
+    from ray_unlearn.eval.mia import answer_token_stats, lowest_k_score
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 7, 5), torch.tensor([[-100, -100, 1, 2, 3, 4, 0]] * 3)
+    expected = [-lowest_k_score(s["logp"], 0.4) for s in answer_token_stats(logits, labels)]
+    assert mink_scores(logits, labels, 0.4).tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def test_score_items_agrees_with_the_metric_functions(micro_bench):
