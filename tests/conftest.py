@@ -21,7 +21,7 @@ generation prompt tokenizes the same alone or joined to it.
 Model families (`FAMILIES`, `family_model`): a transformers config class at tiny sizes (2 layers,
 hidden 64, 4 heads, 2 KV heads where the architecture has them) and the tokenizer of the family's
 style; `family_model(name, tied, dtype)` writes a random-init HF model directory (safetensors) with
-its tokenizer, once per session.
+its tokenizer, once per session. A test that takes a `family` argument runs for every family.
 """
 
 from __future__ import annotations
@@ -372,6 +372,18 @@ def write_family_model(name: str, tied: bool, dtype: str, out: Path, seed: int =
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that takes a `family` argument runs once per architecture of FAMILIES."""
+    if "family" in metafunc.fixturenames:
+        metafunc.parametrize("family", list(FAMILIES))
+
+
+@pytest.fixture
+def family_spec(family: str) -> Family:
+    """The `Family` record of the test's `family`."""
+    return FAMILIES[family]
 
 
 @pytest.fixture(scope="session")
