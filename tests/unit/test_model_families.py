@@ -13,7 +13,8 @@ weights: the full matrix, 28 models. For each one:
 - the evaluation suite on the result (4 forget and 4 retain items, greedy generation included):
   every metric finite;
 - the serving engine decodes a chat request rendered with the family's template, stopping on its
-  end-of-turn; in fp32 it decodes what the suite's greedy generation does.
+  end-of-turn, as the suite's greedy generation does; in fp32, a left-padded batch of two requests
+  decodes what each does alone (position ids).
 
 bf16 weights are updated in bf16 (no fp32 master copy outside DeepSpeed): an update smaller than
 half a bf16 step of the weight is lost, so norm weights near 1 (a step of 2^-7) do not move at
@@ -154,7 +155,15 @@ def test_serving_decodes_a_chat_request_in_the_familys_template(unlearned, famil
     stops = stop_token_ids(tok, fmt)
     if family_spec.end_of_turn is not None:
         assert tok.convert_tokens_to_ids(family_spec.end_of_turn) in stops
-    (out,) = generate(run.model, tok, [GenerationRequest("m", tuple(prompt), SamplingParams(max_tokens=8,
-                                                                                             temperature=0))], stops)
+    (out,) = generate(run.model, tok, [_greedy(prompt)], stops)
     assert out.error is None and out.finish_reason in ("stop", "length") and 1 <= out.completion_tokens <= 8
     assert out.text.strip() == M.greedy_generate(run.model, tok, [prompt], 8, stops)[0]
+    if dtype == "float32":  # left padding and position ids: a batch decodes what each request alone does
+        longer = render_chat(tok, [ChatMessage(role="user", content=RETAIN[-1]["paraphrased_question"] * 2)], fmt)
+        alone = generate(run.model, tok, [_greedy(longer)], stops)[0]
+        batched = generate(run.model, tok, [_greedy(prompt), _greedy(longer)], stops)
+        assert [d.text for d in batched] == [out.text, alone.text]
+
+
+def _greedy(prompt: list[int]) -> GenerationRequest:
+    return GenerationRequest("m", tuple(prompt), SamplingParams(max_tokens=8, temperature=0))
