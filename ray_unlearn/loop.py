@@ -15,6 +15,11 @@ the model and that step's report carries the metrics (every rank reports at the 
 non-finite loss stops the run before anything is written, so the last good checkpoint stays the
 latest.
 
+Dropout is off while unlearning (the model's rates set to 0 in memory; its saved config keeps them, so
+GPT-2's 0.1 is still there for whoever fine-tunes the result): forward passes are then deterministic,
+so runs are the same at every scale and on resume (per-rank dropout masks are not), and NPO's and
+the KL terms' ratios against the reference model, which runs without dropout, start at 1.
+
 Batches are chosen by a deterministic function of (seed, step, micro-step, rank), so a resumed
 run sees the data the interrupted one would have, and 1 worker x N accumulation steps sees the
 same items as N workers x 1. Sophia's Hessian is estimated over the whole global batch with
@@ -39,7 +44,7 @@ from ray_unlearn.config import JobConfig
 from ray_unlearn.data.collate import encode_qa, encode_text, pad_batch, prompt_format
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.logprobs import batch_nll
-from ray_unlearn.models.layers import capture_layer_outputs, decoder_layers, params_through_layer
+from ray_unlearn.models.layers import capture_layer_outputs, decoder_layers, disable_dropout, params_through_layer
 from ray_unlearn.objectives import (StreamOutput, build_objective, check_model_fits, combined_loss, init_states,
                                     is_trainable, objective_layers, objective_reach, objective_ref_streams,
                                     objective_streams, state_log_keys, update_states)
@@ -221,6 +226,7 @@ class Unlearner:
         for name, p in model.named_parameters():  # RMU: layers 0..ℓ, and only its trainable_params
             if name not in trained:
                 p.requires_grad_(False)
+        disable_dropout(model)  # deterministic forward passes (see the module docstring)
         t = cfg.train
         self.accum = t.accumulation(env.world_size)  # micro-batches per step: the global batch is fixed
         self.strategy = make_strategy(cfg, env)

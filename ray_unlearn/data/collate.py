@@ -13,8 +13,10 @@ builder and serving alike:
   prompt, tokenized without added special tokens (the template writes BOS where the model
   expects it). The answer is what the template writes after that prompt for the assistant
   turn (the full conversation rendered, the prompt's text cut off), up to and including its
-  end-of-turn token (`<|eot_id|>`, `<|im_end|>`); whitespace after it is dropped. EOS closes the
-  answer only when the template writes no special token at its end. `template` is not used.
+  end-of-turn token (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`, `<|end|>`: the first special
+  token after the answer's text); whatever the template writes after it (whitespace, Phi-3's EOS
+  after the last turn) is dropped, as generation stops there. EOS closes the answer only when the
+  template writes no special token after the answer's text. `template` is not used.
 - without one: `template` around the question, BOS first (when the tokenizer has one and the
   prompt does not already start with it), then " " + answer and EOS, as the built-in
   benchmark's models were trained.
@@ -127,9 +129,30 @@ def special_ids(tokenizer: Any) -> set[int]:
     return ids | {i for i, tok in added.items() if getattr(tok, "special", False)}
 
 
+def special_tokens(tokenizer: Any) -> set[str]:
+    """Texts of the tokenizer's special tokens (named ones and added tokens marked special)."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {t for t in texts | {tok.content for tok in added.values() if getattr(tok, "special", False)} if t}
+
+
+def through_end_of_turn(tokenizer: Any, text: str, content: str) -> str:
+    """`text` up to and including the first special token after `content` in it (the turn's end); all of
+    `text` when `content` is not in it or no special token follows it."""
+    start = text.find(content)
+    if start < 0:
+        return text
+    after = start + len(content)
+    hits = [(i, -len(tok)) for tok in special_tokens(tokenizer) if (i := text.find(tok, after)) >= 0]
+    if not hits:
+        return text
+    start, minus_length = min(hits)  # the earliest, the longest of those starting there
+    return text[:start - minus_length]
+
+
 def chat_answer_text(tokenizer: Any, question: str, answer: str, fmt: PromptFormat) -> str:
     """What the chat template writes after the generation prompt for `answer`: the assistant turn's
-    content and end-of-turn, without the whitespace the template may add after it."""
+    content and end-of-turn, without what the template may write after it (whitespace, an EOS)."""
     messages = chat_messages(question, fmt)
     prompt = render_chat_text(tokenizer, messages, fmt)
     full = render_chat_text(tokenizer, messages + [{"role": "assistant", "content": answer}], fmt,
@@ -138,7 +161,7 @@ def chat_answer_text(tokenizer: Any, question: str, answer: str, fmt: PromptForm
         raise UnlearnError(f"the tokenizer's chat template renders an answered conversation that does not start "
                            f"with its generation prompt; set {fmt.setting}chat_template=false and a "
                            f"{fmt.setting}prompt_template")
-    return full[len(prompt):].rstrip()
+    return through_end_of_turn(tokenizer, full[len(prompt):], answer).rstrip()
 
 
 def answer_ids(tokenizer: Any, question: str, answer: str, fmt: PromptFormat | str = PLAIN) -> list[int]:

@@ -1,4 +1,4 @@
-"""Decoder layers of an HF causal LM, and their outputs captured during a forward pass.
+"""Decoder layers of an HF causal LM, their outputs captured during a forward pass, and its dropout.
 
 Layer ℓ is 0-based, as in `model.layers.ℓ`; its output is what HF's `output_hidden_states`
 returns as `hidden_states[ℓ + 1]` (index 0 is the embeddings). A forward hook keeps only the
@@ -53,3 +53,15 @@ def capture_layer_outputs(model: Any, layers: Sequence[int]) -> Iterator[dict[in
     finally:
         for handle in handles:
             handle.remove()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout rate of `model` to 0, in place: `nn.Dropout` modules (GPT-2's attention, residual
+    and embedding dropout) and the float rates HF modules keep in attributes named like `attention_dropout`
+    or `dropout` (read in training mode only). The model's config, what a save writes, keeps its rates."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)

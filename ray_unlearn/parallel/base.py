@@ -51,6 +51,14 @@ def tied_names(module: torch.nn.Module) -> set[str]:
     return {name for names in groups.values() for name in names[1:]}
 
 
+def own_storage(t: Tensor) -> Tensor:
+    """`t`, copied when it is a view into a larger storage (FSDP2 gathers a parameter whose first dimension
+    the world size does not divide, e.g. an odd vocabulary on 2 workers, into a padded buffer), which
+    safetensors refuses to write."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone(
+        memory_format=torch.contiguous_format)
+
+
 def write_hf_weights(out: Path, module: torch.nn.Module, state: dict[str, Tensor], max_shard_size: str) -> None:
     """Write `state` (full tensors) as an HF model directory's weights: config.json (and
     generation_config.json), `model.safetensors` or, above `max_shard_size`, numbered shards plus
@@ -58,8 +66,8 @@ def write_hf_weights(out: Path, module: torch.nn.Module, state: dict[str, Tensor
     from huggingface_hub import save_torch_state_dict
 
     tied = tied_names(module)
-    save_torch_state_dict({k: v for k, v in state.items() if k not in tied}, out, max_shard_size=max_shard_size,
-                          metadata={"format": "pt"})
+    save_torch_state_dict({k: own_storage(v) for k, v in state.items() if k not in tied}, out,
+                          max_shard_size=max_shard_size, metadata={"format": "pt"})
     if getattr(module, "config", None) is not None:
         module.config.save_pretrained(out)
     if getattr(module, "generation_config", None) is not None:

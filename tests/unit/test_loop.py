@@ -458,3 +458,30 @@ def test_encode_data_uses_the_jobs_prompt_format(llama3_tokenizer):
                                              cfg.data.max_length, fmt)]
         seen.append(data.forget[0]["input_ids"])
     assert len({tuple(ids) for ids in seen}) == 3  # three different encodings
+
+
+def test_dropout_is_off_while_unlearning(family_model, tmp_path):
+    """GPT-2's config has dropout 0.1. Unlearning runs without it: two runs drawing different dropout masks
+    (another global RNG state) end at the same weights, NPO's first loss is that of a policy equal to its
+    reference, (2/beta) log 2, and the saved config keeps its rates."""
+    from ray_unlearn.config import load_config
+
+    path = family_model("gpt2", True)
+    tok = load_tokenizer(str(path))
+    items = [{"question": f"Where was person {i} born?", "answer": f"Person {i} was born in town {i}."}
+             for i in range(4)]
+    cfg = load_config(None, [*BASE, "optim.name=adamw", "optim.lr=1e-3", "train.max_steps=2", "train.batch_size=2"])
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = load_model(str(path))
+        assert model.config.resid_pdrop == 0.1
+        env = LoopEnv(checkpoint_dir=tmp_path / f"run{seed}")
+        u = Unlearner(cfg, model, copy.deepcopy(model), encode_data(cfg, tok, items[:2], items[2:]), tok.pad_token_id,
+                      env)
+        history = u.run()
+        assert history[0]["loss/npo"] == pytest.approx(2 / cfg.objective.npo_beta * math.log(2), rel=1e-6)
+        runs.append(weights(model))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    saved = json.loads((tmp_path / "run1" / "step-000002" / "config.json").read_text())
+    assert saved["resid_pdrop"] == saved["embd_pdrop"] == saved["attn_pdrop"] == 0.1

@@ -1,7 +1,9 @@
-"""Prompt formats, token by token, on locally built tokenizers (tests/unit/conftest.py, no hub): a
+"""Prompt formats, token by token, on locally built tokenizers (tests/conftest.py, no hub): a
 Llama-3-style chat tokenizer whose post-processor also adds BOS (the double-BOS trap), a
-ChatML/Qwen-style one without BOS (and a default system prompt in its template), and a
-GPT-2-style one without a chat template (the plain prompt_template path of the built-in benchmark).
+ChatML/Qwen-style one without BOS (and a default system prompt in its template), Gemma- and
+Phi-3-style ones (Phi-3's template writes EOS after the last turn), a Mistral-style SentencePiece-like
+one, and a GPT-2-style one without a chat template (the plain prompt_template path of the built-in
+benchmark).
 
 "Generation" is checked as: the rendered conversation's text, tokenized as a whole, equals
 prompt ids + answer ids (the pre-tokenizer splits at newlines and special tokens, so the
@@ -20,7 +22,9 @@ from ray_unlearn.logprobs import IGNORE_INDEX
 
 QUESTION, ANSWER = "Where was Ada Lovelace born?", "Ada Lovelace was born in London."
 
-END_OF_TURN = {"llama3_tokenizer": "<|eot_id|>", "chatml_tokenizer": "<|im_end|>"}
+# byte-level tokenizers: the rendered conversation tokenizes the same as prompt + answer
+END_OF_TURN = {"llama3_tokenizer": "<|eot_id|>", "chatml_tokenizer": "<|im_end|>", "gemma_tokenizer": "<end_of_turn>",
+               "phi3_tokenizer": "<|end|>"}
 
 
 def _tokens(tok, text: str) -> list[int]:
@@ -30,8 +34,11 @@ def _tokens(tok, text: str) -> list[int]:
 # ---------------------------------------------------------------- chat templates
 
 
-@pytest.mark.parametrize("system", ["", "Answer briefly."])
-@pytest.mark.parametrize("name", sorted(END_OF_TURN))
+SYSTEM_ROLE = {"llama3_tokenizer", "chatml_tokenizer", "phi3_tokenizer"}  # Gemma's template refuses system messages
+
+
+@pytest.mark.parametrize("name, system", [(name, system) for name in sorted(END_OF_TURN)
+                                          for system in ("", "Answer briefly.") if not system or name in SYSTEM_ROLE])
 def test_chat_encoding_token_by_token(name: str, system: str, request: pytest.FixtureRequest) -> None:
     tok, fmt, end_of_turn = request.getfixturevalue(name), PromptFormat(system_prompt=system), END_OF_TURN[name]
     prompt = encode_prompt(tok, QUESTION, fmt)
@@ -43,8 +50,32 @@ def test_chat_encoding_token_by_token(name: str, system: str, request: pytest.Fi
     assert answer[-1] == tok.convert_tokens_to_ids(end_of_turn)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": QUESTION}]
     rendered = tok.apply_chat_template(messages + [{"role": "assistant", "content": ANSWER}], tokenize=False)
-    assert prompt + answer == _tokens(tok, rendered.rstrip("\n"))  # what generation after the prompt writes
+    through_answer = rendered[:rendered.index(ANSWER + end_of_turn) + len(ANSWER + end_of_turn)]
+    assert prompt + answer == _tokens(tok, through_answer)  # what generation after the prompt writes
     assert tok.decode(prompt, skip_special_tokens=False) == render_prompt(tok, QUESTION, fmt)
+
+
+def test_answer_ends_at_the_end_of_turn_not_at_the_eos_written_after_the_conversation(phi3_tokenizer) -> None:
+    """Phi-3's template closes an answered conversation with EOS after the turn's <|end|>; generation stops
+    at <|end|>, so the answer (what is trained and scored) ends there and <|end|> is a stop id."""
+    tok = phi3_tokenizer
+    messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]
+    assert tok.apply_chat_template(messages, tokenize=False).endswith(f"{ANSWER}<|end|>\n<|endoftext|>")
+    answer = answer_ids(tok, QUESTION, ANSWER)
+    assert tok.decode(answer, skip_special_tokens=False) == ANSWER + "<|end|>"
+    assert tok.eos_token_id not in answer
+    assert stop_token_ids(tok) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")})
+
+
+def test_sentencepiece_style_answer_is_tokenized_as_its_own_turn(mistral_tokenizer) -> None:
+    """Mistral's template joins the answer to "[/INST]"; the answer is tokenized alone (a word-start
+    piece first, as Mistral's own tokenization of turns does), with BOS once and </s> closing it."""
+    tok = mistral_tokenizer
+    prompt, answer = encode_prompt(tok, QUESTION), answer_ids(tok, QUESTION, ANSWER)
+    assert prompt.count(tok.bos_token_id) == 1 and prompt[0] == tok.bos_token_id
+    assert tok.convert_ids_to_tokens(answer)[0] == "\u2581Ada" and answer[-1] == tok.eos_token_id
+    assert tok.decode(prompt + answer, skip_special_tokens=False) == f"<s>[INST] {QUESTION} [/INST] {ANSWER}</s>"
+    assert stop_token_ids(tok) == [tok.eos_token_id]
 
 
 def test_llama3_prompt_has_one_bos_although_template_and_tokenizer_both_add_it(llama3_tokenizer) -> None:

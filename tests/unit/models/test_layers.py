@@ -1,4 +1,4 @@
-"""Decoder-layer outputs captured by forward hooks are HF's hidden_states[layer + 1]."""
+"""Decoder-layer outputs captured by forward hooks are HF's hidden_states[layer + 1]; dropout switched off."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ray_unlearn.models.layers import capture_layer_outputs, decoder_layers, params_through_layer
+from ray_unlearn.models.layers import capture_layer_outputs, decoder_layers, disable_dropout, params_through_layer
 
 
 def _tiny():
@@ -68,3 +68,21 @@ def test_params_through_layer_are_the_embeddings_and_the_layers_up_to_it(tied):
     expected = ["model.embed_tokens.weight"] + [n for n, _ in model.named_parameters()
                                                 if n.startswith(("model.layers.0.", "model.layers.1."))]
     assert names == expected  # not layer 2, model.norm or an untied lm_head
+
+
+def test_disable_dropout_makes_training_mode_deterministic():
+    """GPT-2 keeps its rates in nn.Dropout modules, Llama-style attention in a float `attention_dropout`."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=16))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=32, attention_dropout=0.5))
+    ids = torch.tensor([[1, 5, 7, 9]])
+    for model in (gpt2, llama):
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout draws new masks
+        disable_dropout(model)
+        assert torch.equal(model(ids).logits, model(ids).logits)
+        assert torch.equal(model(ids).logits, model.eval()(ids).logits)
+    assert gpt2.config.resid_pdrop == 0.1 and llama.config.attention_dropout == 0.5  # what a save writes

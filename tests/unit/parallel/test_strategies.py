@@ -89,6 +89,26 @@ def test_full_weights_of_a_plain_fsdp2_run_load_like_ddp_ones(tmp_path: Path):
     assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
+def test_full_weights_that_are_views_of_padded_buffers_are_written(tmp_path: Path):
+    """FSDP2 gathers a parameter whose first dimension the world size does not divide (an odd vocabulary on
+    2 workers) into a padded buffer: the full tensor is a view of a larger storage, which safetensors
+    refuses to write unless copied."""
+    from ray_unlearn.parallel.base import write_hf_weights
+
+    model = _tiny(tied=True)
+    state = dict(model.state_dict())
+    weight = state["model.embed_tokens.weight"]
+    padded = torch.zeros(weight.shape[0] + 1, weight.shape[1])
+    padded[:-1] = weight
+    state["model.embed_tokens.weight"] = padded[:-1]
+    write_hf_weights(tmp_path, model, state, "5GB")
+    fresh = _tiny(tied=True)
+    with torch.no_grad():
+        fresh.get_input_embeddings().weight.zero_()
+    load_hf_weights(fresh, tmp_path)
+    assert torch.equal(fresh.get_input_embeddings().weight, weight)
+
+
 def test_checkpoint_of_another_strategy_is_refused():
     with pytest.raises(UnlearnError, match=r"^checkpoint ckpt was written by ray.strategy=ddp, this run uses "
                                            r"ray.strategy=fsdp2; rerun with ray.strategy=ddp"):
