@@ -10,8 +10,10 @@ NPO + retain NLL so that the reference model runs and is sharded under fsdp2 and
   norm weights stored as offsets from 1; an odd vocabulary (371 rows), which fsdp2 shards unevenly over
   2 workers (the full tensor it gathers is a view of a padded buffer).
 
-ddp, fsdp2 and DeepSpeed ZeRO 2 and 3 end at the same weights within test_scale_equality.py's Sophia
-tolerance (at most 1e-4 of the coordinates off by more than 1e-6).
+ddp, fsdp2 and DeepSpeed ZeRO 3 end at the same weights within test_scale_equality.py's Sophia
+tolerance (at most 1e-4 of the coordinates off by more than 1e-6). ZeRO 2 (the same flat-partition
+optimizer path as ZeRO 3, without partitioned parameters) agreed too and is left to test_scale_equality.py
+to keep CI's time.
 
 Not here: GPT-2 (tied) agrees too except on its attention key biases, whose gradient is identically zero
 (adding a constant to every key's score leaves the softmax unchanged): Sophia moves such a coordinate by
@@ -79,7 +81,7 @@ def assert_sophia_close(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("name, tied", [("qwen2", False), ("gemma", True)], ids=["qwen2-untied", "gemma-tied"])
 def test_strategies_agree_with_ddp(runs, family_model, name, tied):
-    """fsdp2, ZeRO 2 and ZeRO 3 against ddp (the argument is `name`: a `family` one runs every family)."""
+    """fsdp2 and ZeRO 3 against ddp (the argument is `name`: a `family` one runs every family)."""
     start = load_file(str(family_model(name, tied) / "model.safetensors"))
     if name == "gemma":  # keep covering fsdp2's uneven shards
         assert start["model.embed_tokens.weight"].shape[0] % 2 == 1
@@ -87,5 +89,5 @@ def test_strategies_agree_with_ddp(runs, family_model, name, tied):
     moved = torch.cat([(ddp[k] - start[k]).abs().flatten() for k in ddp])
     assert float((moved > 1e-4).double().mean()) > 0.5  # far above the tolerance: the runs really trained
     assert ("lm_head.weight" in ddp) == (not tied)
-    for strategy in ("fsdp2", "zero2", "zero3"):
+    for strategy in ("fsdp2", "zero3"):
         assert_sophia_close(ddp, runs(name, tied, strategy))
