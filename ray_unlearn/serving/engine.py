@@ -296,7 +296,7 @@ def _row_error(exc: Exception, during: str) -> APIError:
                     type="server_error", code="generation_failed")
 
 
-def _batch_error(exc: Exception) -> APIError:
+def batch_error(exc: Exception) -> APIError:
     """What every request of a forward pass that failed answers (the pass is shared, so all of them fail)."""
     what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     return APIError(503, f"the model failed while decoding this request's batch ({what}); retry", type="server_error",
@@ -406,7 +406,7 @@ class DecodeBatch:
         try:
             logits, cache, mask, positions = self._prefill([s.prompt_ids for s in slots])
         except Exception as e:  # noqa: BLE001 - the joining requests' pass: the running rows are untouched
-            return {**out, **{s.key: Delta("", error=_batch_error(e)) for s in slots}}
+            return {**out, **{s.key: Delta("", error=batch_error(e)) for s in slots}}
         deltas, tokens, keep = self._advance(slots, logits)
         if keep:
             idx = torch.tensor(keep, device=self.device)
@@ -426,7 +426,7 @@ class DecodeBatch:
                              past_key_values=self.cache, use_cache=True)
             logits = out.logits[:, -1, :].float().cpu()
         except Exception as e:  # noqa: BLE001 - a shared pass: every running request fails, the batch starts over
-            failed = {s.key: Delta("", error=_batch_error(e)) for s in self.slots}
+            failed = {s.key: Delta("", error=batch_error(e)) for s in self.slots}
             self._reset()
             return failed
         self.cache, self.mask, self.positions = out.past_key_values, mask, self.positions + 1

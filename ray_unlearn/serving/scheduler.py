@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from ray_unlearn.serving.engine import DecodeBatch, Delta, GenerationRequest, LoadedModel
+from ray_unlearn.serving.engine import DecodeBatch, Delta, GenerationRequest, LoadedModel, batch_error
 from ray_unlearn.serving.schemas import APIError
 
 
@@ -129,16 +129,27 @@ class Scheduler:
                 deltas, rows = self._fail_all(work, e), []
             self._deliver(deltas, rows)
 
+    def _batch_for(self, ticket: _Ticket) -> DecodeBatch | None:
+        """The running batch of the ticket's model (made on first use); None, with the ticket answered, when
+        the model cannot decode at all."""
+        batch = self.batches.get(ticket.model)
+        if batch is None:
+            m = ticket.model
+            try:
+                batch = self.batches[m] = DecodeBatch(m.model, m.tokenizer, m.stop_ids)
+            except Exception as e:  # noqa: BLE001 - e.g. a model without a config
+                ticket.deltas.put_nowait(Delta("", error=batch_error(e)))
+        return batch
+
     def _admit(self) -> dict[DecodeBatch, list[_Ticket]]:
         """Take waiting requests, oldest first, into free rows; those whose model's batch cannot take rows
         now stay waiting (see `DecodeBatch.accepts_joins`)."""
         free, admitted, held = self.max_running - self.running, {}, []
         while self.waiting and free > 0:
             ticket = self.waiting.popleft()
-            batch = self.batches.get(ticket.model)
+            batch = self._batch_for(ticket)
             if batch is None:
-                m = ticket.model
-                batch = self.batches[m] = DecodeBatch(m.model, m.tokenizer, m.stop_ids)
+                continue
             if not batch.accepts_joins:
                 held.append(ticket)
                 continue

@@ -324,6 +324,19 @@ def test_a_failed_forward_pass_fails_its_batch_and_the_scheduler_goes_on():
     assert (later.text, later.error) == ("bcd", None)
 
 
+def test_a_model_that_cannot_decode_fails_its_requests_and_the_scheduler_goes_on():
+    loaded, scheduler = stub(), Scheduler(4, 4)
+    broken = LoadedModel(object(), CharTokenizer())  # no config: no batch can be made for it
+
+    async def main():
+        return await asyncio.gather(collect(scheduler, broken, req("a", temperature=0)),
+                                    collect(scheduler, loaded, req("a", temperature=0, max_tokens=5)))
+
+    failed, served = run(main())
+    assert (failed.error.status, failed.error.code) == (503, "model_unavailable")
+    assert (served.text, served.error) == ("bcd", None)
+
+
 def test_each_model_decodes_in_its_own_batch():
     one, other = stub(), stub(chain={"a": "x", "x": "a"})
     scheduler = Scheduler(max_running=4, max_waiting=4)
