@@ -178,13 +178,21 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Per row of logits [B, V] (float, cpu): softmax(logits / temperature) after top_p filtering, [B, V]."""
+    """Per row of logits [B, V] (float, cpu): softmax(logits / temperature) after top_p filtering, [B, V].
+    Rows with top_p = 1 skip the filter (it keeps every token); each row's result depends on that row alone."""
     temps = torch.tensor([max(p.temperature, 1e-6) for p in params])
-    return top_p_filter(logits / temps[:, None], torch.tensor([p.top_p for p in params])).softmax(dim=-1)
+    scaled = logits / temps[:, None]
+    top_p = torch.tensor([p.top_p for p in params])
+    nucleus = top_p < 1
+    if nucleus.any():
+        scaled[nucleus] = top_p_filter(scaled[nucleus], top_p[nucleus])
+    return scaled.softmax(dim=-1)
 
 
-def draw_token(logits: torch.Tensor, probs: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One row's next token: argmax of logits [V] where temperature is 0, else a draw from probs [V]."""
+def draw_token(logits: torch.Tensor, probs: torch.Tensor | None, params: SamplingParams,
+               generator: torch.Generator) -> int:
+    """One row's next token: argmax of logits [V] where temperature is 0 (probs unused: may be None), else a
+    draw from probs [V]."""
     if params.temperature == 0:
         return int(logits.argmax())
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -193,10 +201,12 @@ def draw_token(logits: torch.Tensor, probs: torch.Tensor, params: SamplingParams
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator]) -> list[int]:
     """Next token per row of logits [B, V]: argmax where temperature is 0, else a draw from
-    softmax(logits / temperature) after top_p filtering, with the row's own generator."""
+    softmax(logits / temperature) after top_p filtering, with the row's own generator. Only sampled rows
+    pay for the softmax and the filter."""
     logits = logits.float().cpu()
-    probs = sampling_probs(logits, params)
-    return [draw_token(logits[i], probs[i], p, g) for i, (p, g) in enumerate(zip(params, generators))]
+    drawn = [i for i, p in enumerate(params) if p.temperature != 0]
+    probs = dict(zip(drawn, sampling_probs(logits[drawn], [params[i] for i in drawn]))) if drawn else {}
+    return [draw_token(logits[i], probs.get(i), p, g) for i, (p, g) in enumerate(zip(params, generators))]
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -454,12 +464,13 @@ class DecodeBatch:
     def _advance(self, slots: Sequence[_Slot], logits: torch.Tensor) -> tuple[dict, list[int], list[int]]:
         """Draw each row's token from logits [B, V] and take it: (Delta per key, tokens, indices of the rows
         still running). A row whose draw or stop handling raises fails alone."""
-        probs = sampling_probs(logits, [s.params for s in slots])
+        drawn = [j for j, s in enumerate(slots) if s.params.temperature != 0]
+        probs = dict(zip(drawn, sampling_probs(logits[drawn], [slots[j].params for j in drawn]))) if drawn else {}
         deltas, tokens = {}, []
         for j, s in enumerate(slots):
             token = 0
             try:
-                token = draw_token(logits[j], probs[j], s.params, s.generator)
+                token = draw_token(logits[j], probs.get(j), s.params, s.generator)
                 deltas[s.key] = s.row.advance(token)
                 deltas[s.key].token_ids = [token]
             except Exception as e:  # noqa: BLE001
