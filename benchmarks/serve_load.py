@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per configuration")
     p.add_argument("--max-seconds", type=float, default=90.0, help="time bound of one round")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per model replica (its torch threads)")
+    p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per model replica (torch threads: >= 1)")
     p.add_argument("--in-process", action="store_true", help="drive the Scheduler in process: no Ray, no HTTP")
     p.add_argument("--cache-dir", default="~/.cache/ray_unlearn", help="benchmark cache")
     return p.parse_args()
