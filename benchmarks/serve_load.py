@@ -13,6 +13,10 @@ the continuous replica decoded per step, the last line is
 
     continuous batching / unbatched throughput = X.XX
 
+Ray Serve's own per-request work (HTTP proxy, gateway, the handle call to the model replica) runs
+on the same cores as decoding and the load generator; `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in the
+environment (Ray's switch for leaner request handling) is passed to the Ray instance it starts.
+
 `--in-process` runs the same load without Ray and HTTP: the replica's `Scheduler` (continuous:
 max_running = clients; unbatched: 1) driven by N asyncio clients in this process, with the torch
 threads a replica gets (for when Ray is busy, or to see the decoding engine alone).
@@ -109,28 +113,42 @@ def deploy(args: argparse.Namespace, port: int) -> dict[str, str]:
 
 
 def http_round(url: str, texts: list[str], args: argparse.Namespace, out: Measured) -> None:
-    """args.clients threads send requests until args.requests are done or args.max_seconds pass."""
-    import requests
+    """args.clients threads send requests until args.requests are done or args.max_seconds pass. Each thread
+    keeps one HTTP/1.1 connection (`http.client`: the load generator shares the cores with the server, so
+    it should cost little)."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
 
     lock, counter = threading.Lock(), [0]
     deadline = time.monotonic() + args.max_seconds
+    where = urlsplit(url)
 
     def client() -> None:
-        session = requests.Session()
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=args.max_seconds)
         while time.monotonic() < deadline:
             with lock:
                 if counter[0] >= args.requests:
                     return
                 i = counter[0]
                 counter[0] += 1
-            body = {"model": "base", "prompt": texts[i % len(texts)], "temperature": 0, "max_tokens": args.max_tokens}
+            body = json.dumps({"model": "base", "prompt": texts[i % len(texts)], "temperature": 0,
+                               "max_tokens": args.max_tokens})
             t0 = time.perf_counter()
-            r = session.post(url + "/v1/completions", json=body, timeout=args.max_seconds)
+            try:
+                conn.request("POST", where.path + "/v1/completions", body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                conn.close()  # reconnects on the next request
+                ok = False
             with lock:
-                if r.status_code == 200:
+                if ok:
                     out.latencies.append(time.perf_counter() - t0)
                 else:
                     out.errors += 1
+        conn.close()
 
     threads = [threading.Thread(target=client) for _ in range(args.clients)]
     start = time.perf_counter()
@@ -243,7 +261,8 @@ def report(args: argparse.Namespace, results: dict[str, Measured], rows: dict[st
     import torch
 
     where = ("in process: the Scheduler driven by asyncio clients, no Ray, no HTTP" if args.in_process else
-             "Ray Serve over HTTP on 127.0.0.1")
+             "Ray Serve over HTTP on 127.0.0.1, RAY_SERVE_THROUGHPUT_OPTIMIZED="
+             f"{os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED', '0')}")
     print(f"\nserve load: {args.size} target model, {args.clients} clients, max_tokens {args.max_tokens}, greedy, "
           f"{args.rounds} rounds x {args.requests} requests per configuration; {where}")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; replica torch threads "
