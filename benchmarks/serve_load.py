@@ -170,7 +170,8 @@ def run_serve(args: argparse.Namespace, texts: list[str]) -> tuple[dict[str, Mea
     from ray import serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
+             log_to_driver=False)  # a private instance, never a cluster that is already running
     try:
         urls = deploy(args, free_port())
         for url in urls.values():  # warm-up: load the model, first steps
