@@ -294,12 +294,17 @@ def _start_row(request: GenerationRequest, context: float, tokenizer: Any,
     return _Row(request.params, budget, tokenizer, eos_ids), _generator(request.params.seed)
 
 
+def _what(exc: Exception) -> str:
+    """An exception's type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
 def _row_error(exc: Exception, during: str) -> APIError:
     """What a request that failed alone answers: its APIError, else a 400 while it joined the batch (its
     own values caused it) or a 500 while it decoded."""
     if isinstance(exc, APIError):
         return exc
-    what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    what = _what(exc)
     if during == "setup":
         return APIError(400, f"the request cannot be decoded ({what}); check its parameters", code="invalid_value")
     return APIError(500, f"generation failed for this request ({what}); the rest of its batch was not affected",
@@ -308,9 +313,8 @@ def _row_error(exc: Exception, during: str) -> APIError:
 
 def batch_error(exc: Exception) -> APIError:
     """What every request of a forward pass that failed answers (the pass is shared, so all of them fail)."""
-    what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    return APIError(503, f"the model failed while decoding this request's batch ({what}); retry", type="server_error",
-                    code="model_unavailable")
+    return APIError(503, f"the model failed while decoding this request's batch ({_what(exc)}); retry",
+                    type="server_error", code="model_unavailable")
 
 
 @dataclass(eq=False)
