@@ -156,26 +156,18 @@ class ModelServer:
         tokenizer = load_tokenizer(path, self.cfg.trust_remote_code)
         return LoadedModel(model, tokenizer, stop_token_ids(tokenizer, prompt_format(self.cfg, prefix="")))
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """The Deltas of one request, decoded in its model's running batch (see `Scheduler`). The last one has
-        finish_reason, or `error` when the request failed (alone, with its batch's forward pass, or because
-        the replica is overloaded); loading the model raises. Closing or cancelling it withdraws the request."""
-        loaded = await self._load(request.model_id)
-        async with contextlib.aclosing(self.scheduler.stream(loaded, request)) as deltas:
-            async for d in deltas:
-                yield d
+    # Both decode in the model's running batch (see `Scheduler`). A request that fails (alone, with its
+    # batch's forward pass, or because the replica is overloaded) gets a Delta with `error`; a model that
+    # cannot load raises. A cancelled call, or a closed stream, withdraws the request and frees its row.
 
     async def complete(self, request: GenerationRequest) -> Delta:
         """The whole completion of one request, or its error in `error`."""
-        result = Delta("")
-        async with contextlib.aclosing(self._generate(request)) as deltas:
-            async for d in deltas:
-                result.add(d)
-        return result
+        return await self.scheduler.complete(await self._load(request.model_id), request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """The completion of one request as it is decoded, one Delta per step (the last one may carry `error`)."""
-        async with contextlib.aclosing(self._generate(request)) as deltas:
+        loaded = await self._load(request.model_id)
+        async with contextlib.aclosing(self.scheduler.stream(loaded, request)) as deltas:
             async for d in deltas:
                 yield d
 

@@ -7,7 +7,8 @@ away (its stream was closed or cancelled) leaves at once and frees its row for t
 
 One background asyncio task owns decoding: each iteration it steps every model's batch, then lets
 the admitted requests join, in a worker thread (`asyncio.to_thread`), so the event loop keeps
-taking requests while the model computes. A request awaits its own queue of Deltas. Only that task
+taking requests while the model computes. A request awaits its own queue of Deltas (`stream`: one
+per step; `complete`: only the whole completion, one wake-up per request). Only that task
 touches the batches, and only one iteration runs at a time. Each `Scheduler` is self-contained (no
 module state): a Serve replica makes its own.
 
@@ -19,6 +20,7 @@ queue is full.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -39,9 +41,18 @@ class _Ticket:
 
     model: LoadedModel
     request: GenerationRequest
+    whole: Delta | None = None  # set: the Deltas are folded into it and only the last one is delivered
     deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
     admitted: bool = False
     cancelled: bool = False
+
+    def deliver(self, delta: Delta) -> None:
+        if self.whole is not None:
+            self.whole.add(delta)
+            if delta.finish_reason is None and delta.error is None:
+                return
+            delta = self.whole
+        self.deltas.put_nowait(delta)
 
 
 class Scheduler:
@@ -74,12 +85,21 @@ class Scheduler:
     async def stream(self, model: LoadedModel, request: GenerationRequest) -> AsyncIterator[Delta]:
         """The Deltas of `request` decoded with `model`, one per step it runs; the last has finish_reason or
         error. Closing the iterator early (or cancelling its consumer) withdraws the request."""
+        async for delta in self._deltas(_Ticket(model, request)):
+            yield delta
+
+    async def complete(self, model: LoadedModel, request: GenerationRequest) -> Delta:
+        """The whole completion of `request` (or its error) as one Delta, delivered once it ends (one wake-up
+        of the caller instead of one per step). Cancelling the caller withdraws the request."""
+        async with contextlib.aclosing(self._deltas(_Ticket(model, request, whole=Delta("")))) as deltas:
+            return await anext(deltas)
+
+    async def _deltas(self, ticket: _Ticket) -> AsyncIterator[Delta]:
         self._ensure_task()
         if self.running + len(self.waiting) >= self.max_running + self.max_waiting:
             self.counts["rejected"] += 1
             yield Delta("", error=overloaded(self.running, len(self.waiting)))
             return
-        ticket = _Ticket(model, request)
         self.waiting.append(ticket)
         self._wake.set()
         try:
@@ -188,7 +208,7 @@ class Scheduler:
     def _deliver(self, deltas: dict[_Ticket, Delta], rows: list[int]) -> None:
         for ticket, delta in deltas.items():
             if not ticket.cancelled:
-                ticket.deltas.put_nowait(delta)
+                ticket.deliver(delta)
         for model, batch in list(self.batches.items()):
             if not len(batch):
                 del self.batches[model]  # an idle model's batch goes: the model is not kept alive by it

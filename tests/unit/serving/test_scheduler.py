@@ -241,6 +241,37 @@ def test_a_client_that_goes_away_mid_stream_frees_its_row(how):
     assert scheduler.stats()["running"] == 0 and scheduler.stats()["waiting"] == 0
 
 
+def test_complete_is_the_stream_folded_into_one_delta():
+    loaded, scheduler = stub(), Scheduler(4, 4)
+    requests = [req("x", temperature=0, max_tokens=5), sampled("a", 3), req("ab", temperature=0, stop=("d",))]
+
+    async def main():
+        whole = await asyncio.gather(*(scheduler.complete(loaded, r) for r in requests))
+        streamed = await asyncio.gather(*(collect(scheduler, loaded, r) for r in requests))
+        return whole, streamed
+
+    whole, streamed = run(main())
+    assert [outcome(d) for d in whole] == [outcome(d) for d in streamed]
+    assert [d.text for d in whole] == ["yzxyz", streamed[1].text, "c"] and whole[0].token_ids[:2] == [ID["y"], ID["z"]]
+
+
+def test_a_cancelled_complete_call_frees_its_row():
+    """What Serve does to `ModelServer.complete` when its client disconnects."""
+    loaded, scheduler = stub(), Scheduler(max_running=1, max_waiting=4)
+
+    async def main():
+        endless = asyncio.create_task(scheduler.complete(loaded, req("x", temperature=0, max_tokens=60)))
+        while len(loaded.model.calls) < 3:
+            await asyncio.sleep(0.001)
+        endless.cancel()
+        out = await scheduler.complete(loaded, req("a", temperature=0, max_tokens=10))
+        return await asyncio.gather(endless, return_exceptions=True), out
+
+    (cancelled,), out = run(main())
+    assert isinstance(cancelled, asyncio.CancelledError) and (out.text, out.finish_reason) == ("bcd", "stop")
+    assert len(loaded.model.calls) < 12 and scheduler.stats()["running"] == 0
+
+
 def test_a_waiting_client_that_goes_away_leaves_the_queue():
     loaded, scheduler = stub(), Scheduler(max_running=1, max_waiting=1)
 
@@ -269,7 +300,7 @@ def test_requests_beyond_the_queue_get_a_503_at_once():
         await asyncio.sleep(0)
         second = asyncio.create_task(collect(scheduler, loaded, req("a", temperature=0, max_tokens=5)))
         await asyncio.sleep(0)
-        third = await collect(scheduler, loaded, req("a", temperature=0))  # answered before the others finish
+        third = await scheduler.complete(loaded, req("a", temperature=0))  # answered before the others finish
         done_early = first.done() or second.done()
         return await first, await second, third, done_early
 

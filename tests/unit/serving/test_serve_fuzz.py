@@ -51,10 +51,7 @@ class InProcessServer:
         return self
 
     async def _complete(self, request: GenerationRequest) -> Delta:
-        result = Delta("")
-        async for d in self.scheduler.stream(self.loaded, request):
-            result.add(d)
-        return result
+        return await self.scheduler.complete(self.loaded, request)
 
     def _stream(self, request: GenerationRequest):
         return self.scheduler.stream(self.loaded, request)
