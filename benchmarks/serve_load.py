@@ -195,7 +195,7 @@ def run_serve(args: argparse.Namespace, texts: list[str]) -> tuple[dict[str, Mea
 async def engine_round(scheduler, loaded, prompt_ids: list[tuple[int, ...]], args: argparse.Namespace,
                        out: Measured) -> None:
     """args.clients asyncio clients stream requests through `scheduler` until args.requests are done."""
-    from ray_unlearn.serving.engine import Delta, GenerationRequest, SamplingParams
+    from ray_unlearn.serving.engine import GenerationRequest, SamplingParams
 
     counter = [0]
     deadline = time.monotonic() + args.max_seconds
@@ -206,9 +206,7 @@ async def engine_round(scheduler, loaded, prompt_ids: list[tuple[int, ...]], arg
             i = counter[0]
             counter[0] += 1
             t0 = time.perf_counter()
-            result = Delta("")
-            async for d in scheduler.stream(loaded, GenerationRequest("base", prompt_ids[i % len(prompt_ids)], params)):
-                result.add(d)
+            result = await scheduler.complete(loaded, GenerationRequest("base", prompt_ids[i % len(prompt_ids)], params))
             if result.error is None:
                 out.latencies.append(time.perf_counter() - t0)
             else:
