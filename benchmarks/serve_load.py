@@ -206,7 +206,8 @@ async def engine_round(scheduler, loaded, prompt_ids: list[tuple[int, ...]], arg
             i = counter[0]
             counter[0] += 1
             t0 = time.perf_counter()
-            result = await scheduler.complete(loaded, GenerationRequest("base", prompt_ids[i % len(prompt_ids)], params))
+            request = GenerationRequest("base", prompt_ids[i % len(prompt_ids)], params)
+            result = await scheduler.complete(loaded, request)
             if result.error is None:
                 out.latencies.append(time.perf_counter() - t0)
             else:
