@@ -6,8 +6,10 @@ Two deployments:
   rendering and token counting (it holds tokenizers, not models), server-sent events.
 - `ModelServer`: holds the models. Each registered model id (the base model and any number of
   unlearned checkpoints) is loaded on first use by an `@serve.multiplexed` loader, LRU per
-  replica; generation is batched dynamically by `@serve.batch` (Serve splits batches by model
-  id); `/v1/verify` scores items with the model and the base model.
+  replica; generation is continuously batched by the replica's own `serving.scheduler.Scheduler`
+  (requests join the running batch of their model between decode steps and leave it when they
+  finish; a background task decodes, off the event loop); `/v1/verify` scores items with the
+  model and the base model.
 
 Endpoints: GET /healthz (readiness, no key), GET /v1/models[/{id}], POST /v1/completions,
 POST /v1/chat/completions (both with `stream` as server-sent events), POST /v1/verify. Chat
@@ -19,16 +21,17 @@ stops at EOS and at the chat template's end-of-turn token.
 The gateway calls `ModelServer` through a handle with `.options(multiplexed_model_id=<model>)`,
 so Serve routes each request to a replica that already holds its model. Every error is
 OpenAI's JSON body {"error": {"message", "type", "param", "code"}} with a 4xx status for bad
-requests.
+requests. Overload is a 503 with code `overloaded`: a replica's queue is full
+(`batching.max_queued_requests`), or Serve's own queue in front of the replicas is (the same bound).
 """
 
 
 import asyncio
+import contextlib
 import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import torch
@@ -36,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -45,10 +49,10 @@ from ray_unlearn.errors import UnlearnError
 from ray_unlearn.serving.auth import require_key
 from ray_unlearn.serving.config import (ServeConfig, is_loopback, load_serve_config, resolve_api_key,
                                         resolve_benchmarks, resolve_models, serve_config_from_dict)
-from ray_unlearn.serving.engine import (BatchDecoder, Delta, GenerationRequest, VerdictRule, check_max_tokens,
-                                        check_prompt_length,
-                                        encode_rows, render_chat, render_completion, rule_description,
-                                        sampling_params, score_items, verdict, verify_rows)
+from ray_unlearn.serving.engine import (Delta, GenerationRequest, LoadedModel, VerdictRule, check_max_tokens,
+                                        check_prompt_length, encode_rows, render_chat, render_completion,
+                                        rule_description, sampling_params, score_items, verdict, verify_rows)
+from ray_unlearn.serving.scheduler import Scheduler
 from ray_unlearn.serving.schemas import (APIError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
                                          chat_chunk, chat_response, completion_chunk, completion_response,
                                          model_list, new_id, parse_json, sse, usage_chunk, validate)
@@ -99,10 +103,20 @@ def _too_large(size: int, limit: int) -> APIError:
     return APIError(413, f"request body is {size} bytes, over the limit of {limit}", code="request_too_large")
 
 
+def _replica_error(model: str, exc: Exception) -> APIError:
+    """What a failed ModelServer call answers: a full Serve queue is 503 overloaded, anything else (e.g. a
+    checkpoint that cannot load) 503 model_unavailable."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return APIError(503, f"the server is overloaded ({_root_message(exc)}); retry later", type="server_error",
+                        code="overloaded")
+    return APIError(503, f"model {model!r} is unavailable: {_root_message(exc)}", type="server_error",
+                    code="model_unavailable")
+
+
 def _stream_error(model: str, exc: Exception) -> dict[str, Any]:
-    err = exc if isinstance(exc, APIError) else APIError(503, f"model {model!r} failed: {_root_message(exc)}",
-                                                         type="server_error", code="model_unavailable")
-    return err.body()
+    return _replica_error(model, exc).body()
 
 
 def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
@@ -113,18 +127,10 @@ def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
 # ---------------------------------------------------------------- model server
 
 
-@dataclass
-class LoadedModel:
-    """A model, its tokenizer and the token ids its generation stops on, as the multiplexed loader returns them."""
-
-    model: Any
-    tokenizer: Any
-    stop_ids: list[int]
-
-
 @serve.deployment
 class ModelServer:
-    """Holds the models (multiplexed by id), decodes batches, scores verification items."""
+    """Holds the models (multiplexed by id), decodes generation requests continuously batched, scores
+    verification items."""
 
     def __init__(self, cfg: ServeConfig, models: dict[str, str]) -> None:
         quiet_libraries()
@@ -138,9 +144,8 @@ class ModelServer:
 
         self._load = serve.multiplexed(max_num_models_per_replica=cfg.deployment.max_models_per_replica)(
             load_model_by_id)
-        self.batches = {"batches": 0, "requests": 0, "largest": 0}  # this replica's batching so far
-        self._generate_batch.set_max_batch_size(cfg.batching.effective_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+        b = cfg.batching
+        self.scheduler = Scheduler(b.effective_batch_size, b.max_queued_requests, b.batch_wait_timeout_s)
 
     def _load_sync(self, model_id: str) -> LoadedModel:
         """Load one registered model and its tokenizer (safetensors only; remote code only if configured)."""
@@ -151,36 +156,20 @@ class ModelServer:
         tokenizer = load_tokenizer(path, self.cfg.trust_remote_code)
         return LoadedModel(model, tokenizer, stop_token_ids(tokenizer, prompt_format(self.cfg, prefix="")))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both set from the config in __init__
-    async def _generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        """Decode a batch (one model id: Serve splits batches by multiplexed id); yields a Delta per request
-        per step, StopIteration once a request has finished. A request that fails alone gets a Delta with
-        `error` (see `BatchDecoder`); only a failure of the whole batch (loading, the forward pass) raises."""
-        model_ids = {r.model_id for r in requests}
-        if len(model_ids) != 1:
-            raise RuntimeError(f"one batch mixes models {sorted(model_ids)}")
-        loaded = await self._load(requests[0].model_id)
-        self._count_batch(len(requests))
-        decoder = await asyncio.to_thread(BatchDecoder, loaded.model, loaded.tokenizer, requests, loaded.stop_ids)
-        while not decoder.done:
-            deltas = await asyncio.to_thread(decoder.step)
-            yield [StopIteration if d is None else d for d in deltas]
-
-    def _count_batch(self, size: int) -> None:
-        b = self.batches
-        b["batches"], b["requests"], b["largest"] = b["batches"] + 1, b["requests"] + size, max(b["largest"], size)
+    # Both decode in the model's running batch (see `Scheduler`). A request that fails (alone, with its
+    # batch's forward pass, or because the replica is overloaded) gets a Delta with `error`; a model that
+    # cannot load raises. A cancelled call, or a closed stream, withdraws the request and frees its row.
 
     async def complete(self, request: GenerationRequest) -> Delta:
-        """The whole completion of one request (decoded in a dynamic batch), or its error in `error`."""
-        result = Delta("")
-        async for d in self._generate_batch(request):
-            result.add(d)
-        return result
+        """The whole completion of one request, or its error in `error`."""
+        return await self.scheduler.complete(await self._load(request.model_id), request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """The completion of one request as it is decoded, one Delta per step (the last one may carry `error`)."""
-        async for d in self._generate_batch(request):
-            yield d
+        loaded = await self._load(request.model_id)
+        async with contextlib.aclosing(self.scheduler.stream(loaded, request)) as deltas:
+            async for d in deltas:
+                yield d
 
     async def verify(self, model_items: list[dict], base_items: list[dict]) -> dict[str, Any]:
         """Per-item metrics of the request's model (its multiplexed id) and of the base model."""
@@ -196,9 +185,9 @@ class ModelServer:
                                        self.cfg.verify.mink_k)
 
     async def health(self) -> dict[str, Any]:
-        """Device, batch size in force and this replica's batching counts."""
+        """Device, batch size in force and this replica's batching counts (`Scheduler.stats`)."""
         return {"device": str(self.device), "max_batch_size": self.cfg.batching.effective_batch_size,
-                "batching": dict(self.batches)}
+                "batching": self.scheduler.stats()}
 
 
 # ---------------------------------------------------------------- gateway (HTTP ingress)
@@ -256,15 +245,14 @@ class Gateway:
         return self.tokenizers[model_id]
 
     async def _remote(self, call: Any, model_id: str) -> Any:
-        """Await a ModelServer call; its failures (e.g. a checkpoint that cannot load) become a 503, and a
-        Delta with `error` (the request failed alone in its batch) raises that error."""
+        """Await a ModelServer call; its failures (e.g. a checkpoint that cannot load, a full queue) become a
+        503, and a Delta with `error` (the request failed in the replica) raises that error."""
         try:
             result = await call
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - Ray wraps replica errors in its own types
-            raise APIError(503, f"model {model_id!r} is unavailable: {_root_message(e)}", type="server_error",
-                           code="model_unavailable") from None
+            raise _replica_error(model_id, e) from None
         if isinstance(result, Delta) and result.error is not None:
             raise result.error
         return result
@@ -297,7 +285,7 @@ class Gateway:
                     finished += 1
                 elif isinstance(d, Exception):
                     raise d
-                elif d.error is not None:  # this request failed alone in its batch
+                elif d.error is not None:  # this request failed in the replica
                     raise d.error
                 else:
                     yield i, d
@@ -441,6 +429,7 @@ def build_app(cfg: ServeConfig, api_key: str | None = None) -> Any:
                                           "max_replicas": d.autoscaling.max_replicas,
                                           "target_ongoing_requests": d.autoscaling.target_ongoing_requests}}
     server = ModelServer.options(max_ongoing_requests=d.max_ongoing_requests,
+                                 max_queued_requests=cfg.batching.max_queued_requests,
                                  ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
                                  **scaling).bind(cfg, models)
     return Gateway.options(num_replicas=d.gateway_replicas, max_ongoing_requests=max(100, 4 * d.max_ongoing_requests),

@@ -69,15 +69,19 @@ class LimitsConfig:
 
 @dataclass
 class BatchingConfig:
-    enabled: bool = _f(True, "Batch concurrent generation requests dynamically (@serve.batch); off = batch size 1.")
-    max_batch_size: int = _f(8, "Most requests decoded together in one batch.")
-    batch_wait_timeout_s: float = _f(0.05, "How long a batch waits to fill after its first request. Serve 2.60 "
-                                           "forms a batch from the arrivals in this window (not while the previous "
-                                           "batch decodes), so under load a window near one batch's decode time "
-                                           "fills batches; it is also the latency a lone request pays.")
+    enabled: bool = _f(True, "Continuous batching: requests join the running decode batch between steps and "
+                             "leave it when they finish; off = one request decodes at a time per replica.")
+    max_batch_size: int = _f(8, "Most requests a replica decodes together (running rows, over all its models).")
+    max_queued_requests: int = _f(64, "Most generation requests waiting for a row: in each replica, and in each "
+                                      "gateway's Serve router when every replica holds max_ongoing_requests "
+                                      "(Serve's max_queued_requests). One more is answered 503 (code overloaded).")
+    batch_wait_timeout_s: float = _f(0.0, "When a replica decodes nothing, how long the first request to arrive "
+                                          "waits for others to be prefilled with it (0 = start at once; a busy "
+                                          "replica never waits: arrivals join at the next step).")
 
     def __post_init__(self) -> None:
         _positive("batching.max_batch_size", self.max_batch_size)
+        _positive("batching.max_queued_requests", self.max_queued_requests)
         _positive("batching.batch_wait_timeout_s", self.batch_wait_timeout_s, allow_zero=True)
 
     @property
@@ -108,7 +112,8 @@ class DeploymentConfig:
     num_gpus: float = _f(0.0, "GPUs per model-server replica (models then run on cuda).")
     gateway_num_cpus: float = _f(0.1, "CPUs reserved per HTTP gateway (ingress) replica.")
     gateway_replicas: int = _f(1, "HTTP gateway replicas.")
-    max_ongoing_requests: int = _f(32, "Requests one model replica accepts at a time (>= max_batch_size).")
+    max_ongoing_requests: int = _f(32, "Requests one model replica accepts at a time (>= max_batch_size); "
+                                       "generation requests beyond the running rows wait in its queue.")
     max_models_per_replica: int = _f(3, "Models one replica keeps loaded (LRU, @serve.multiplexed); >= 2, "
                                         "since /v1/verify needs the model and the base model.")
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig,
@@ -175,7 +180,7 @@ class ServeConfig:
     http: HttpConfig = field(default_factory=HttpConfig, metadata={"help": "HTTP binding."})
     auth: AuthConfig = field(default_factory=AuthConfig, metadata={"help": "API key."})
     limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={"help": "Request caps."})
-    batching: BatchingConfig = field(default_factory=BatchingConfig, metadata={"help": "Dynamic batching."})
+    batching: BatchingConfig = field(default_factory=BatchingConfig, metadata={"help": "Continuous batching."})
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig,
                                          metadata={"help": "Replicas and resources."})
     verify: VerifyConfig = field(default_factory=VerifyConfig, metadata={"help": "Verification verdict rule."})
@@ -198,7 +203,7 @@ class ServeConfig:
                 raise UnlearnError(f"benchmarks.{name}: empty path")
         if self.deployment.max_ongoing_requests < self.batching.effective_batch_size:
             raise UnlearnError("deployment.max_ongoing_requests must be >= batching.max_batch_size, "
-                               "or batches never fill")
+                               "or the batch never fills")
 
 
 def _check_model_ref(model_id: str, path: str) -> None:

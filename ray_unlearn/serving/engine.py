@@ -1,10 +1,11 @@
 """Generation and verification for the server, in plain PyTorch (Ray-free).
 
-Generation decodes a batch of requests together, each with its own sampling parameters:
-one forward pass per step over the whole batch (left-padded prompts, KV cache), then per row
-temperature (0 = greedy), nucleus (top_p) filtering, a per-request seeded generator, stop
-sequences and max_tokens. `BatchDecoder.step` returns one `Delta` of new text per row, so the
-same code serves streamed and whole responses.
+Generation decodes the running requests of a model together, each with its own sampling
+parameters: one forward pass per step over every running row (a shared, left-padded KV cache),
+then per row temperature (0 = greedy), nucleus (top_p) filtering, a per-request seeded generator,
+stop sequences and max_tokens. Requests join and leave between steps (`DecodeBatch`: continuous
+batching; `serving.scheduler` decides who joins when). Each step returns one `Delta` of new text per
+row, so the same code serves streamed and whole responses.
 
 Verification scores (question, answer) items (or raw texts) with the metrics of
 `eval.metrics` and applies the verdict rule of `verdict`:
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 
@@ -67,7 +68,7 @@ class GenerationRequest:
 class Delta:
     """New text of one row after one step; finish_reason set on its last step ("stop" or "length").
 
-    `error` is set instead when this request failed alone (the other rows of its batch go on); it is
+    `error` is set instead when this request failed (alone, or with its batch's forward pass); it is
     the request's last Delta.
     """
 
@@ -75,12 +76,14 @@ class Delta:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: APIError | None = None
+    token_ids: list[int] = field(default_factory=list)  # the tokens this step took (text may hold some back)
 
     def add(self, later: "Delta") -> None:
         """Fold a later Delta of the same request into this one (the whole completion so far)."""
         self.text += later.text
         self.finish_reason, self.completion_tokens = later.finish_reason, later.completion_tokens
         self.error = later.error or self.error
+        self.token_ids = self.token_ids + later.token_ids
 
 
 # ---------------------------------------------------------------- prompts
@@ -178,13 +181,21 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Per row of logits [B, V] (float, cpu): softmax(logits / temperature) after top_p filtering, [B, V]."""
+    """Per row of logits [B, V] (float, cpu): softmax(logits / temperature) after top_p filtering, [B, V].
+    Rows with top_p = 1 skip the filter (it keeps every token); each row's result depends on that row alone."""
     temps = torch.tensor([max(p.temperature, 1e-6) for p in params])
-    return top_p_filter(logits / temps[:, None], torch.tensor([p.top_p for p in params])).softmax(dim=-1)
+    scaled = logits / temps[:, None]
+    top_p = torch.tensor([p.top_p for p in params])
+    nucleus = top_p < 1
+    if nucleus.any():
+        scaled[nucleus] = top_p_filter(scaled[nucleus], top_p[nucleus])
+    return scaled.softmax(dim=-1)
 
 
-def draw_token(logits: torch.Tensor, probs: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One row's next token: argmax of logits [V] where temperature is 0, else a draw from probs [V]."""
+def draw_token(logits: torch.Tensor, probs: torch.Tensor | None, params: SamplingParams,
+               generator: torch.Generator) -> int:
+    """One row's next token: argmax of logits [V] where temperature is 0 (probs unused: may be None), else a
+    draw from probs [V]."""
     if params.temperature == 0:
         return int(logits.argmax())
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -193,10 +204,12 @@ def draw_token(logits: torch.Tensor, probs: torch.Tensor, params: SamplingParams
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator]) -> list[int]:
     """Next token per row of logits [B, V]: argmax where temperature is 0, else a draw from
-    softmax(logits / temperature) after top_p filtering, with the row's own generator."""
+    softmax(logits / temperature) after top_p filtering, with the row's own generator. Only sampled rows
+    pay for the softmax and the filter."""
     logits = logits.float().cpu()
-    probs = sampling_probs(logits, params)
-    return [draw_token(logits[i], probs[i], p, g) for i, (p, g) in enumerate(zip(params, generators))]
+    drawn = [i for i, p in enumerate(params) if p.temperature != 0]
+    probs = dict(zip(drawn, sampling_probs(logits[drawn], [params[i] for i in drawn]))) if drawn else {}
+    return [draw_token(logits[i], probs.get(i), p, g) for i, (p, g) in enumerate(zip(params, generators))]
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -284,120 +297,238 @@ def _start_row(request: GenerationRequest, context: float, tokenizer: Any,
     return _Row(request.params, budget, tokenizer, eos_ids), _generator(request.params.seed)
 
 
+def _what(exc: Exception) -> str:
+    """An exception's type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
 def _row_error(exc: Exception, during: str) -> APIError:
     """What a request that failed alone answers: its APIError, else a 400 while it joined the batch (its
     own values caused it) or a 500 while it decoded."""
     if isinstance(exc, APIError):
         return exc
-    what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    what = _what(exc)
     if during == "setup":
         return APIError(400, f"the request cannot be decoded ({what}); check its parameters", code="invalid_value")
     return APIError(500, f"generation failed for this request ({what}); the rest of its batch was not affected",
                     type="server_error", code="generation_failed")
 
 
-class BatchDecoder:
-    """Decode a batch of requests together, one token per row per `step()`.
+def batch_error(exc: Exception) -> APIError:
+    """What every request of a forward pass that failed answers (the pass is shared, so all of them fail)."""
+    return APIError(503, f"the model failed while decoding this request's batch ({_what(exc)}); retry",
+                    type="server_error", code="model_unavailable")
 
-    Rows finish independently (EOS or one of `stop_ids`, e.g. `collate.stop_token_ids`' chat
-    end-of-turn; a stop sequence; max_tokens; or the model's context length); a finished row
-    keeps riding along in the batch, its outputs ignored.
 
-    A request fails alone: one whose setup fails (`_start_row`) never joins the batch, one whose
-    sampling or stop handling fails stops there; either answers a Delta with `error` on the next
-    step, and the other rows decode exactly as they would without it. Only the forward pass is
-    shared: if it fails, the whole batch does.
+@dataclass(eq=False)
+class LoadedModel:
+    """A model, its tokenizer and the token ids its generation stops on (besides EOS). Compared by identity: a
+    model loaded again is another model."""
+
+    model: Any
+    tokenizer: Any
+    stop_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One running request of a DecodeBatch: the caller's key, its decoding state and its generator."""
+
+    key: Hashable
+    row: _Row
+    generator: torch.Generator
+    params: SamplingParams
+    prompt_ids: tuple[int, ...]
+
+
+def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """x with n zeros put before it along `dim`."""
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _joinable(cache: Any) -> bool:
+    """Whether rows can be padded into this KV cache: every layer a plain DynamicLayer ([B, heads, T, head_dim]).
+    Sliding-window and linear-attention layers are not (their rows then decode as a batch fixed at its start)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+class DecodeBatch:
+    """The running requests of one model, decoded together one token per row per `step()`. Requests join
+    between steps (`join`: their prompts are prefilled in one forward pass, then they decode with the others)
+    and leave as soon as they finish, fail, or are withdrawn (`leave`); their rows are freed at once.
+
+    The rows share one KV cache, left-padded to the longest row ([rows, heads, T, head_dim] per layer), with
+    a per-row attention mask over it and per-row position ids (0 at the row's first prompt token): padding
+    is masked out, so a row's logits are those of decoding it alone, up to float rounding, and with its own
+    generator it draws the same tokens. Joining pads the shorter side on the left; leaving drops the rows
+    and the leading columns no remaining row uses.
+
+    A request fails alone: one whose setup fails (`_start_row`) never joins, one whose sampling or stop
+    handling fails leaves; each answers a Delta with `error`. Only a forward pass is shared: if a prefill
+    fails, the requests joining in it fail; if a decode step fails, every running request does (503).
+
+    Deltas are keyed by the caller's key of each request (`join`'s pairs). Not thread-safe: one caller.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, requests: Sequence[GenerationRequest],
-                 stop_ids: Sequence[int] = ()) -> None:
-        self.model, self.device, self.size = model, model_device(model), len(requests)
-        context = getattr(model.config, "max_position_embeddings", None) or math.inf
-        eos = _eos_ids(model, tokenizer, stop_ids)
-        self.failed: dict[int, APIError] = {}  # request index -> its error, not yet reported
-        self.index: list[int] = []  # request index of each batch row
-        self.rows: list[_Row] = []
-        self.generators: list[torch.Generator] = []
-        for i, r in enumerate(requests):
-            try:
-                row, generator = _start_row(r, context, tokenizer, eos)
-            except Exception as e:  # noqa: BLE001 - any failure of one request is that request's alone
-                self.failed[i] = _row_error(e, "setup")
-                continue
-            self.index.append(i)
-            self.rows.append(row)
-            self.generators.append(generator)
-        self.params = [requests[i].params for i in self.index]
-        self.past = None
-        if self.rows:
-            self._start_batch(tokenizer, [requests[i].prompt_ids for i in self.index])
+    def __init__(self, model: Any, tokenizer: Any, stop_ids: Sequence[int] = ()) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, model_device(model)
+        self.context = getattr(model.config, "max_position_embeddings", None) or math.inf
+        self.eos = _eos_ids(model, tokenizer, stop_ids)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.joinable: bool | None = None  # known after the first prefill
+        self._reset()
 
-    def _start_batch(self, tokenizer: Any, prompts: Sequence[Sequence[int]]) -> None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        batch = pad_batch([{"input_ids": list(p)} for p in prompts], pad_id, left=True)
-        self.inputs = batch["input_ids"].to(self.device)
-        self.mask = batch["attention_mask"].to(self.device)
-        self.positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
+    def _reset(self) -> None:
+        self.slots: list[_Slot] = []
+        self.cache: Any = None
+        self.mask = self.positions = self.last = torch.empty(0, dtype=torch.long)  # [B, T], [B], [B]
+
+    def __len__(self) -> int:
+        return len(self.slots)
 
     @property
-    def done(self) -> bool:
-        return not self.failed and all(r.done for r in self.rows)
+    def keys(self) -> list[Hashable]:
+        """The keys of the running requests, in row order."""
+        return [s.key for s in self.slots]
+
+    @property
+    def accepts_joins(self) -> bool:
+        """Whether requests can join now (always when empty; while running only into a joinable cache)."""
+        return not self.slots or self.joinable is not False
 
     @torch.no_grad()
-    def step(self) -> list[Delta | None]:
-        """One forward pass; a Delta per request (in request order), None for requests already finished."""
-        out: list[Delta | None] = [None] * self.size
-        if not all(r.done for r in self.rows):
-            out = self._decode(out)
-        for i, err in self.failed.items():
-            out[i] = Delta("", None, 0, error=err)
-        self.failed = {}
-        return out
-
-    def _decode(self, out: list[Delta | None]) -> list[Delta | None]:
-        logits = self._forward()
-        tokens = self._sample(logits)
-        for j, (row, t) in enumerate(zip(self.rows, tokens)):
-            if not row.done:
-                out[self.index[j]] = self._isolated(j, row.advance, t)
-        self.inputs = torch.tensor(tokens, device=self.device)[:, None]
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.positions = self.positions[:, -1:] + 1
-        return out
-
-    def _forward(self) -> torch.Tensor:
-        """Next-token logits of every batch row [B, V] (float, cpu)."""
-        out = self.model(input_ids=self.inputs, attention_mask=self.mask, position_ids=self.positions,
-                         past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
-        return out.logits[:, -1, :].float().cpu()
-
-    def _sample(self, logits: torch.Tensor) -> list[int]:
-        """Next token per batch row (as `sample_tokens`); a row whose draw fails fails alone (its token: 0)."""
-        probs = sampling_probs(logits, self.params)
-        return [self._isolated(j, draw_token, logits[j], probs[j], p, g) or 0
-                for j, (p, g) in enumerate(zip(self.params, self.generators))]
-
-    def _isolated(self, j: int, fn: Any, *args: Any) -> Any:
-        """fn(*args) for batch row j; if it raises, row j fails alone (None is returned)."""
+    def join(self, requests: Sequence[tuple[Hashable, GenerationRequest]]) -> dict[Hashable, Delta]:
+        """Prefill `requests` (key, request) and draw their first tokens; those not finished by it join the
+        running rows. Returns each request's first Delta (or its error)."""
+        if not self.accepts_joins:
+            raise ValueError("this model's KV cache cannot take rows while others decode; join when it is empty")
+        out: dict[Hashable, Delta] = {}
+        slots = []
+        for key, request in requests:
+            try:
+                row, generator = _start_row(request, self.context, self.tokenizer, self.eos)
+            except Exception as e:  # noqa: BLE001 - any failure of one request is that request's alone
+                out[key] = Delta("", error=_row_error(e, "setup"))
+                continue
+            slots.append(_Slot(key, row, generator, request.params, request.prompt_ids))
+        if not slots:
+            return out
         try:
-            return fn(*args)
-        except Exception as e:  # noqa: BLE001
-            if not self.rows[j].done:
-                self.rows[j].done = True
-                self.failed[self.index[j]] = _row_error(e, "decode")
-            return None
+            logits, cache, mask, positions = self._prefill([s.prompt_ids for s in slots])
+        except Exception as e:  # noqa: BLE001 - the joining requests' pass: the running rows are untouched
+            return {**out, **{s.key: Delta("", error=batch_error(e)) for s in slots}}
+        deltas, tokens, keep = self._advance(slots, logits)
+        if keep:
+            idx = torch.tensor(keep, device=self.device)
+            cache.reorder_cache(idx)
+            self._add([slots[j] for j in keep], cache, mask[idx], positions[idx],
+                      torch.tensor(tokens, device=self.device)[idx])
+        return {**out, **deltas}
+
+    @torch.no_grad()
+    def step(self) -> dict[Hashable, Delta]:
+        """One decode step of every running row: a Delta per request."""
+        if not self.slots:
+            return {}
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        try:
+            out = self.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=self.positions[:, None],
+                             past_key_values=self.cache, use_cache=True)
+            logits = out.logits[:, -1, :].float().cpu()
+        except Exception as e:  # noqa: BLE001 - a shared pass: every running request fails, the batch starts over
+            failed = {s.key: Delta("", error=batch_error(e)) for s in self.slots}
+            self._reset()
+            return failed
+        self.cache, self.mask, self.positions = out.past_key_values, mask, self.positions + 1
+        deltas, tokens, keep = self._advance(self.slots, logits)
+        self.last = torch.tensor(tokens, device=self.device)
+        self._keep(keep)
+        return deltas
+
+    def leave(self, keys: Sequence[Hashable]) -> None:
+        """Drop the requests with these keys (e.g. their clients went away): their rows are freed now."""
+        gone = set(keys)
+        self._keep([j for j, s in enumerate(self.slots) if s.key not in gone])
+
+    def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """One forward pass over left-padded prompts: (next-token logits [B, V] float cpu, KV cache, mask [B, T],
+        next position id [B])."""
+        batch = pad_batch([{"input_ids": list(p)} for p in prompts], self.pad_id, left=True)
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        if self.joinable is None:
+            self.joinable = _joinable(out.past_key_values)
+        return out.logits[:, -1, :].float().cpu(), out.past_key_values, mask, positions[:, -1] + 1
+
+    def _advance(self, slots: Sequence[_Slot], logits: torch.Tensor) -> tuple[dict, list[int], list[int]]:
+        """Draw each row's token from logits [B, V] and take it: (Delta per key, tokens, indices of the rows
+        still running). A row whose draw or stop handling raises fails alone."""
+        drawn = [j for j, s in enumerate(slots) if s.params.temperature != 0]
+        probs = dict(zip(drawn, sampling_probs(logits[drawn], [slots[j].params for j in drawn]))) if drawn else {}
+        deltas, tokens = {}, []
+        for j, s in enumerate(slots):
+            token = 0
+            try:
+                token = draw_token(logits[j], probs.get(j), s.params, s.generator)
+                deltas[s.key] = s.row.advance(token)
+                deltas[s.key].token_ids = [token]
+            except Exception as e:  # noqa: BLE001
+                s.row.done = True
+                deltas[s.key] = Delta("", error=_row_error(e, "decode"))
+            tokens.append(token)
+        return deltas, tokens, [j for j, s in enumerate(slots) if not s.row.done]
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (indices); drop the leading cache columns no kept row attends to."""
+        if len(keep) == len(self.slots):
+            return
+        if not keep:
+            self._reset()
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self.slots = [self.slots[j] for j in keep]
+        self.cache.reorder_cache(idx)
+        self.mask, self.positions, self.last = self.mask[idx], self.positions[idx], self.last[idx]
+        start = int(self.mask.any(dim=0).int().argmax())
+        if start and self.joinable:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            self.mask = self.mask[:, start:]
+
+    def _add(self, slots: list[_Slot], cache: Any, mask: torch.Tensor, positions: torch.Tensor,
+             last: torch.Tensor) -> None:
+        """Append prefilled rows to the running ones, left-padding whichever cache is shorter."""
+        if not self.slots:
+            self.slots, self.cache, self.mask, self.positions, self.last = slots, cache, mask, positions, last
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        pad_mine, pad_theirs = width - self.mask.shape[1], width - mask.shape[1]
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, pad_mine, 2), _pad_left(theirs.keys, pad_theirs, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, pad_mine, 2), _pad_left(theirs.values, pad_theirs, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, pad_mine, 1), _pad_left(mask, pad_theirs, 1)])
+        self.positions, self.last = torch.cat([self.positions, positions]), torch.cat([self.last, last])
+        self.slots = self.slots + slots
 
 
 def generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest],
              stop_ids: Sequence[int] = ()) -> list[Delta]:
-    """Decode `requests` to completion: one Delta per request with its whole text (or its error)."""
-    decoder = BatchDecoder(model, tokenizer, requests, stop_ids)
+    """Decode `requests` together to completion: one Delta per request with its whole text (or its error)."""
+    batch = DecodeBatch(model, tokenizer, stop_ids)
     results = [Delta("") for _ in requests]
-    while not decoder.done:
-        for res, d in zip(results, decoder.step()):
-            if d is not None:
-                res.add(d)
+    for i, d in batch.join(list(enumerate(requests))).items():
+        results[i].add(d)
+    while len(batch):
+        for i, d in batch.step().items():
+            results[i].add(d)
     return results
 
 

@@ -54,7 +54,7 @@ def url(ray_session, micro_bench, broken_model):
         "auth": {"api_key": KEY, "require_on_loopback": True},
         "limits": {"max_body_bytes": 20_000, "max_prompt_tokens": 64, "max_tokens": 32, "default_max_tokens": 24,
                    "max_verify_items": 40, "max_prompts": 4},
-        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05},
+        "batching": {"max_batch_size": 4, "max_queued_requests": 8},
         "deployment": {"num_cpus": 0.5, "gateway_num_cpus": 0.1, "max_ongoing_requests": 16},
     })
     base = start(cfg)
@@ -159,7 +159,24 @@ def test_concurrent_requests_are_batched_without_changing_greedy_outputs(url, fo
         texts = list(pool.map(lambda it: complete(url, "base", prompt(it))["choices"][0]["text"].strip(), items))
     assert texts == [it["answer"] for it in items]
     batching = requests.get(url + "/healthz", timeout=30).json()["batching"]
-    assert 1 < batching["largest"] <= 4  # batches formed, within max_batch_size
+    assert 1 < batching["largest"] <= 4  # rows decoded together, within max_batch_size
+    assert batching["running"] == 0 and batching["rejected"] == 0
+
+
+def test_overload_is_a_503_and_the_server_recovers(url):
+    """4 rows run and 8 wait in the replica (and at most 8 more in Serve's queue): a burst of 40 requests that
+    each decode 32 tokens ("Question:" makes the micro model ramble to max_tokens) gets 503s."""
+    body = {"model": "base", "prompt": "Question:", "temperature": 0, "max_tokens": 32}
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(lambda _: post(url, "/v1/completions", body), range(40)))
+    codes = [r.status_code for r in answers]
+    assert set(codes) == {200, 503} and codes.count(200) >= 12, codes
+    err = assert_error(next(r for r in answers if r.status_code == 503), 503, "overloaded")
+    assert "retry later" in err["message"]
+    alone = post(url, "/v1/completions", body).json()["choices"][0]
+    assert alone["finish_reason"] == "length"
+    assert all(r.json()["choices"][0] == alone for r in answers if r.status_code == 200)
+    assert requests.get(url + "/healthz", timeout=30).json()["batching"]["running"] == 0
 
 
 def _sse_events(r: requests.Response) -> list:

@@ -48,6 +48,7 @@ def test_overrides_add_models_to_the_registry():
     ({"limits": {"max_tokens": 8, "default_max_tokens": 16}}, "default_max_tokens"),
     ({"deployment": {"max_models_per_replica": 1}}, "max_models_per_replica"),
     ({"batching": {"max_batch_size": 64}}, "max_ongoing_requests"),
+    ({"batching": {"max_queued_requests": 0}}, "batching.max_queued_requests: must be > 0"),
     ({"verify": {"es_threshold": 1.5}}, "verify.es_threshold"),
     ({"prompt_template": "no slot"}, "prompt_template"),
     ({"chat_template": "maybe"}, "chat_template: 'maybe' is not one of auto, true, false"),

@@ -1,61 +1,24 @@
 """The Ray-free serving engine: sampling, stop sequences, batched decoding, verification scores, verdicts.
 
-Most tests drive `BatchDecoder` with a stub "bigram" model whose next-token logits depend only
+Most tests drive `DecodeBatch` with a stub "bigram" model whose next-token logits depend only
 on the last token, and a one-character-per-token tokenizer, so every expected output is written
-by hand. One test checks the batched KV-cache decoder against HF `generate` on the micro model.
+by hand. One test checks the batched KV-cache decoder against HF `generate` on the micro model;
+`test_scheduler.py` checks requests joining a running batch against decoding them alone.
 """
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ray_unlearn.serving.engine import (BatchDecoder, GenerationRequest, SamplingParams, VerdictRule, find_stop,
+from ray_unlearn.serving.engine import (DecodeBatch, GenerationRequest, SamplingParams, VerdictRule, find_stop,
                                         generate, held_back, item_forgotten, mink_scores, render_chat,
                                         render_completion, sample_tokens, sampling_params, score_items,
                                         top_p_filter, verdict)
 from ray_unlearn.serving.schemas import APIError, ChatMessage
-
-VOCAB = ["<pad>", "<bos>", "<eos>"] + list("abcdexyz .")
-ID = {c: i for i, c in enumerate(VOCAB)}
-
-
-class CharTokenizer:
-    """One token per character; ids 0-2 are pad, bos, eos."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-    chat_template = None
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [ID[c] for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:
-        return "".join(VOCAB[i] for i in ids if not (skip_special_tokens and i < 3))
-
-
-class BigramModel(torch.nn.Module):
-    """Next-token logits = table[last token]; `chain` maps a character to the next one (greedy path)."""
-
-    def __init__(self, chain: dict[str, str], context: int = 64) -> None:
-        super().__init__()
-        table = torch.full((len(VOCAB), len(VOCAB)), -10.0)
-        for a, b in chain.items():
-            table[ID[a], ID[b]] = 10.0
-        self.table = torch.nn.Parameter(table, requires_grad=False)
-        self.config = SimpleNamespace(max_position_embeddings=context)
-        self.calls = []
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
-        self.calls.append(input_ids.shape)
-        return SimpleNamespace(logits=self.table[input_ids], past_key_values=(past_key_values or 0) + 1)
-
-
-def req(prompt: str, **params) -> GenerationRequest:
-    return GenerationRequest("m", tuple(ID[c] for c in prompt), SamplingParams(**params))
-
+from tests.unit.serving.stubs import CHAIN, ID, BigramModel, CharTokenizer, FailingTokenizer, req, sampled
 
 # ---------------------------------------------------------------- sampling
 
@@ -100,9 +63,6 @@ def test_find_stop_and_held_back():
 # ---------------------------------------------------------------- decoding
 
 
-CHAIN = {"a": "b", "b": "c", "c": "d", "d": "<eos>", "x": "y", "y": "z", "z": "x"}
-
-
 def test_greedy_decoding_stops_at_eos():
     (out,) = generate(BigramModel(CHAIN), CharTokenizer(), [req("a", temperature=0, max_tokens=10)])
     assert (out.text, out.finish_reason, out.completion_tokens) == ("bcd", "stop", 4)
@@ -125,28 +85,34 @@ def test_context_length_caps_generation():
     assert (out.text, out.finish_reason) == ("zx", "length")
 
 
+def decode_steps(model, tokenizer, requests) -> list[dict]:
+    """Every request joins at once, then steps until none runs: [join's Deltas, step 1's, ...] by request index."""
+    batch = DecodeBatch(model, tokenizer)
+    steps = [batch.join(list(enumerate(requests)))]
+    while len(batch):
+        steps.append(batch.step())
+    return steps
+
+
 def test_stop_sequence_cuts_the_text_and_is_never_streamed():
-    decoder = BatchDecoder(BigramModel(CHAIN), CharTokenizer(), [req("x", temperature=0, max_tokens=20, stop=("xy",))])
-    deltas = []
-    while not decoder.done:
-        deltas += decoder.step()
+    steps = decode_steps(BigramModel(CHAIN), CharTokenizer(), [req("x", temperature=0, max_tokens=20, stop=("xy",))])
+    deltas = [s[0] for s in steps]
     texts = [d.text for d in deltas]
     assert "".join(texts) == "yz"  # y z x y -> "yzxy", cut before "xy"
     assert deltas[-1].finish_reason == "stop"
     assert texts[:3] == ["y", "z", ""]  # the "x" was held back: it could begin "xy"
 
 
-def test_batch_rows_finish_independently():
+def test_batch_rows_finish_independently_and_a_finished_row_leaves_at_once():
     model = BigramModel(CHAIN)
-    decoder = BatchDecoder(model, CharTokenizer(), [req("a", temperature=0, max_tokens=10),
-                                                    req("xyz", temperature=0, max_tokens=6)])
-    steps = []
-    while not decoder.done:
-        steps.append(decoder.step())
-    assert len(steps) == 6
-    assert [s[0] is None for s in steps] == [False] * 4 + [True] * 2  # row 0 ended at its EOS
+    steps = decode_steps(model, CharTokenizer(), [req("a", temperature=0, max_tokens=10),
+                                                  req("xyz", temperature=0, max_tokens=6)])
+    assert len(steps) == 6  # the prefill, then 5 steps
+    assert [0 in s for s in steps] == [True] * 4 + [False] * 2  # row 0 ended at its EOS
     assert "".join(s[1].text for s in steps) == "xyzxyz"
-    assert model.calls[0] == (2, 3) and all(c == (2, 1) for c in model.calls[1:])  # prompt once, then 1 token
+    assert [d.token_ids for d in (s[0] for s in steps[:4])] == [[ID["b"]], [ID["c"]], [ID["d"]], [ID["<eos>"]]]
+    # the prompts once, then 1 token per running row: 2 rows until row 0's EOS, then 1
+    assert model.calls == [(2, 3), (2, 1), (2, 1), (2, 1), (1, 1), (1, 1)]
 
 
 def test_each_row_keeps_its_own_parameters():
@@ -175,19 +141,6 @@ def test_batched_decoding_matches_hf_generate(micro_bench):
 # ---------------------------------------------------------------- one request cannot hurt another
 
 
-class FailingTokenizer(CharTokenizer):
-    """Decoding "z" raises: a row that samples it fails while decoding."""
-
-    def decode(self, ids, **kw) -> str:
-        if ID["z"] in ids:
-            raise RuntimeError("cannot decode z")
-        return super().decode(ids, **kw)
-
-
-def sampled(prompt: str, seed: int, **params) -> GenerationRequest:
-    return req(prompt, temperature=1.0, max_tokens=6, seed=seed, **params)
-
-
 def test_a_seed_beyond_64_bits_fails_alone():
     """Issue 9: a request with seed 2**70 (past validation) made every request of its batch fail."""
     flat = BigramModel({})  # every next token equally likely: what is drawn depends on the seed
@@ -203,14 +156,11 @@ def test_a_seed_beyond_64_bits_fails_alone():
     assert all(o.error is None for o in alone + together)
 
 
-def test_a_failed_request_is_reported_once_on_the_first_step():
-    decoder = BatchDecoder(BigramModel(CHAIN), CharTokenizer(), [req("a", temperature=0, max_tokens=10),
-                                                                 req("a", seed=2**64)])
-    steps = []
-    while not decoder.done:
-        steps.append(decoder.step())
-    assert steps[0][1].error is not None and all(s[1] is None for s in steps[1:])
-    assert "".join(s[0].text for s in steps if s[0]) == "bcd"
+def test_a_failed_request_is_reported_once_when_it_joins():
+    steps = decode_steps(BigramModel(CHAIN), CharTokenizer(), [req("a", temperature=0, max_tokens=10),
+                                                               req("a", seed=2**64)])
+    assert steps[0][1].error is not None and all(1 not in s for s in steps[1:])
+    assert "".join(s[0].text for s in steps if 0 in s) == "bcd"
 
 
 def test_a_row_that_fails_while_decoding_fails_alone():
@@ -223,14 +173,14 @@ def test_a_row_that_fails_while_decoding_fails_alone():
 
 def test_a_row_whose_draw_fails_fails_alone():
     class NanRowModel(BigramModel):
-        """Row 0's logits are NaN: its multinomial draw raises."""
+        """The logits of a row whose last input is "x" are NaN: its multinomial draw raises."""
 
         def forward(self, input_ids, **kw):
             out = super().forward(input_ids, **kw)
-            out.logits[0] = float("nan")
+            out.logits[input_ids[:, -1] == ID["x"]] = float("nan")
             return out
 
-    outs = generate(NanRowModel(CHAIN), CharTokenizer(), [sampled("a", 1), req("a", temperature=0, max_tokens=6)])
+    outs = generate(NanRowModel(CHAIN), CharTokenizer(), [sampled("x", 1), req("a", temperature=0, max_tokens=6)])
     assert outs[0].error.status == 500
     assert (outs[1].text, outs[1].error) == ("bcd", None)
 

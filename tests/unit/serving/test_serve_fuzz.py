@@ -5,10 +5,10 @@ numbers, NaN, odd stop lists, missing, extra and mistyped fields, lone surrogate
 not JSON objects), and sends each group at once to the real FastAPI app of `ray_unlearn.serve`,
 driven over ASGI without Ray: the `Gateway` class is instantiated directly (Serve's class-based view
 asks `serve.get_replica_context()` for it, patched here), and `InProcessServer` stands in for the
-`ModelServer` handle, decoding concurrent requests in one `BatchDecoder` batch as `@serve.batch`
-does. Every response must be a 200 for a valid request and a 4xx with OpenAI's error body for an
-invalid one; nothing may be a 5xx. The model is a randomly initialised micro Llama (what it writes
-does not matter, only that every valid request gets it).
+`ModelServer` handle, decoding concurrent requests with the replica's continuous-batching `Scheduler`
+(each joins the running batch as it arrives). Every response must be a 200 for a valid request and
+a 4xx with OpenAI's error body for an invalid one; nothing may be a 5xx. The model is a randomly
+initialised micro Llama (what it writes does not matter, only that every valid request gets it).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ray_unlearn.serving.config import serve_config_from_dict
-from ray_unlearn.serving.engine import BatchDecoder, Delta, GenerationRequest
+from ray_unlearn.serving.engine import Delta, GenerationRequest, LoadedModel
+from ray_unlearn.serving.scheduler import Scheduler
 
-GROUP = 8  # requests sent at once: one batch
+GROUP = 8  # requests sent at once
 GROUPS = 130  # >= 1,000 requests in all
 LIMITS = {"max_body_bytes": 20_000, "max_prompt_tokens": 128, "max_tokens": 16, "default_max_tokens": 4,
           "max_prompts": 4, "max_messages": 4, "max_stop": 4, "max_stop_chars": 16}
@@ -37,57 +38,23 @@ MISSING = object()  # a field left out of the request
 
 
 class InProcessServer:
-    """Stands in for the ModelServer handle: requests that arrive within `wait_s` of each other are decoded
-    in one `BatchDecoder` batch (as `ModelServer._generate_batch` under `@serve.batch`)."""
+    """Stands in for the ModelServer handle: what `ModelServer.complete` and `.stream` do, with its `Scheduler`
+    (continuous batching) and one loaded model, without Ray."""
 
-    def __init__(self, model: Any, tokenizer: Any, wait_s: float = 0.02) -> None:
-        self.model, self.tokenizer, self.wait_s = model, tokenizer, wait_s
-        self.pending: list[tuple[GenerationRequest, asyncio.Queue]] = []
-        self.scheduled = False
-        self.batch_sizes: list[int] = []
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.loaded = LoadedModel(model, tokenizer)
+        self.scheduler = Scheduler(max_running=GROUP, max_waiting=GROUP * LIMITS["max_prompts"])
         self.complete = SimpleNamespace(remote=self._complete)
         self.stream = SimpleNamespace(remote=self._stream)
 
     def options(self, **_: Any) -> "InProcessServer":
         return self
 
-    async def _deltas(self, request: GenerationRequest):
-        queue: asyncio.Queue = asyncio.Queue()
-        self.pending.append((request, queue))
-        if not self.scheduled:
-            self.scheduled = True
-            asyncio.get_running_loop().call_later(self.wait_s, self._run_batch)
-        while (d := await queue.get()) is not None:
-            if isinstance(d, Exception):
-                raise d
-            yield d
-
-    def _run_batch(self) -> None:
-        batch, self.pending = self.pending[:GROUP], self.pending[GROUP:]
-        self.scheduled = bool(self.pending)
-        if self.pending:
-            asyncio.get_running_loop().call_soon(self._run_batch)
-        self.batch_sizes.append(len(batch))
-        try:
-            decoder = BatchDecoder(self.model, self.tokenizer, [r for r, _ in batch])
-            while not decoder.done:
-                for (_, queue), d in zip(batch, decoder.step()):
-                    if d is not None:
-                        queue.put_nowait(d)
-                        if d.finish_reason or d.error:
-                            queue.put_nowait(None)
-        except Exception as e:  # noqa: BLE001 - as @serve.batch: a batch failure fails every request in it
-            for _, queue in batch:
-                queue.put_nowait(e)
-
     async def _complete(self, request: GenerationRequest) -> Delta:
-        result = Delta("")
-        async for d in self._deltas(request):
-            result.add(d)
-        return result
+        return await self.scheduler.complete(self.loaded, request)
 
     def _stream(self, request: GenerationRequest):
-        return self._deltas(request)
+        return self.scheduler.stream(self.loaded, request)
 
 
 @pytest.fixture(scope="module")
@@ -264,4 +231,49 @@ def test_no_request_hurts_another(app, one_thread):
     with torch.no_grad():
         group_of_eight()
     assert counts["sent"] >= 1000 and counts["valid"] >= 200, counts
-    assert max(server.batch_sizes) > 1, "concurrent requests were never batched together"
+    stats = server.scheduler.stats()
+    assert stats["largest"] > 1, "concurrent requests were never batched together"
+    assert stats["rejected"] == 0 and stats["running"] == stats["waiting"] == 0, stats
+
+
+# ---------------------------------------------------------------- overload
+
+
+def test_overload_is_a_503_with_openai_body(app, one_thread):
+    """Beyond the replica's rows and queue a request is a 503 `overloaded` (streamed: an error event), as is a
+    full Serve queue in front of the replicas (BackPressureError from the handle)."""
+    from ray.serve.exceptions import BackPressureError
+
+    api, server = app
+    saved = server.scheduler
+    server.scheduler = Scheduler(max_running=1, max_waiting=1)
+    body = lambda **kw: json.dumps({"model": "tiny", "prompt": "Question: what", "max_tokens": 16, "temperature": 0,
+                                    **kw}).encode()
+    try:
+        async def burst():
+            return await asyncio.gather(*(asgi_post(api, "/v1/completions", body()) for _ in range(4)),
+                                        asgi_post(api, "/v1/completions", body(stream=True)))
+
+        answers = asyncio.run(burst())
+    finally:
+        server.scheduler = saved
+    statuses = [status for status, _ in answers[:4]]
+    assert statuses.count(200) >= 2 and statuses.count(503) >= 1 and set(statuses) <= {200, 503}, answers
+    for status, raw in answers[:4]:
+        if status == 503:
+            err = json.loads(raw)["error"]
+            assert (err["type"], err["code"]) == ("server_error", "overloaded") and "retry later" in err["message"]
+    status, raw = answers[4]
+    assert status == 200 and (b'"overloaded"' in raw or b'"error"' not in raw)
+
+    async def full(request):
+        raise BackPressureError(num_queued_requests=64, max_queued_requests=64)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(server.complete, "remote", full)
+    try:
+        status, raw = asyncio.run(asgi_post(api, "/v1/completions", body()))
+    finally:
+        patch.undo()
+    err = json.loads(raw)["error"]
+    assert status == 503 and err["code"] == "overloaded" and "max_queued_requests=64" in err["message"]
