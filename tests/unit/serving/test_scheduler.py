@@ -275,17 +275,24 @@ def test_a_cancelled_complete_call_frees_its_row():
 def test_a_waiting_client_that_goes_away_leaves_the_queue():
     loaded, scheduler = stub(), Scheduler(max_running=1, max_waiting=1)
 
+    async def waiting(n: int) -> int:  # polled, not slept: a loaded machine may take a while to get there
+        for _ in range(2000):
+            if scheduler.stats()["waiting"] == n:
+                break
+            await asyncio.sleep(0.001)
+        return scheduler.stats()["waiting"]
+
     async def main():
-        busy = asyncio.create_task(collect(scheduler, loaded, req("x", temperature=0, max_tokens=30)))
+        busy = asyncio.create_task(collect(scheduler, loaded, req("x", temperature=0, max_tokens=200)))
         await asyncio.sleep(0)
         stream = scheduler.stream(loaded, req("a", temperature=0, max_tokens=3))
         pending = asyncio.create_task(stream.__anext__())
-        await asyncio.sleep(0.01)
-        queued = scheduler.stats()["waiting"]
+        queued = await waiting(1)
         pending.cancel()
         await asyncio.gather(pending, return_exceptions=True)
-        after = scheduler.stats()["waiting"]
-        await busy
+        after = await waiting(0)
+        busy.cancel()
+        await asyncio.gather(busy, return_exceptions=True)
         return queued, after
 
     assert run(main()) == (1, 0)
