@@ -8,6 +8,18 @@ from typing import Any, Sequence
 
 from ray_unlearn.eval.registry import MIA_ATTACKS, mia_metric_name, report_rows
 
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a temporary name, then renamed) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
 # (metric key in SUMMARY, label): the report table's rows, from the metric registry
 KEY_METRICS: list[tuple[str, str]] = report_rows()
 
@@ -87,10 +99,7 @@ def plot_training(history: Sequence[dict[str, float]], path: Path) -> Path | Non
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     left.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_metrics(summaries: dict[str, dict[str, float]], path: Path) -> Path | None:
@@ -115,10 +124,7 @@ def plot_metrics(summaries: dict[str, dict[str, float]], path: Path) -> Path | N
     ax.set_title("Before / after unlearning")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_roc(results: dict[str, dict], path: Path) -> Path | None:
@@ -149,9 +155,4 @@ def plot_roc(results: dict[str, dict], path: Path) -> Path | None:
     ax.set_title("Membership inference: forget vs holdout")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from ray_unlearn.config import JobConfig, dump_config
 from ray_unlearn.eval.registry import HEADLINE_METRICS
+from ray_unlearn.eval.report import save_figure
 from ray_unlearn.tuning.space import Param, apply_values, encode_point, optuna_space
 
 
@@ -190,12 +191,7 @@ def plot_front(rows: Sequence[TrialRow], front: Sequence[TrialRow], metrics: dic
                                                           if len(metrics) > 2 else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- job files
