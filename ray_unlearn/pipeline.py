@@ -117,8 +117,9 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     publish()
+    workers = f"{cfg.ray.min_workers}-{cfg.ray.max_workers} (elastic)" if cfg.ray.elastic else cfg.ray.num_workers
     console.print(f"unlearning {inputs.model_path} on {len(inputs.forget)} forget / {len(inputs.retain)} retain "
-                  f"items with {cfg.optim.name} ({cfg.ray.num_workers} Ray Train workers, {cfg.ray.strategy})")
+                  f"items with {cfg.optim.name} ({workers} Ray Train workers, {cfg.ray.strategy})")
 
     with tempfile.TemporaryDirectory(prefix="ray_unlearn_final_") as final:
         fit(cfg, inputs, Path(final))  # the last checkpoint holds the full weights, gathered by the workers
