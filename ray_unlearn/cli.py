@@ -1,4 +1,5 @@
-"""`ray-unlearn`: run (unlearn + evaluate + report), data (build the built-in benchmark), config.
+"""`ray-unlearn`: run (unlearn + evaluate + report), data (build the built-in benchmark), config,
+verify (check a run directory against its audit.json: exit 0 all match, 1 a mismatch).
 
 Bad input ends with `error: <one line>` on stderr and exit status 2; nothing is written before
 the inputs have been checked.
@@ -83,6 +84,14 @@ def cmd_config(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(ns: argparse.Namespace) -> int:
+    from ray_unlearn.audit import check
+
+    result = check(ns.run_dir)
+    print(result.line)
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-unlearn", description="Distributed LLM unlearning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -100,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build (or show the cached) built-in benchmark and its models")
     data.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...], e.g. benchmark.size=micro")
     data.set_defaults(fn=cmd_data)
+    verify = sub.add_parser("verify", help="re-hash a run's forget items and models and compare with its audit.json "
+                                           "(exit 1 on a mismatch)")
+    verify.add_argument("run_dir", help="a local run directory (the output_dir of `ray-unlearn run`)")
+    verify.set_defaults(fn=cmd_verify)
     conf = sub.add_parser("config", help="print the complete resolved config as YAML")
     conf.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...]")
     conf.add_argument("--write", help="write it to this file instead")

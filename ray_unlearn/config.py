@@ -424,6 +424,12 @@ class TuneConfig:
 
 
 @dataclass
+class AuditConfig:
+    request_id: str = _f("", "Id of this unlearning request, recorded in the run's audit.json; empty = a new "
+                             "UUID4 per run (written into the run's config.yaml).")
+
+
+@dataclass
 class JobConfig:
     name: str = _f("unlearn", "Run name: resuming reuses it with the same output_dir.")
     output_dir: str = _f("runs/unlearn", "Where checkpoints, the final model, eval and report go: a local "
@@ -437,6 +443,7 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray Train scaling."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation after unlearning."})
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "Ray Tune search (`ray-unlearn tune`)."})
+    audit: AuditConfig = field(default_factory=AuditConfig, metadata={"help": "Audit record (audit.json)."})
 
     def __post_init__(self) -> None:
         from ray_unlearn.storage import check_location, is_remote

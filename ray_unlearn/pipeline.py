@@ -5,6 +5,7 @@ Only `run_job` reaches Ray, through `ray_unlearn.train` (imported when the run s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ray_unlearn import storage
-from ray_unlearn.config import JobConfig, dump_config
+from ray_unlearn.config import AuditConfig, JobConfig, dump_config, to_dict
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs, load_checked, resolve_inputs
 
@@ -80,6 +81,10 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
     Train keeps the checkpoints in the bucket (unless ray.storage_path says elsewhere)."""
     t0 = time.time()
     validate(cfg)
+    if not cfg.audit.request_id:
+        from ray_unlearn.audit import new_request_id
+
+        cfg = dataclasses.replace(cfg, audit=AuditConfig(request_id=new_request_id()))  # config.yaml records it
     with progress_reporter() as report:
         inputs = resolve_inputs(cfg, report)
     if inputs.build_figures:
@@ -131,10 +136,26 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
     if cfg.eval.enabled:
         summaries = evaluate_all(cfg, inputs, out / "model", tokenizer, out)
         _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"})
+    _write_audit(cfg, inputs, out, summaries, t0)
     publish()
     where = cfg.output_dir if storage.is_remote(cfg.output_dir) else out.resolve()
     console.print(f"outputs in [bold]{where}[/] (model: {storage.join(str(where), 'model')})")
     return summaries
+
+
+def _write_audit(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
+                 t0: float) -> None:
+    """<out>/audit.json (DESIGN.md §12): hashes of the forget items and of both models, config, versions,
+    metrics and verdict."""
+    from ray_unlearn import audit
+
+    record = audit.build_record(request_id=cfg.audit.request_id, forget_items=inputs.forget,
+                                forget_source=cfg.data.forget_path or None, input_model=inputs.model_path,
+                                output_model=out / "model", run_dir=out, config=to_dict(cfg), bench=inputs.bench,
+                                summaries=summaries, started=t0, finished=time.time())
+    audit.write(out, record)
+    verdict = record.get("verdict", {}).get("verdict") or f"omitted: {record.get('verdict_omitted')}"
+    console.print(f"audit record: request {record['request_id']}, verdict {verdict}")
 
 
 def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: dict[str, Callable[[], Any]],
