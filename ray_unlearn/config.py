@@ -374,9 +374,17 @@ class EvalConfig:
     mia_k: float = _f(0.4, "Fraction of the lowest answer-token scores that min_k and min_k_plus_plus average.")
     mia_reference_model: str = _f("", "Reference model of the reference attack (HF directory or hub id); "
                                       "empty = the retain model.")
+    calibrate: bool = _f(False, "Model-mixing calibration: also report the mix (1-a)*target + a*unlearned with the "
+                                "largest a whose retain extraction strength is >= calibration_tau x the target's "
+                                "(bisection; each step is one more evaluation).")
+    calibration_tau: float = _f(0.9, "Calibration's retention bar, as a fraction of the target's retain ES.")
+    calibration_steps: int = _f(6, "Calibration's bisection iterations (a resolution of 2^-steps in a).")
 
     def __post_init__(self) -> None:
         _positive("eval.max_items", self.max_items, allow_zero=True)
+        _positive("eval.calibration_steps", self.calibration_steps)
+        if not 0 < self.calibration_tau <= 1:
+            raise UnlearnError(f"eval.calibration_tau: must be in (0, 1], got {self.calibration_tau}")
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.max_new_tokens", self.max_new_tokens)
         if isinstance(self.mia, str) and self.mia != "auto":

@@ -96,6 +96,7 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
     from ray_unlearn.objectives import build_objective
 
     check_objective_fits(build_objective(cfg.objective), model)  # e.g. objective.rmu.layer within the model
+    check_calibration(cfg, inputs)
     for key, location in (("output_dir", cfg.output_dir), ("ray.storage_path", cfg.ray.storage_path)):
         storage.check_writable(key, location)  # a bucket: exists, reachable, takes a write
     from ray_unlearn.train import check_resume, init_ray
@@ -134,8 +135,13 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
     _write_json(out / "history.json", history)
     summaries: dict[str, dict[str, float]] = {}
     if cfg.eval.enabled:
-        summaries = evaluate_all(cfg, inputs, out / "model", tokenizer, out)
-        _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"})
+        refs: dict[str, References] = {}
+        summaries = evaluate_all(cfg, inputs, out / "model", tokenizer, out, refs_out=refs)
+        calibration = None
+        if cfg.eval.calibrate:
+            calibration = calibrate_run(cfg, inputs, out / "model", tokenizer, out, summaries, refs.get("refs"))
+        _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"},
+                calibration)
     _write_audit(cfg, inputs, out, summaries, t0)
     publish()
     where = cfg.output_dir if storage.is_remote(cfg.output_dir) else out.resolve()
@@ -212,8 +218,9 @@ def _reference_losses(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, model: 
 
 
 def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: Any,
-                 out: Path) -> dict[str, dict[str, float]]:
-    """Evaluate retain (when known), target and unlearned (HF directory) models; write their EVAL/SUMMARY files."""
+                 out: Path, refs_out: dict | None = None) -> dict[str, dict[str, float]]:
+    """Evaluate retain (when known), target and unlearned (HF directory) models; write their EVAL/SUMMARY
+    files. `refs_out`, when given, receives the retain model's References under "refs"."""
     from ray_unlearn.eval.suite import write_eval
     from ray_unlearn.models.io import load_model
 
@@ -228,14 +235,72 @@ def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
         eval_dir.mkdir(parents=True, exist_ok=True)
         write_eval(eval_dir, inputs.bench, results)
 
-    summaries, _ = evaluate_models(cfg, inputs, tokenizer, models, write)
+    summaries, refs = evaluate_models(cfg, inputs, tokenizer, models, write)
+    if refs_out is not None:
+        refs_out["refs"] = refs
     return {n: summaries[n] for n in ("target", "unlearned", "retain") if n in summaries}
 
 
+def check_calibration(cfg: JobConfig, inputs: JobInputs) -> None:
+    """eval.calibrate's inputs, checked before any work (one-line UnlearnError)."""
+    if not cfg.eval.calibrate:
+        return
+    from ray_unlearn.eval.calibration import check_calibration_inputs
+
+    if not cfg.eval.enabled:
+        raise UnlearnError("eval.calibrate: calibration is part of the evaluation; set eval.enabled=true "
+                           "or eval.calibrate=false")
+    check_calibration_inputs(bool(inputs.model_path), list(inputs.eval_splits))
+
+
+def calibration_label(alpha: float) -> str:
+    """The report's column of the calibrated mixture."""
+    return f"calibrated (α={alpha:.3f})"
+
+
+def calibrate_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: Any, out: Path,
+                  summaries: dict[str, dict[str, float]], refs: References | None) -> dict[str, Any]:
+    """Model-mixing calibration of the unlearned model against the target (eval.calibrate): bisection
+    over α with evaluate_model on mixed copies (eval.max_items items, the retain model's references);
+    writes <out>/eval/calibration.json and adds the calibrated summary to `summaries`."""
+    from ray_unlearn.data.collate import prompt_format
+    from ray_unlearn.eval.calibration import calibrate
+    from ray_unlearn.eval.suite import evaluate_model, summary
+    from ray_unlearn.models.io import load_model
+
+    check_calibration(cfg, inputs)
+    m = cfg.model
+    target = load_model(inputs.model_path, m.dtype, m.trust_remote_code)
+    model = load_model(str(unlearned), m.dtype, m.trust_remote_code)
+    n = [0]
+
+    def evaluate(mixed: Any) -> dict[str, float]:
+        n[0] += 1
+        with console.status("calibrating: evaluating a mixed model") as status:
+            say = status.update if console.is_terminal else console.print
+            results = evaluate_model(mixed, tokenizer, inputs.eval_splits, cfg.eval, prompt_format(cfg.data),
+                                     cfg.data.max_length, references=refs,
+                                     progress=lambda msg: say(f"calibration evaluation {n[0]}: {msg}"))
+        return summary(results)
+
+    known = {a: summaries[k] for a, k in ((0.0, "target"), (1.0, "unlearned")) if k in summaries}
+    result = calibrate(target, model, evaluate, cfg.eval.calibration_tau, cfg.eval.calibration_steps, known)
+    del target, model
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    from ray_unlearn.eval.suite import _write_json_atomic
+
+    _write_json_atomic(out / "eval" / "calibration.json", result)
+    summaries[calibration_label(result["alpha"])] = result["calibrated"]
+    console.print(f"calibration: α={result['alpha']:.3f} keeps retain ES ≥ {result['tau']:g} × the target's "
+                  f"({result['threshold']:.3f}); forget ES there {result['calibrated'].get('extraction_strength')}")
+    return result
+
+
 def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
-            history: list[dict[str, float]], facts: dict[str, Any]) -> None:
-    from ray_unlearn.eval.report import (comparison_rows, gap_closed, plot_metrics, plot_training,
-                                         write_report)
+            history: list[dict[str, float]], facts: dict[str, Any],
+            calibration: dict[str, Any] | None = None) -> None:
+    from ray_unlearn.eval.report import (comparison_rows, gap_closed, plot_calibration, plot_metrics,
+                                         plot_training, write_report)
 
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
@@ -243,12 +308,17 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
 
     roc = roc_path(out / "eval", inputs.bench)  # the unlearned model's, written with its EVAL files
     plots = [p for p in (plot_training(history, plots_dir / "training_curves.png"),
-                         plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() else None)
+                         plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() else None,
+                         plot_calibration(calibration, plots_dir / "calibration.png") if calibration else None)
              if p is not None]
     gap = gap_closed(summaries, "target", "unlearned", "retain")
     facts = {"model": inputs.model_path, "benchmark": inputs.bench, "optimizer": cfg.optim.name,
              "objective": ", ".join(f"{k}×{v:g}" for k, v in cfg.objective.terms.items()),
              "steps": cfg.train.max_steps, "workers": cfg.ray.num_workers, **facts}
+    if calibration:
+        facts["calibration"] = (f"α={calibration['alpha']:.3f} (largest with retain ES ≥ {calibration['tau']:g} × "
+                                f"target's = {calibration['threshold']:.4f}; {calibration['steps']} bisection steps, "
+                                f"{len(calibration['curve'])} points in eval/calibration.json)")
     if inputs.build_figures:
         facts["benchmark build"] = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in inputs.build_figures.items())

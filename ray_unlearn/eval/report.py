@@ -156,3 +156,30 @@ def plot_roc(results: dict[str, dict], path: Path) -> Path | None:
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+def plot_calibration(calibration: dict[str, Any], path: Path) -> Path | None:
+    """Model-mixing calibration: retain and forget ES against α, the retention bar and the chosen α."""
+    curve = [p for p in calibration.get("curve", []) if p.get("retain_es") is not None]
+    if not curve:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = [p["alpha"] for p in curve]
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    ax.plot(alphas, [p["retain_es"] for p in curve], marker="o", label="retain ES")
+    if all(p.get("forget_es") is not None for p in curve):
+        ax.plot(alphas, [p["forget_es"] for p in curve], marker="s", label="forget ES")
+    ax.axhline(calibration["threshold"], color="grey", linestyle=":",
+               label=f"bar: {calibration['tau']:g} × target's retain ES")
+    ax.axvline(calibration["alpha"], color="tab:red", linestyle="--", label=f"α = {calibration['alpha']:.3f}")
+    ax.set_xlabel("α  (θ = (1−α)·θ_target + α·θ_unlearned)")
+    ax.set_ylabel("extraction strength")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_title("Model-mixing calibration")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
