@@ -205,14 +205,15 @@ def make_trainer(cfg: JobConfig, inputs: JobInputs, callbacks: Sequence[Any] = (
         loop_config["local_checkpoints"] = str(out / "checkpoints")
         latest = _latest_local(out / "checkpoints")
         loop_config["resume_from"] = str(latest) if latest else None
-    fs, storage_path = storage.filesystem(ray_storage(cfg))  # a bucket's filesystem carries its endpoint
+    location = ray_storage(cfg)
+    fs, storage_path = storage.filesystem(location)  # a bucket's filesystem carries its endpoint
     return TorchTrainer(
         train_func, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=(cfg.ray.min_workers, cfg.ray.max_workers) if cfg.ray.elastic
                                      else cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
                                      elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s),
         run_config=RunConfig(name=cfg.name, storage_path=storage_path,
-                             storage_filesystem=fs if storage.is_remote(ray_storage(cfg)) else None,
+                             storage_filesystem=fs if storage.is_remote(location) else None,
                              callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
