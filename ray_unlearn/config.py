@@ -337,10 +337,6 @@ class RayConfig:
         if self.offload != "none" and not self.use_gpu:
             raise UnlearnError(f"ray.offload={self.offload} moves state from the GPU to CPU memory; CPU workers "
                                "already hold it there: set ray.use_gpu=true or ray.offload=none")
-        if self.strategy == "deepspeed" and self.elastic:
-            raise UnlearnError("ray.num_workers=[min, max] with ray.strategy=deepspeed: DeepSpeed's partitioned "
-                               "checkpoints load only on as many workers as wrote them; use ray.strategy=fsdp2 "
-                               "for elastic runs, or a fixed ray.num_workers")
 
     @property
     def zero(self) -> int:

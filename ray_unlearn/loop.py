@@ -423,7 +423,7 @@ class Unlearner:
         if "strategy" not in state:
             raise UnlearnError(f"checkpoint {path} was written by an older ray_unlearn (one file for optimizer and "
                                "scheduler); start fresh with a new name or output_dir")
-        self.strategy.check_checkpoint(Path(path), state["strategy"], state.get("world_size"))
+        self.strategy.check_checkpoint(Path(path), state["strategy"])
         self.strategy.load_state(Path(path), self.module, self.optimizer)
         self.scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
         self.step, self.history = int(state["step"]), list(state["history"])

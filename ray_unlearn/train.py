@@ -164,8 +164,7 @@ def latest_checkpoint(cfg: JobConfig) -> str | None:
 
 
 def check_resume(cfg: JobConfig) -> None:
-    """Refuse, before any work, to resume a checkpoint written by another strategy (or, for deepspeed,
-    by another number of workers)."""
+    """Refuse, before any work, to resume a checkpoint written by another strategy."""
     import json
 
     from ray_unlearn.parallel import build_strategy
@@ -177,8 +176,7 @@ def check_resume(cfg: JobConfig) -> None:
             raise UnlearnError(f"checkpoint {ckpt} was written by an older ray_unlearn; start fresh with a new "
                                "name or output_dir")
         strategy = build_strategy(cfg.ray.strategy, world_size=max(1, cfg.ray.max_workers))
-        strategy.check_checkpoint(Path(ckpt) if not storage.is_remote(ckpt) else ckpt, state["strategy"],
-                                  state.get("world_size"))
+        strategy.check_checkpoint(Path(ckpt) if not storage.is_remote(ckpt) else ckpt, state["strategy"])
 
 
 def _latest_local(path: Path) -> Path | None:

@@ -16,7 +16,7 @@ from typing import Any, ContextManager, Iterator
 
 import torch
 
-from ray_unlearn.parallel.base import Strategy, dtensor_type, local_tensor, write_hf_weights
+from ray_unlearn.parallel.base import Strategy, local_tensor, write_hf_weights
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -105,11 +105,6 @@ class FSDP2Strategy(Strategy):
 
     def accumulate(self, model: torch.nn.Module, sync: bool) -> ContextManager:
         return _gradient_sync(model, sync)
-
-    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # DTensor-aware: the global norm
-        dt = dtensor_type()
-        return float(norm.full_tensor() if dt is not None and isinstance(norm, dt) else norm)
 
     def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    final: bool = False) -> None:

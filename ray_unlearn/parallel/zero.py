@@ -15,14 +15,24 @@ client's step folds g*g into h instead of updating. The empirical estimator fold
 (clipped) gradient in a pre-step hook of the client optimizer.
 
 The reference model is a full copy per rank under ZeRO 1/2 (their parameters are not partitioned)
-and a ZeRO-3 inference engine (partitioned, no optimizer) under ZeRO 3. Checkpoints are DeepSpeed's
-own (`engine.save_checkpoint`, every rank its partition), which load on the same number of ranks;
-the final model is gathered to rank 0's CPU one parameter at a time.
+and a ZeRO-3 inference engine (partitioned, no optimizer) under ZeRO 3. The final model is gathered to
+rank 0's CPU one parameter at a time.
+
+Checkpoints resume on any number of workers. DeepSpeed's own (`engine.save_checkpoint`) hold each
+rank's flat partitions, which load only on as many ranks, and its universal-checkpoint converter knows
+only Adam's state keys; so a checkpoint holds, for each trained parameter, its fp32 master and its
+optimizer state tensors (Sophia's exp_avg and hessian, AdamW's exp_avg and exp_avg_sq) whole, assembled
+with DeepSpeed's `safe_get_full_*` one parameter at a time. Every rank writes every world-th parameter
+into its own safetensors file (`deepspeed/state-R-of-W.safetensors`: no rank holds more than its share),
+rank 0 the optimizer's scalar state (its step count) in `deepspeed/optimizer.json`. Loading creates the
+optimizer's state for its partitions, then every rank reads each parameter whole and keeps its own part
+(`safe_set_full_*`): any number of ranks, a world of one (the plain model and optimizer) included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -35,7 +45,8 @@ from ray_unlearn.errors import UnlearnError
 from ray_unlearn.parallel.base import fold_grad_squares_into, write_hf_weights
 from ray_unlearn.parallel.ddp import DDPStrategy
 
-TAG = "deepspeed"  # the subdirectory of a loop checkpoint that holds the engine's files
+TAG = "deepspeed"  # the subdirectory of a loop checkpoint that holds the parameters and optimizer state
+META_FILE = "optimizer.json"  # in TAG: the optimizer's state keys and scalar state
 
 
 def _import_deepspeed(device: torch.device) -> Any:
@@ -51,7 +62,7 @@ def _import_deepspeed(device: torch.device) -> Any:
 
 class DeepSpeedStrategy(DDPStrategy):
     """`deepspeed.initialize` with ZeRO stage `zero_stage`; on a world of one (no process group) the
-    plain model, saved and loaded as ddp does."""
+    plain model and optimizer, whose checkpoints are in the same per-parameter format."""
 
     name = "deepspeed"
     optimizer_sharded = True
@@ -216,20 +227,74 @@ class DeepSpeedStrategy(DDPStrategy):
     # ---------------------------------------------------------------- checkpoints
     def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    final: bool = False) -> None:
-        if self.engine is None:
-            return super().save_state(out, module, optimizer, final)
-        self.engine.save_checkpoint(str(out), tag=TAG, save_latest=False)
+        """Every rank writes every world-th trained parameter whole (fp32 master and optimizer state
+        tensors) into its own file; rank 0 adds the scalar state. Collective: all ranks call it."""
+        from safetensors.torch import save_file
+
+        tensor_keys, scalars = _state_keys(optimizer, _own_params(optimizer, self.engine))
+        mine: dict[str, Tensor] = {}
+        for i, (name, p) in enumerate(_trained(module)):
+            whole = self._whole(p, optimizer, tensor_keys)  # a collective under ZeRO
+            if i % self.world_size == self.rank:
+                mine.update({_key(name, k): v.detach().to("cpu", torch.float32, copy=True) for k, v in whole.items()})
+        (out / TAG).mkdir(exist_ok=True)
+        save_file(mine, str(out / TAG / f"state-{self.rank:05d}-of-{self.world_size:05d}.safetensors"))
+        if self.rank == 0:
+            (out / TAG / META_FILE).write_text(json.dumps({"tensor_keys": tensor_keys, "scalars": scalars}))
         if final:
             self.save_full_weights(out, module)
 
-    def load_state(self, path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _whole(self, p: Tensor, optimizer: Any, tensor_keys: list[str]) -> dict[str, Tensor]:
+        """{"": fp32 master, key: optimizer state} of `p`, whole (all-gathered from the partitions under ZeRO)."""
         if self.engine is None:
-            return super().load_state(path, module, optimizer)
-        loaded, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
-        if loaded is None:
-            raise UnlearnError(f"checkpoint {path} holds no DeepSpeed state under {TAG}/; start fresh with a new "
-                               "name or output_dir")
+            state = optimizer.state.get(p, {})
+            return {"": p, **{k: state[k] for k in tensor_keys if k in state}}
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        return {"": safe_get_full_fp32_param(p), **{k: safe_get_full_optimizer_state(p, k) for k in tensor_keys}}
+
+    def load_state(self, path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Restore what `save_state` wrote, by any number of ranks (every rank reads each parameter whole)."""
+        from safetensors import safe_open
+
+        meta_file, files = Path(path) / TAG / META_FILE, sorted((Path(path) / TAG).glob("state-*.safetensors"))
+        if not meta_file.is_file() or not files:
+            raise UnlearnError(f"checkpoint {path} holds no per-parameter DeepSpeed state under {TAG}/ (written by "
+                               "an older ray_unlearn?); start fresh with a new name or output_dir")
+        meta = json.loads(meta_file.read_text())
+        _create_state(optimizer, _own_params(optimizer, self.engine), meta["tensor_keys"], meta["scalars"])
+        if self.engine is not None and hasattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.engine.optimizer._lazy_init_hp_params_optimizer_state()  # ZeRO 1/2: link each param to its state
+        with contextlib.ExitStack() as stack:
+            readers = [stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files]
+            where = {k: r for r in readers for k in r.keys()}
+            for name, p in _trained(module):
+                keys = [k for k in ["", *meta["tensor_keys"]] if _key(name, k) in where]
+                if "" not in keys:
+                    raise UnlearnError(f"checkpoint {path} lacks parameter {name} (it was written for another model "
+                                       "or with other trainable parameters); start fresh with a new name or output_dir")
+                self._set_whole(p, optimizer, {k: where[_key(name, k)].get_tensor(_key(name, k)).to(self.device)
+                                               for k in keys})
+
+    def _set_whole(self, p: Tensor, optimizer: Any, whole: dict[str, Tensor]) -> None:
+        """Give `p` (and its optimizer state) the whole values `whole`, keeping this rank's part under ZeRO."""
+        master = whole.pop("")
+        if self.engine is None:
+            with torch.no_grad():
+                p.copy_(master)
+            for k, v in whole.items():
+                optimizer.state[p][k].copy_(v)
+            return
+        deepspeed = _import_deepspeed(self.device)
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        safe_set_full_fp32_param(p, master)
+        for k, v in whole.items():
+            safe_set_full_optimizer_state(p, v, k)
+        # the model's own (ZeRO 1/2: full; ZeRO 3: partitioned) copy of the parameter follows its master
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=self.sharded), torch.no_grad():
+            if self.rank == 0 or not self.sharded:
+                p.data.copy_(master)
 
     def save_full_weights(self, out: Path, module: torch.nn.Module) -> None:
         """Rank 0 writes the full weights; under ZeRO 3 they are gathered one parameter at a time. Under
@@ -272,12 +337,45 @@ class DeepSpeedStrategy(DDPStrategy):
                          for k, v in module.state_dict().items() if k not in params})
             write_hf_weights(out, module, full, self.max_shard_size)
 
-    def check_checkpoint(self, path: Path, written_by: str, world_size: int | None = None) -> None:
-        super().check_checkpoint(path, written_by, world_size)
-        if world_size is not None and world_size != self.world_size:
-            raise UnlearnError(f"checkpoint {path} was written by {world_size} deepspeed workers and DeepSpeed's "
-                               f"partitioned state loads only on as many; rerun with ray.num_workers={world_size}, "
-                               "or use a new name/output_dir to start fresh")
+def _trained(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """(name, parameter) of every trained parameter, in the module's order (the same on every rank)."""
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def _key(name: str, state_key: str) -> str:
+    """The checkpoint key of a parameter's fp32 master (state_key "") or of one of its optimizer states."""
+    return f"{name}::{state_key}" if state_key else name
+
+
+def _own_params(optimizer: Any, engine: Any) -> list[Tensor]:
+    """The tensors the client optimizer keeps state for: its params, which ZeRO 1/2 replace by their flat fp32
+    partitions; ZeRO 3 hands it its partitions only during a step (they are `fp32_partitioned_groups_flat`)."""
+    flat = getattr(getattr(engine, "optimizer", None), "fp32_partitioned_groups_flat", None)
+    return list(flat) if flat is not None else [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _state_keys(optimizer: Any, params: list[Tensor]) -> tuple[list[str], dict[str, Any]]:
+    """(keys of the optimizer's per-coordinate state tensors, its scalar state) from the state of its first
+    param (under ZeRO, a flat partition; the scalars, e.g. the step count, are the same for every param)."""
+    states = [optimizer.state[p] for p in params if optimizer.state.get(p)]
+    if not states:
+        return [], {}
+    tensor_keys = [k for k, v in states[0].items() if torch.is_tensor(v) and v.dim() > 0]
+    scalars = {k: {"value": (v.item() if torch.is_tensor(v) else v),
+                   "dtype": str(v.dtype).removeprefix("torch.") if torch.is_tensor(v) else None}
+               for k, v in states[0].items() if k not in tensor_keys}
+    return tensor_keys, scalars
+
+
+def _create_state(optimizer: Any, params: list[Tensor], tensor_keys: list[str], scalars: dict[str, Any]) -> None:
+    """Create the optimizer's state of each of `params` (zeros, to be filled; scalars as saved), as its first
+    step would: ZeRO links a parameter to its partition's state only once that state exists."""
+    for p in params:
+        state = optimizer.state[p]
+        for k in tensor_keys:
+            state.setdefault(k, torch.zeros_like(p, memory_format=torch.preserve_format))
+        for k, s in scalars.items():
+            state[k] = s["value"] if s["dtype"] is None else torch.tensor(s["value"], dtype=getattr(torch, s["dtype"]))
 
 
 def _hidden_size(model: torch.nn.Module) -> int | None:
