@@ -218,7 +218,9 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _f("sophia", "Optimizer: sophia (SOUL, second order) or adamw (first order).")
+    name: str = _f("sophia", "Optimizer: sophia (SOUL, second order), adamw (first order) or influence (influence "
+                             "unlearning: steps preconditioned by the retain loss's diagonal Fisher, lr = eta; one "
+                             "step over the whole forget set is the one-shot form).")
     lr: float = _f(5e-5, "Peak learning rate.")
     weight_decay: float = _f(0.1, "Decoupled weight decay.")
     betas: list[float] = _f([0.9, 0.95], "(beta1, beta2): momentum and Hessian EMA (Sophia) / AdamW betas.")
@@ -230,9 +232,11 @@ class OptimConfig:
                     "(gnb: answer tokens per batch; hutchinson: 1; empirical: 5120).")
     soul_compat: bool = _f(False, "Reproduce the SOUL code exactly (momentum updated twice per step, bs 5120).")
     grad_clip: float = _f(1.0, "Clip the gradient norm to this value; 0 = no clipping.")
+    damping: float = _f(1e-4, "influence: lambda in (F + lambda*I)^-1, added to the diagonal Fisher F.")
 
     def __post_init__(self) -> None:
         _choice("optim.hessian", self.hessian, ("gnb", "hutchinson", "empirical"))
+        _positive("optim.damping", self.damping)
         _positive("optim.lr", self.lr)
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optim.rho", self.rho)

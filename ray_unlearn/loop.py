@@ -49,7 +49,7 @@ from ray_unlearn.objectives import (StreamOutput, build_objective, check_model_f
                                     is_trainable, objective_layers, objective_reach, objective_ref_streams,
                                     objective_streams, state_log_keys, update_states)
 from ray_unlearn.optim import build_hessian_estimator, build_optimizer
-from ray_unlearn.optim.hessian import SOUL_BS, global_hutchinson_estimate, gnb_backward
+from ray_unlearn.optim.hessian import SOUL_BS, global_hutchinson_estimate, gnb_backward, nll_backward
 from ray_unlearn.parallel import Strategy, build_strategy, load_hf_weights
 
 Encoded = dict[str, list[int]]
@@ -219,6 +219,9 @@ class Unlearner:
             if not data.stream(s):
                 raise UnlearnError(f"objective needs the {s} stream but it is empty; "
                                    f"give {'retain data' if s == 'retain' else 'question/answer forget data'}")
+        if cfg.optim.name == "influence" and not data.retain:
+            raise UnlearnError("optim.name=influence preconditions by the Fisher of the retain loss but there is "
+                               "no retain data; give retain items (data.retain_path) or use optim.name=sophia")
         if self.ref_streams and ref_model is None:
             raise UnlearnError("objective needs a reference model but none was given")
         self.layers = objective_layers(self.terms)  # decoder layers whose outputs some term reads
@@ -250,13 +253,15 @@ class Unlearner:
             self.load_checkpoint(env.resume_from)
 
     # ------------------------------------------------------------------ data
-    def micro_batch(self, micro: int) -> dict[str, dict[str, torch.Tensor]]:
-        """The rank's slice of global micro-batch (step, micro) for every stream; each stream's
-        "index" holds the items' positions in the stream (what Hessian samples are keyed by)."""
+    def micro_batch(self, micro: int, step: int | None = None,
+                    streams: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """The rank's slice of global micro-batch (step, micro) for every stream (default: this step's, the
+        objective's streams); each stream's "index" holds the items' positions in the stream (what Hessian
+        samples are keyed by)."""
         t, env = self.cfg.train, self.env
-        slot = (self.step * self.accum + micro) * env.world_size + env.rank
+        slot = ((self.step if step is None else step) * self.accum + micro) * env.world_size + env.rank
         batch = {}
-        for s in self.streams:
+        for s in (self.streams if streams is None else streams):
             items = self.data.stream(s)
             # forget and forget_idk share indices (same questions), retain has its own order
             seed = t.seed + (7919 if s == "retain" else 0)
@@ -330,6 +335,20 @@ class Unlearner:
             self.optimizer.update_hessian(estimates)
         self._bs = est.bs_override or bs
 
+    def _estimate_fisher(self) -> int:
+        """Influence unlearning: fold the diagonal Fisher of the retain loss into the optimizer, F = mean over
+        the K global batches covering the retain split of B * g*g (g: the reduced gradient of the batch's
+        token-mean NLL, B = its items); returns K. The batches are the global steps' retain batches, so F does
+        not depend on the worker count."""
+        items = self.cfg.train.batch_size * self.accum * max(1, self.env.world_size)  # B: the global batch
+        count = math.ceil(len(self.data.retain) / items)
+        self.optimizer.fold_weight = items / count
+        for k in range(count):
+            batches = [self.micro_batch(micro, step=k, streams=["retain"])["retain"] for micro in range(self.accum)]
+            nll_backward(self.model, batches, self.strategy)
+            self.strategy.fold_grad_squares(self.model, self.optimizer)
+        return count
+
     def _update_states(self, logs: dict[str, float]) -> None:
         """Stateful terms (PDU's λ) update after the step from its logs; the logs they read are first
         averaged over ranks (in `logs` too), so every rank keeps the same state."""
@@ -356,12 +375,15 @@ class Unlearner:
         """Unlearn until max_steps; returns the logged history."""
         t = self.cfg.train
         self.model.train()
+        fisher_batches = self._estimate_fisher() if self.cfg.optim.name == "influence" and self.step == 0 else 0
         if self.step >= t.max_steps:  # resumed a finished run: hand its final checkpoint back
             self.env.report(dict(self.history[-1]) if self.history else {"step": self.step}, self.save_checkpoint())
         while self.step < t.max_steps:
             start = time.perf_counter()
             logs = self.train_step()
             logs["step"], logs["step_time_s"] = self.step, time.perf_counter() - start
+            if fisher_batches:  # the first step's time includes the Fisher pass
+                logs["fisher_batches"], fisher_batches = fisher_batches, 0
             last = self.step == t.max_steps
             evaluated = self._evaluate_if_due(logs, last)
             if self.env.on_step is not None:

@@ -15,9 +15,10 @@ from ray_unlearn.config import OptimConfig
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.optim.hessian import (SOUL_BS, HessianEstimator, empirical_estimate, gnb_estimate,
                                        hutchinson_estimate)
+from ray_unlearn.optim.influence import InfluenceStep
 from ray_unlearn.optim.sophia import SophiaG, sophia_update
 
-__all__ = ["OPTIMIZERS", "SOUL_BS", "HessianEstimator", "SophiaG", "build_hessian_estimator", "build_optimizer",
+__all__ = ["OPTIMIZERS", "SOUL_BS", "HessianEstimator", "InfluenceStep", "SophiaG", "build_hessian_estimator", "build_optimizer",
            "empirical_estimate", "gnb_estimate", "hutchinson_estimate", "sophia_update"]
 
 
@@ -32,7 +33,13 @@ def _sophia(params: list, cfg: OptimConfig) -> torch.optim.Optimizer:
                    soul_compat=cfg.soul_compat)
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": _adamw, "sophia": _sophia}
+def _influence(params: list, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """InfluenceStep(lr = eta, damping = lambda) from the config (the loop folds the retain Fisher in first)."""
+    return InfluenceStep(params, lr=cfg.lr, damping=cfg.damping)
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": _adamw, "sophia": _sophia,
+                                                               "influence": _influence}
 
 
 def _trainable(params: Iterable[Any]) -> list:

@@ -130,29 +130,54 @@ class HessianEstimator:
         return self.kind == "empirical" or step % self.interval == 0
 
 
+def token_mean_backward(model: torch.nn.Module, batches: Sequence[dict[str, Tensor]], strategy: Any,
+                        targets: Callable[[int, Tensor, dict[str, Tensor]], tuple[Tensor, Tensor]]) -> float:
+    """Backward of the token-mean cross-entropy over a global batch; returns B, the scored tokens of every rank.
+
+    `batches` are this rank's micro-batches; targets(i, logits, batch) -> (scored logits [N, V], labels [N]) of
+    micro-batch i. Backward goes through the wrapped `model`, so the strategy reduces the gradient like a
+    training gradient (all-reduce for ddp, reduce-scatter into shards for fsdp2, into the partitions of the
+    ZeRO optimizer for deepspeed): it is the gradient of (1/B) * sum of CE over the B tokens of all ranks,
+    for any split of the batch into workers x micro-batches. The gradients must be clear on entry.
+    """
+    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    total = float(strategy.all_reduce_sum_(torch.tensor([float(local)], device=batches[0]["labels"].device)))
+    if total == 0:
+        return 0.0
+    scale = strategy.grad_average_factor / total  # the reduction averages over ranks; undo it
+    for i, batch in enumerate(batches):
+        with strategy.accumulate(model, sync=i == len(batches) - 1):
+            logits = strategy.forward(model, batch["input_ids"], batch["attention_mask"])
+            scored, y = targets(i, logits, batch)
+            strategy.backward(model, F.cross_entropy(scored, y, reduction="sum") * scale)
+    return total
+
+
 def gnb_backward(model: torch.nn.Module, batches: Sequence[dict[str, Tensor]], keys: Sequence[Sequence[int]],
                  strategy: Any) -> float:
     """The backward passes of GNB over a global batch; returns B, the scored tokens of every rank.
 
     Leaves g_hat = grad (1/B) sum CE(f(x), y_hat) over the B scored tokens of all `batches` (this rank's
-    micro-batches) on every rank where the strategy keeps reduced gradients, by backward through the
-    wrapped `model` so that the strategy reduces it like a training gradient (all-reduce for ddp,
-    reduce-scatter into shards for fsdp2, into the partitions of the ZeRO optimizer for deepspeed);
-    `strategy.fold_grad_squares` then folds g_hat*g_hat into Sophia's h. keys[i][b] seeds item b of
-    batch i's labels. The gradients must be clear on entry.
+    micro-batches), reduced like a training gradient (`token_mean_backward`); `strategy.fold_grad_squares`
+    then folds g_hat*g_hat into Sophia's h. keys[i][b] seeds item b of batch i's labels.
     """
-    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    total = float(strategy.all_reduce_sum_(torch.tensor([float(local)], device=batches[0]["labels"].device)))
+    total = token_mean_backward(model, batches, strategy,
+                                lambda i, logits, batch: sample_gnb_labels(logits, batch["labels"], keys[i]))
     if total == 0:
         raise UnlearnError("gnb Hessian estimate: the forget batch has no scored (labels != -100) tokens; "
                            "check the forget data or use optim.hessian=empirical")
-    scale = strategy.grad_average_factor / total  # the reduction averages over ranks; undo it
-    for i, (batch, item_keys) in enumerate(zip(batches, keys)):
-        with strategy.accumulate(model, sync=i == len(batches) - 1):
-            logits = strategy.forward(model, batch["input_ids"], batch["attention_mask"])
-            scored, y_hat = sample_gnb_labels(logits, batch["labels"], item_keys)
-            strategy.backward(model, F.cross_entropy(scored, y_hat, reduction="sum") * scale)
     return total
+
+
+def nll_backward(model: torch.nn.Module, batches: Sequence[dict[str, Tensor]], strategy: Any) -> float:
+    """Backward of the token-mean NLL of the true labels over a global batch (influence unlearning's retain
+    Fisher folds its square); returns the scored tokens of every rank."""
+
+    def true_labels(i: int, logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits, targets, mask = shifted(logits, batch["labels"])
+        return logits[mask].float(), targets[mask]
+
+    return token_mean_backward(model, batches, strategy, true_labels)
 
 
 def global_gnb_estimate(model: torch.nn.Module, params: list[Tensor], batches: Sequence[dict[str, Tensor]],
