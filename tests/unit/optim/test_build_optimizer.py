@@ -19,7 +19,7 @@ def _in_optimizer(opt):
 
 
 def test_registry_names():
-    assert list(OPTIMIZERS) == ["adamw", "sophia"]
+    assert list(OPTIMIZERS) == ["adamw", "sophia", "influence"]
 
 
 def test_adamw():
