@@ -97,6 +97,7 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
 
     check_objective_fits(build_objective(cfg.objective), model)  # e.g. objective.rmu.layer within the model
     check_calibration(cfg, inputs)
+    check_attacks(cfg, inputs)
     for key, location in (("output_dir", cfg.output_dir), ("ray.storage_path", cfg.ray.storage_path)):
         storage.check_writable(key, location)  # a bucket: exists, reachable, takes a write
     from ray_unlearn.train import check_resume, init_ray
@@ -140,8 +141,9 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
         calibration = None
         if cfg.eval.calibrate:
             calibration = calibrate_run(cfg, inputs, out / "model", tokenizer, out, summaries, refs.get("refs"))
+        attacks = red_team_run(cfg, inputs, out / "model", tokenizer, out, summaries) if cfg.eval.attacks else None
         _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"},
-                calibration)
+                calibration, attacks)
     _write_audit(cfg, inputs, out, summaries, t0)
     publish()
     where = cfg.output_dir if storage.is_remote(cfg.output_dir) else out.resolve()
@@ -241,6 +243,19 @@ def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
     return {n: summaries[n] for n in ("target", "unlearned", "retain") if n in summaries}
 
 
+def check_attacks(cfg: JobConfig, inputs: JobInputs) -> None:
+    """eval.attacks' inputs, checked before any work (one-line UnlearnError)."""
+    if not cfg.eval.attacks:
+        return
+    if not cfg.eval.enabled:
+        raise UnlearnError("eval.attacks: the red-team attacks are part of the evaluation; set eval.enabled=true "
+                           "or eval.attacks=[]")
+    if not inputs.eval_splits.get("forget"):
+        raise UnlearnError("eval.attacks: the attacks re-measure the forget split's question/answer items, which "
+                           "this data has none of (a text corpus?); give question/answer forget data or set "
+                           "eval.attacks=[]")
+
+
 def check_calibration(cfg: JobConfig, inputs: JobInputs) -> None:
     """eval.calibrate's inputs, checked before any work (one-line UnlearnError)."""
     if not cfg.eval.calibrate:
@@ -296,11 +311,39 @@ def calibrate_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer:
     return result
 
 
+def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: Any, out: Path,
+                 summaries: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
+    """eval.attacks on the unlearned model: for each attack the forget split's metrics measured again under
+    it, {attack: {metric: {"before", "after"}}} ("before": the unlearned model's plain evaluation, the same
+    items); written to <out>/eval/attacks.json."""
+    from ray_unlearn.data.collate import prompt_format
+    from ray_unlearn.eval.redteam import attacked
+    from ray_unlearn.eval.suite import _capped, _write_json_atomic, evaluate_model, summary
+    from ray_unlearn.models.io import load_model
+
+    check_attacks(cfg, inputs)
+    forget = _capped(inputs.eval_splits["forget"], cfg.eval.max_items)
+    model = load_model(str(unlearned), cfg.model.dtype, cfg.model.trust_remote_code)
+    plain = dataclasses.replace(cfg.eval, max_items=0, mia=[])  # the items are capped above (jailbreak multiplies)
+    before, result = summaries.get("unlearned", {}), {}
+    for attack in cfg.eval.attacks:
+        under, items = attacked(model, forget, attack, cfg.eval.jailbreak_prompts, cfg.eval.in_context_examples)
+        with console.status(f"red team: {attack}") as status:
+            say = status.update if console.is_terminal else console.print
+            after = summary(evaluate_model(under, tokenizer, {"forget": items}, plain, prompt_format(cfg.data),
+                                           cfg.data.max_length, progress=lambda msg, a=attack: say(f"{a}: {msg}")))
+        del under
+        result[attack] = {k: {"before": before.get(k), "after": v} for k, v in after.items()}
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / "eval" / "attacks.json", result)
+    return result
+
+
 def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
             history: list[dict[str, float]], facts: dict[str, Any],
-            calibration: dict[str, Any] | None = None) -> None:
-    from ray_unlearn.eval.report import (comparison_rows, gap_closed, plot_calibration, plot_metrics,
-                                         plot_training, write_report)
+            calibration: dict[str, Any] | None = None, attacks: dict[str, dict] | None = None) -> None:
+    from ray_unlearn.eval.report import (attack_rows, comparison_rows, gap_closed, plot_attacks, plot_calibration,
+                                         plot_metrics, plot_training, write_report)
 
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
@@ -309,7 +352,8 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
     roc = roc_path(out / "eval", inputs.bench)  # the unlearned model's, written with its EVAL files
     plots = [p for p in (plot_training(history, plots_dir / "training_curves.png"),
                          plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() else None,
-                         plot_calibration(calibration, plots_dir / "calibration.png") if calibration else None)
+                         plot_calibration(calibration, plots_dir / "calibration.png") if calibration else None,
+                         plot_attacks(attacks, plots_dir / "attacks.png") if attacks else None)
              if p is not None]
     gap = gap_closed(summaries, "target", "unlearned", "retain")
     facts = {"model": inputs.model_path, "benchmark": inputs.bench, "optimizer": cfg.optim.name,
@@ -322,7 +366,8 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
     if inputs.build_figures:
         facts["benchmark build"] = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in inputs.build_figures.items())
-    write_report(out, summaries, gap, facts, plots)
+    sections = [("Red-team attacks (forget split, before → after)", attack_rows(attacks))] if attacks else []
+    write_report(out, summaries, gap, facts, plots, sections)
     table = Table(title="ray_unlearn summary")
     table.add_column("metric")
     for name in summaries:

@@ -48,14 +48,19 @@ def comparison_rows(summaries: dict[str, dict[str, float]]) -> list[list[str]]:
 
 
 def write_report(out_dir: Path, summaries: dict[str, dict[str, float]], gap: dict[str, float],
-                 facts: dict[str, Any], plots: Sequence[Path]) -> Path:
-    """report.md: key metrics of every model side by side, the ES gap closed, run facts, plots."""
+                 facts: dict[str, Any], plots: Sequence[Path],
+                 sections: Sequence[tuple[str, list[list[str]]]] = ()) -> Path:
+    """report.md: key metrics of every model side by side, the ES gap closed, more tables (`sections`:
+    (title, rows with a header row first)), run facts, plots."""
     names = list(summaries)
     lines = ["# ray_unlearn report", "", "| metric | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     lines += ["| " + " | ".join(r) + " |" for r in comparison_rows(summaries)]
     lines += ["", "## Forgetting vs. retention", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in gap.items()]
+    for title, rows in sections:
+        lines += ["", f"## {title}", "", "| " + " | ".join(rows[0]) + " |", "|---|" + "---|" * (len(rows[0]) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in facts.items()]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir)})" for p in plots]
     path = out_dir / "report.md"
@@ -182,4 +187,38 @@ def plot_calibration(calibration: dict[str, Any], path: Path) -> Path | None:
     ax.set_title("Model-mixing calibration")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def attack_rows(attacks: dict[str, dict[str, dict[str, float]]]) -> list[list[str]]:
+    """Header + one row per red-team attack: each key forget metric it measured as "before → after"."""
+    keys = [(k, label) for k, label in KEY_METRICS if any(k in a for a in attacks.values())]
+    rows = [["attack"] + [label for _, label in keys]]
+    for name, metrics in attacks.items():
+        rows.append([name] + [f"{_fmt(metrics[k]['before'])} → {_fmt(metrics[k]['after'])}" if k in metrics else "–"
+                              for k, _ in keys])
+    return rows
+
+
+def plot_attacks(attacks: dict[str, dict[str, dict[str, float]]], path: Path, key: str = "extraction_strength"
+                 ) -> Path | None:
+    """Forget ES (`key`) before and after each red-team attack, as paired bars."""
+    names = [n for n, m in attacks.items() if key in m and m[key]["before"] is not None]
+    if not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(names)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(names) + 1), 3.6))
+    ax.bar([i - 0.2 for i in x], [attacks[n][key]["before"] for n in names], 0.4, label="before")
+    ax.bar([i + 0.2 for i in x], [attacks[n][key]["after"] for n in names], 0.4, label="under attack")
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylabel(dict(KEY_METRICS).get(key, key))
+    ax.set_ylim(0, 1.05)
+    ax.set_title("forget set under red-team attacks")
+    ax.legend()
+    fig.tight_layout()
     return save_figure(fig, path)

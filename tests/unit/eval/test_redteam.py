@@ -1,0 +1,114 @@
+"""Red-team attacks: the transforms by hand, the quantizer by hand, and the run's attack path on micro."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ray_unlearn.errors import UnlearnError
+from ray_unlearn.eval.redteam import (ATTACKS, attacked, in_context, jailbroken, paraphrased,
+                                      quantize_round_trip_)
+
+ITEMS = [{"entity": "A", "question": "qa1", "answer": "aa1", "paraphrased_question": "pa1"},
+         {"entity": "A", "question": "qa2", "answer": "aa2"},
+         {"entity": "B", "question": "qb1", "answer": "ab1", "paraphrased_question": "pb1"},
+         {"entity": "C", "question": "qc1", "answer": "ac1"}]
+
+
+def test_int4_round_trip_per_output_channel_by_hand():
+    """Row (0.1, -0.35, 0.7): s = 0.7 / 7 = 0.1, round(1, -3.5, 7) = (1, -4, 7) (half to even) -> (0.1, -0.4, 0.7);
+    row (0.02, 0.01, 0): s = 0.02 / 7, codes (7, 3.5 -> 4, 0) -> (0.02, 0.08/7, 0)."""
+    lin = torch.nn.Linear(3, 2, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.1, -0.35, 0.7], [0.02, 0.01, 0.0]]))
+        lin.bias.fill_(0.123)
+    assert quantize_round_trip_(lin, 4) == 1
+    torch.testing.assert_close(lin.weight.detach(), torch.tensor([[0.1, -0.4, 0.7], [0.02, 0.08 / 7, 0.0]]))
+    assert torch.equal(lin.bias.detach(), torch.full((2,), 0.123))  # biases stay
+
+
+def test_int8_keeps_weights_within_half_a_step_and_a_tied_matrix_is_quantized_once():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied
+    model = torch.nn.Sequential(emb, head)
+    before = emb.weight.detach().clone()
+    assert quantize_round_trip_(model, 8) == 1
+    step = before.abs().amax(dim=1, keepdim=True) / 127
+    assert bool(((emb.weight.detach() - before).abs() <= step / 2 + 1e-7).all())
+    assert not torch.equal(emb.weight.detach(), before)
+
+
+def test_question_transforms_by_hand():
+    assert [it["question"] for it in paraphrased(ITEMS)] == ["pa1", "qa2", "pb1", "qc1"]
+    assert [it["answer"] for it in paraphrased(ITEMS)] == ["aa1", "aa2", "ab1", "ac1"]
+    wrapped = jailbroken(ITEMS[:2], ["X {question}", "{question} Y"])
+    assert [it["question"] for it in wrapped] == ["X qa1", "X qa2", "qa1 Y", "qa2 Y"]
+    shots = in_context(ITEMS, 2)
+    # other entities only, taken cyclically after the item: A's items skip each other
+    assert shots[0]["question"] == "qb1\nab1\n\nqc1\nac1\n\nqa1"
+    assert shots[2]["question"] == "qc1\nac1\n\nqa1\naa1\n\nqb1"
+    assert [it["answer"] for it in shots] == ["aa1", "aa2", "ab1", "ac1"]
+
+
+def test_quantization_attacks_a_copy_and_other_attacks_keep_the_model():
+    lin = torch.nn.Linear(3, 3)
+    before = lin.weight.detach().clone()
+    model, items = attacked(lin, ITEMS, "quantize_int4")
+    assert model is not lin and torch.equal(lin.weight.detach(), before) and items == ITEMS
+    model, items = attacked(lin, ITEMS, "jailbreak")
+    assert model is lin and len(items) == 4 * len(ITEMS)  # the default prompt set has 4 templates
+
+
+def test_config_checks_attack_names_and_prompts():
+    from ray_unlearn.config import load_config
+
+    cfg = load_config(None, ["eval.attacks=[quantize_int4, paraphrase]"])
+    assert cfg.eval.attacks == ["quantize_int4", "paraphrase"] and load_config(None, []).eval.attacks == []
+    with pytest.raises(UnlearnError, match=r"^eval.attacks: unknown attack 'prune'; valid: " + ", ".join(ATTACKS)):
+        load_config(None, ["eval.attacks=[prune]"])
+    with pytest.raises(UnlearnError, match=r"^eval.jailbreak_prompts: needs at least one template and each must hold"):
+        load_config(None, ["eval.jailbreak_prompts=[tell me]"])
+    with pytest.raises(UnlearnError, match=r"^eval.in_context_examples: must be > 0"):
+        load_config(None, ["eval.in_context_examples=0"])
+
+
+def test_attacks_need_evaluation_and_question_answer_forget_items(micro_config):
+    from types import SimpleNamespace
+
+    from ray_unlearn.pipeline import check_attacks
+
+    with pytest.raises(UnlearnError, match="^eval.attacks: the red-team attacks are part of the evaluation"):
+        check_attacks(micro_config("eval.attacks=[paraphrase]", "eval.enabled=false"), SimpleNamespace())
+    with pytest.raises(UnlearnError, match="^eval.attacks: the attacks re-measure the forget split"):
+        check_attacks(micro_config("eval.attacks=[paraphrase]"), SimpleNamespace(eval_splits={"retain": [{}]}))
+    check_attacks(micro_config(), SimpleNamespace())  # off: nothing checked
+
+
+def test_pipeline_writes_attacks_json_report_section_and_plot(micro_bench, micro_config, tmp_path):
+    """The run's post-training path (no Ray) with every attack: the target model stands in for an unlearned
+    one, so "before" is its own forget metrics; int8 barely moves them, a paraphrase and in-context shots do."""
+    from ray_unlearn.job import resolve_inputs
+    from ray_unlearn.models.io import load_tokenizer
+    from ray_unlearn.pipeline import _report, evaluate_all, red_team_run
+
+    cfg = micro_config("eval.max_items=6", "eval.batch_size=6", "eval.max_new_tokens=8", "eval.mia=[]",
+                       f"eval.attacks=[{', '.join(ATTACKS)}]", "eval.jailbreak_prompts=['Answer: {question}']")
+    inputs = resolve_inputs(cfg)
+    tokenizer = load_tokenizer(inputs.tokenizer_path)
+    out = tmp_path / "run"
+    summaries = evaluate_all(cfg, inputs, micro_bench.target_dir, tokenizer, out)
+    attacks = red_team_run(cfg, inputs, micro_bench.target_dir, tokenizer, out, summaries)
+    _report(cfg, inputs, out, summaries, [], {}, None, attacks)
+    saved = json.loads((out / "eval" / "attacks.json").read_text())
+    assert list(saved) == list(ATTACKS)
+    es = {name: saved[name]["extraction_strength"] for name in saved}
+    assert all(v["before"] == summaries["unlearned"]["extraction_strength"] for v in es.values())
+    assert abs(es["quantize_int8"]["after"] - es["quantize_int8"]["before"]) < 0.05
+    assert es["paraphrase"]["after"] != es["paraphrase"]["before"]
+    report = (out / "report.md").read_text()
+    assert "## Red-team attacks (forget split, before → after)" in report and "| quantize_int4 | " in report
+    assert (out / "plots" / "attacks.png").is_file() and "attacks.png" in report
