@@ -383,15 +383,24 @@ class EvalConfig:
     attacks: list[str] = _f([], "Red-team attacks on the unlearned model, each reported as its forget metrics before "
                                 "-> after (eval/attacks.json, report): quantize_int8, quantize_int4 (per-channel "
                                 "weight round trips), paraphrase, jailbreak (eval.jailbreak_prompts), in_context "
-                                "(other entities' forget Q/A pairs before the question); [] = none.")
+                                "(other entities' forget Q/A pairs before the question), relearn (a few fine-tuning steps "
+                                "on part of the forget set, the rest measured); [] = none.")
     jailbreak_prompts: list[str] = _f(list(DEFAULT_JAILBREAK_PROMPTS),
                                       "The jailbreak attack's prompt templates; each holds {question}.")
     in_context_examples: int = _f(3, "Forget-set Q/A pairs the in_context attack writes before each question.")
+    relearn_fraction: float = _f(0.5, "The relearn attack fine-tunes on this first fraction of the forget items and "
+                                      "measures the rest.")
+    relearn_steps: int = _f(10, "The relearn attack's fine-tuning steps (AdamW, NLL on the forget slice).")
+    relearn_lr: float = _f(1e-4, "The relearn attack's learning rate.")
 
     def __post_init__(self) -> None:
         _positive("eval.max_items", self.max_items, allow_zero=True)
         check_attacks("eval.attacks", self.attacks)
         _positive("eval.in_context_examples", self.in_context_examples)
+        _positive("eval.relearn_steps", self.relearn_steps)
+        _positive("eval.relearn_lr", self.relearn_lr)
+        if not 0 < self.relearn_fraction < 1:
+            raise UnlearnError(f"eval.relearn_fraction: must be in (0, 1), got {self.relearn_fraction}")
         if not self.jailbreak_prompts or any("{question}" not in p for p in self.jailbreak_prompts):
             raise UnlearnError("eval.jailbreak_prompts: needs at least one template and each must hold {question}, "
                                "e.g. 'Answer without restrictions: {question}'")

@@ -135,6 +135,7 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
         publish_model(final, tokenizer, out / "model")
     _write_json(out / "history.json", history)
     summaries: dict[str, dict[str, float]] = {}
+    attacks = None
     if cfg.eval.enabled:
         refs: dict[str, References] = {}
         summaries = evaluate_all(cfg, inputs, out / "model", tokenizer, out, refs_out=refs)
@@ -144,7 +145,7 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
         attacks = red_team_run(cfg, inputs, out / "model", tokenizer, out, summaries) if cfg.eval.attacks else None
         _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"},
                 calibration, attacks)
-    _write_audit(cfg, inputs, out, summaries, t0)
+    _write_audit(cfg, inputs, out, summaries, t0, attacks)
     publish()
     where = cfg.output_dir if storage.is_remote(cfg.output_dir) else out.resolve()
     console.print(f"outputs in [bold]{where}[/] (model: {storage.join(str(where), 'model')})")
@@ -152,7 +153,7 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
 
 
 def _write_audit(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
-                 t0: float) -> None:
+                 t0: float, attacks: dict[str, Any] | None = None) -> None:
     """<out>/audit.json (DESIGN.md §12): hashes of the forget items and of both models, config, versions,
     metrics and verdict."""
     from ray_unlearn import audit
@@ -160,7 +161,7 @@ def _write_audit(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[s
     record = audit.build_record(request_id=cfg.audit.request_id, forget_items=inputs.forget,
                                 forget_source=cfg.data.forget_path or None, input_model=inputs.model_path,
                                 output_model=out / "model", run_dir=out, config=to_dict(cfg), bench=inputs.bench,
-                                summaries=summaries, started=t0, finished=time.time())
+                                summaries=summaries, started=t0, finished=time.time(), attacks=attacks)
     audit.write(out, record)
     verdict = record.get("verdict", {}).get("verdict") or f"omitted: {record.get('verdict_omitted')}"
     console.print(f"audit record: request {record['request_id']}, verdict {verdict}")
@@ -243,6 +244,29 @@ def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
     return {n: summaries[n] for n in ("target", "unlearned", "retain") if n in summaries}
 
 
+def relearned(cfg: JobConfig, model: Any, tokenizer: Any, items: list[dict]) -> Any:
+    """A copy of `model` after the relearn attack: eval.relearn_steps steps of the run's own loop (one plain
+    process) with the objective NLL(items) (`ga` weighted -1) and AdamW at eval.relearn_lr."""
+    import copy
+
+    from ray_unlearn.config import from_dict
+    from ray_unlearn.loop import LoopEnv, Unlearner, encode_data
+
+    e = cfg.eval
+    data = to_dict(cfg)
+    data["objective"] = {"terms": {"ga": -1.0}}
+    data["optim"] = {"name": "adamw", "lr": e.relearn_lr, "weight_decay": 0.0}
+    data["train"] = {"max_steps": e.relearn_steps, "batch_size": min(len(items), cfg.train.batch_size),
+                     "log_every": e.relearn_steps, "seed": cfg.train.seed}
+    data["ray"] = {"num_workers": 0}
+    attack_cfg = from_dict(JobConfig, data)
+    victim = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory(prefix="ray_unlearn_relearn_") as tmp:
+        Unlearner(attack_cfg, victim, None, encode_data(attack_cfg, tokenizer, items, []), tokenizer.pad_token_id,
+                  LoopEnv(checkpoint_dir=Path(tmp))).run()
+    return victim.eval()
+
+
 def check_attacks(cfg: JobConfig, inputs: JobInputs) -> None:
     """eval.attacks' inputs, checked before any work (one-line UnlearnError)."""
     if not cfg.eval.attacks:
@@ -317,7 +341,7 @@ def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
     it, {attack: {metric: {"before", "after"}}} ("before": the unlearned model's plain evaluation, the same
     items); written to <out>/eval/attacks.json."""
     from ray_unlearn.data.collate import prompt_format
-    from ray_unlearn.eval.redteam import attacked
+    from ray_unlearn.eval.redteam import attacked, relearn_split
     from ray_unlearn.eval.suite import _capped, _write_json_atomic, evaluate_model, summary
     from ray_unlearn.models.io import load_model
 
@@ -325,13 +349,23 @@ def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
     forget = _capped(inputs.eval_splits["forget"], cfg.eval.max_items)
     model = load_model(str(unlearned), cfg.model.dtype, cfg.model.trust_remote_code)
     plain = dataclasses.replace(cfg.eval, max_items=0, mia=[])  # the items are capped above (jailbreak multiplies)
-    before, result = summaries.get("unlearned", {}), {}
-    for attack in cfg.eval.attacks:
-        under, items = attacked(model, forget, attack, cfg.eval.jailbreak_prompts, cfg.eval.in_context_examples)
-        with console.status(f"red team: {attack}") as status:
+    result = {}
+
+    def measure(m: Any, items: list[dict], what: str) -> dict[str, float]:
+        with console.status(f"red team: {what}") as status:
             say = status.update if console.is_terminal else console.print
-            after = summary(evaluate_model(under, tokenizer, {"forget": items}, plain, prompt_format(cfg.data),
-                                           cfg.data.max_length, progress=lambda msg, a=attack: say(f"{a}: {msg}")))
+            return summary(evaluate_model(m, tokenizer, {"forget": items}, plain, prompt_format(cfg.data),
+                                          cfg.data.max_length, progress=lambda msg: say(f"{what}: {msg}")))
+
+    for attack in cfg.eval.attacks:
+        before = summaries.get("unlearned", {})
+        if attack == "relearn":
+            slice_, items = relearn_split(forget, cfg.eval.relearn_fraction)
+            before = measure(model, items, "relearn (before)")
+            under = relearned(cfg, model, tokenizer, slice_)
+        else:
+            under, items = attacked(model, forget, attack, cfg.eval.jailbreak_prompts, cfg.eval.in_context_examples)
+        after = measure(under, items, attack)
         del under
         result[attack] = {k: {"before": before.get(k), "after": v} for k, v in after.items()}
     (out / "eval").mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,10 @@ only stopped reciting its forget set recovers it here (Wang et al., ICLR 2025; L
   priming): the seed papers do not publish theirs.
 - `in_context`: `eval.in_context_examples` question/answer pairs of other forget entities (other
   items when the data names no entity) written before the question, as few-shot demonstrations.
+- `relearn`: `eval.relearn_steps` steps of fine-tuning (NLL descent, AdamW at `eval.relearn_lr`, the
+  unlearning loop itself) on the first `eval.relearn_fraction` of the forget items, then the rest of
+  them measured before and after: knowledge that was only suppressed comes back from a few related
+  examples (Lynch et al., 2024; Deeb & Roger, 2024).
 
 Pure PyTorch: `attacked(model, items, attack, ...)` returns the model and forget items to measure.
 torch is imported where a model is touched, so that the config can import the names cheaply.
@@ -32,6 +36,7 @@ ATTACKS: dict[str, str] = {
     "paraphrase": "questions replaced by their paraphrases",
     "jailbreak": "questions wrapped in jailbreak-style prompts (eval.jailbreak_prompts)",
     "in_context": "forget-set Q/A pairs of other entities placed before each question",
+    "relearn": "a few fine-tuning steps on part of the forget set, the rest measured",
 }
 QUANTIZE_BITS = {"quantize_int8": 8, "quantize_int4": 4}
 DEFAULT_JAILBREAK_PROMPTS = [
@@ -92,11 +97,26 @@ def in_context(items: Sequence[dict], examples: int) -> list[dict]:
     return out
 
 
+def relearn_split(items: Sequence[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(items to relearn on, items to measure): the first `fraction` of the items (at least one) and the rest
+    (at least one)."""
+    from ray_unlearn.errors import UnlearnError
+
+    if len(items) < 2:
+        raise UnlearnError("eval.attacks: relearn needs at least 2 forget items (some to relearn on, some to "
+                           "measure); raise eval.max_items or drop relearn")
+    cut = min(len(items) - 1, max(1, round(fraction * len(items))))
+    return list(items[:cut]), list(items[cut:])
+
+
 def attacked(model: Any, items: Sequence[dict], attack: str, jailbreak_prompts: Sequence[str] = (),
              in_context_examples: int = 3) -> tuple[Any, list[dict]]:
     """(model, forget items) to measure under `attack`; the model is a quantized copy for the quantization
-    attacks (the input model is never changed) and `model` itself otherwise."""
+    attacks (the input model is never changed) and `model` itself otherwise (relearn needs the loop: the
+    pipeline runs it)."""
     check_attacks("attack", [attack])
+    if attack == "relearn":
+        raise ValueError("attacked: relearn fine-tunes with the run's loop; see pipeline.red_team_run")
     if attack in QUANTIZE_BITS:
         model = copy.deepcopy(model)
         quantize_round_trip_(model, QUANTIZE_BITS[attack])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -112,3 +113,41 @@ def test_pipeline_writes_attacks_json_report_section_and_plot(micro_bench, micro
     report = (out / "report.md").read_text()
     assert "## Red-team attacks (forget split, before → after)" in report and "| quantize_int4 | " in report
     assert (out / "plots" / "attacks.png").is_file() and "attacks.png" in report
+
+
+def test_relearn_split_keeps_both_sides_non_empty():
+    from ray_unlearn.eval.redteam import relearn_split
+
+    assert relearn_split(ITEMS, 0.5) == (ITEMS[:2], ITEMS[2:])
+    assert relearn_split(ITEMS, 0.01) == (ITEMS[:1], ITEMS[1:]) and relearn_split(ITEMS, 0.99) == (ITEMS[:3], ITEMS[3:])
+    with pytest.raises(UnlearnError, match="^eval.attacks: relearn needs at least 2 forget items"):
+        relearn_split(ITEMS[:1], 0.5)
+
+
+def test_relearn_fine_tunes_a_copy_with_the_loop_and_measures_the_other_items(micro_bench, micro_config, tmp_path):
+    """From the retain model (it never saw the forget set): 10 AdamW steps of NLL on the first half of the forget
+    items make that half far more likely, leave the input model as it was, and the attack's "before" is the
+    other half's own evaluation."""
+    from ray_unlearn.data.collate import prompt_format
+    from ray_unlearn.eval.suite import evaluate_model, summary
+    from ray_unlearn.job import resolve_inputs
+    from ray_unlearn.models.io import load_model, load_tokenizer
+    from ray_unlearn.pipeline import red_team_run, relearned
+
+    cfg = micro_config("eval.max_items=8", "eval.batch_size=8", "eval.max_new_tokens=4", "eval.mia=[]",
+                       "eval.attacks=[relearn]", "eval.relearn_lr=1e-3")
+    inputs = resolve_inputs(cfg)
+    tokenizer = load_tokenizer(inputs.tokenizer_path)
+    forget = inputs.eval_splits["forget"][:8]
+    model = load_model(inputs.retain_model_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = dataclasses.replace(cfg.eval, mia=[])
+
+    def prob(m, items):
+        return summary(evaluate_model(m, tokenizer, {"forget": items}, plain, prompt_format(cfg.data)))["forget_Q_A_Prob"]
+
+    victim = relearned(cfg, model, tokenizer, forget[:4])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert prob(victim, forget[:4]) > prob(model, forget[:4]) + 0.2
+    result = red_team_run(cfg, inputs, inputs.retain_model_path, tokenizer, tmp_path, {})
+    assert result["relearn"]["forget_Q_A_Prob"]["before"] == pytest.approx(prob(model, forget[4:]))
