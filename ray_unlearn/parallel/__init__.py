@@ -4,7 +4,7 @@
 |-------------|--------------------------|------------------------------------------------|----------------------------------------------|
 | wrap        | DistributedDataParallel  | `fully_shard` per decoder block, then the root | `deepspeed.initialize(model, our optimizer)` |
 | accumulate  | `no_sync()`              | `set_requires_gradient_sync(False)`            | the engine accumulates until `step()`        |
-| clip        | `clip_grad_norm_`        | the same on DTensor grads (global norm)        | the engine's `gradient_clipping`             |
+| clip        | float64 global norm      | the same over the shards, summed over ranks    | the engine's `gradient_clipping` (the same)  |
 | Hessian     | g*g of all-reduced grads | g*g of reduce-scattered shards                 | g*g of the partitions, in an engine step     |
 | checkpoint  | rank 0: full safetensors | every rank: torch distributed checkpoint (DCP) | every rank: 1/world of the params, whole     |
 | final model | rank 0                   | gathered to rank 0's CPU one tensor at a time  | ZeRO 3: gathered one parameter at a time     |

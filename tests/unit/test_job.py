@@ -125,7 +125,7 @@ def test_validate_accepts_the_defaults(micro_config):
 
 @pytest.mark.parametrize("override, match", [
     ("objective.terms.foo=1", "unknown objective term 'foo' \\(valid: ce_u, ga, idk_dpo, npo, pdu, refusal, "),
-    ("optim.name=lion", "optim.name: unknown optimizer 'lion' \\(valid: adamw, sophia\\)"),
+    ("optim.name=lion", "optim.name: unknown optimizer 'lion' \\(valid: adamw, influence, sophia\\)"),
 ])
 def test_validate_rejects_unknown_names(micro_config, override, match):
     with pytest.raises(UnlearnError, match=match):
