@@ -258,10 +258,11 @@ def relearned(cfg: JobConfig, model: Any, tokenizer: Any, items: list[dict]) -> 
     data["optim"] = {"name": "adamw", "lr": e.relearn_lr, "weight_decay": 0.0}
     data["train"] = {"max_steps": e.relearn_steps, "batch_size": min(len(items), cfg.train.batch_size),
                      "log_every": e.relearn_steps, "seed": cfg.train.seed}
-    data["ray"] = {"num_workers": 0}
-    attack_cfg = from_dict(JobConfig, data)
+    data["ray"] = {"num_workers": 0}  # one plain process, its checkpoint in a temporary directory
     victim = copy.deepcopy(model)
     with tempfile.TemporaryDirectory(prefix="ray_unlearn_relearn_") as tmp:
+        data["output_dir"] = tmp
+        attack_cfg = from_dict(JobConfig, data)
         Unlearner(attack_cfg, victim, None, encode_data(attack_cfg, tokenizer, items, []), tokenizer.pad_token_id,
                   LoopEnv(checkpoint_dir=Path(tmp))).run()
     return victim.eval()
