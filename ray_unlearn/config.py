@@ -383,11 +383,15 @@ class EvalConfig:
     attacks: list[str] = _f([], "Red-team attacks on the unlearned model, each reported as its forget metrics before "
                                 "-> after (eval/attacks.json, report): quantize_int8, quantize_int4 (per-channel "
                                 "weight round trips), paraphrase, jailbreak (eval.jailbreak_prompts), in_context "
-                                "(other entities' forget Q/A pairs before the question), relearn (a few fine-tuning steps "
-                                "on part of the forget set, the rest measured); [] = none.")
+                                "(other entities' forget Q/A pairs before the question), token_noise, embedding_noise, "
+                                "relearn (a few fine-tuning steps on part of the forget set, the rest measured); "
+                                "[] = none.")
     jailbreak_prompts: list[str] = _f(list(DEFAULT_JAILBREAK_PROMPTS),
                                       "The jailbreak attack's prompt templates; each holds {question}.")
     in_context_examples: int = _f(3, "Forget-set Q/A pairs the in_context attack writes before each question.")
+    token_noise: float = _f(0.1, "The token_noise attack's rate: the fraction of question tokens replaced at random.")
+    embedding_noise: float = _f(0.1, "The embedding_noise attack's scale: noise std as a fraction of the input "
+                                     "embeddings' std.")
     relearn_fraction: float = _f(0.5, "The relearn attack fine-tunes on this first fraction of the forget items and "
                                       "measures the rest.")
     relearn_steps: int = _f(10, "The relearn attack's fine-tuning steps (AdamW, NLL on the forget slice).")
@@ -399,6 +403,9 @@ class EvalConfig:
         _positive("eval.in_context_examples", self.in_context_examples)
         _positive("eval.relearn_steps", self.relearn_steps)
         _positive("eval.relearn_lr", self.relearn_lr)
+        if not 0 < self.token_noise <= 1:
+            raise UnlearnError(f"eval.token_noise: must be in (0, 1], got {self.token_noise}")
+        _positive("eval.embedding_noise", self.embedding_noise)
         if not 0 < self.relearn_fraction < 1:
             raise UnlearnError(f"eval.relearn_fraction: must be in (0, 1), got {self.relearn_fraction}")
         if not self.jailbreak_prompts or any("{question}" not in p for p in self.jailbreak_prompts):

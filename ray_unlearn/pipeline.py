@@ -365,7 +365,9 @@ def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
             before = measure(model, items, "relearn (before)")
             under = relearned(cfg, model, tokenizer, slice_)
         else:
-            under, items = attacked(model, forget, attack, cfg.eval.jailbreak_prompts, cfg.eval.in_context_examples)
+            e = cfg.eval
+            under, items = attacked(model, forget, attack, e.jailbreak_prompts, e.in_context_examples, tokenizer,
+                                    e.token_noise, e.embedding_noise)
         after = measure(under, items, attack)
         del under
         result[attack] = {k: {"before": before.get(k), "after": v} for k, v in after.items()}

@@ -151,3 +151,37 @@ def test_relearn_fine_tunes_a_copy_with_the_loop_and_measures_the_other_items(mi
     assert prob(victim, forget[:4]) > prob(model, forget[:4]) + 0.2
     result = red_team_run(cfg, inputs, inputs.retain_model_path, tokenizer, tmp_path, {})
     assert result["relearn"]["forget_Q_A_Prob"]["before"] == pytest.approx(prob(model, forget[4:]))
+
+
+def test_token_noise_replaces_about_the_rate_of_tokens_reproducibly(micro_bench):
+    from ray_unlearn.eval.redteam import token_noised
+    from ray_unlearn.models.io import load_tokenizer
+
+    tokenizer = load_tokenizer(str(micro_bench.target_dir))
+    items = [{"question": "In what year was Brari Tamley born, and where did Brari Tamley grow up?", "answer": "x"}] * 40
+    noised = token_noised(items, tokenizer, 0.25)
+    assert noised == token_noised(items, tokenizer, 0.25)  # seeded
+    assert all(it["answer"] == "x" for it in noised)
+    import difflib
+
+    original = tokenizer.encode(items[0]["question"], add_special_tokens=False)
+    kept = [sum(b.size for b in difflib.SequenceMatcher(None, original, tokenizer.encode(
+        it["question"], add_special_tokens=False), autojunk=False).get_matching_blocks()) / len(original) for it in noised]
+    assert 0.6 < sum(kept) / len(kept) < 0.9  # about three quarters of the tokens kept (in order)
+    assert len({it["question"] for it in noised}) > 30  # every item draws its own noise
+    assert token_noised(items[:1], tokenizer, 1e-9)[0]["question"] == items[0]["question"]
+
+
+def test_embedding_noise_perturbs_only_a_copy_of_the_input_embeddings_by_the_scale():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=32, tie_word_embeddings=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    noisy, _ = attacked(model, ITEMS, "embedding_noise", embedding_noise=0.5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    emb = "model.embed_tokens.weight"
+    delta = noisy.state_dict()[emb] - before[emb]
+    assert float(delta.std()) == pytest.approx(0.5 * float(before[emb].std()), rel=0.1)
+    assert all(torch.equal(v, noisy.state_dict()[k]) for k, v in before.items() if k != emb)
