@@ -350,7 +350,7 @@ def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
     forget = _capped(inputs.eval_splits["forget"], cfg.eval.max_items)
     model = load_model(str(unlearned), cfg.model.dtype, cfg.model.trust_remote_code)
     plain = dataclasses.replace(cfg.eval, max_items=0, mia=[])  # the items are capped above (jailbreak multiplies)
-    result = {}
+    e, result = cfg.eval, {}
 
     def measure(m: Any, items: list[dict], what: str) -> dict[str, float]:
         with console.status(f"red team: {what}") as status:
@@ -358,14 +358,13 @@ def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
             return summary(evaluate_model(m, tokenizer, {"forget": items}, plain, prompt_format(cfg.data),
                                           cfg.data.max_length, progress=lambda msg: say(f"{what}: {msg}")))
 
-    for attack in cfg.eval.attacks:
+    for attack in e.attacks:
         before = summaries.get("unlearned", {})
         if attack == "relearn":
-            slice_, items = relearn_split(forget, cfg.eval.relearn_fraction)
+            slice_, items = relearn_split(forget, e.relearn_fraction)
             before = measure(model, items, "relearn (before)")
             under = relearned(cfg, model, tokenizer, slice_)
         else:
-            e = cfg.eval
             under, items = attacked(model, forget, attack, e.jailbreak_prompts, e.in_context_examples, tokenizer,
                                     e.token_noise, e.embedding_noise)
         after = measure(under, items, attack)

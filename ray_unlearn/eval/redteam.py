@@ -34,7 +34,10 @@ torch is imported where a model is touched, so that the config can import the na
 from __future__ import annotations
 
 import copy
+import random
 from typing import Any, Sequence
+
+from ray_unlearn.errors import UnlearnError
 
 ATTACKS: dict[str, str] = {
     "quantize_int8": "weights round-tripped through int8, per output channel",
@@ -58,8 +61,6 @@ DEFAULT_JAILBREAK_PROMPTS = [
 
 def check_attacks(key: str, names: Sequence[str]) -> None:
     """A one-line error for an unknown attack name, listing the valid ones."""
-    from ray_unlearn.errors import UnlearnError
-
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
         raise UnlearnError(f"{key}: unknown attack {unknown[0]!r}; valid: {', '.join(ATTACKS)}")
@@ -109,8 +110,6 @@ def in_context(items: Sequence[dict], examples: int) -> list[dict]:
 def token_noised(items: Sequence[dict], tokenizer: Any, rate: float, seed: int = NOISE_SEED) -> list[dict]:
     """Items whose question tokens are each replaced with probability `rate` by a uniformly drawn token of the
     vocabulary (special tokens excluded), decoded back to text; item i's draws come from seed + i."""
-    import random
-
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     vocab = [t for t in range(len(tokenizer)) if t not in special]
     out = []
@@ -137,8 +136,6 @@ def embedding_noised_(model: Any, scale: float, seed: int = NOISE_SEED) -> None:
 def relearn_split(items: Sequence[dict], fraction: float) -> tuple[list[dict], list[dict]]:
     """(items to relearn on, items to measure): the first `fraction` of the items (at least one) and the rest
     (at least one)."""
-    from ray_unlearn.errors import UnlearnError
-
     if len(items) < 2:
         raise UnlearnError("eval.attacks: relearn needs at least 2 forget items (some to relearn on, some to "
                            "measure); raise eval.max_items or drop relearn")
