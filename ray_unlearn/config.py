@@ -249,6 +249,29 @@ class OptimConfig:
 
 
 @dataclass
+class LocalizeConfig:
+    method: str = _f("none", "Localized unlearning: none, or grin (GRIN: pick the entries whose forget gradient is "
+                     "large against their retain gradient, add noise to them, then train only them).")
+    fraction: float = _f(0.01, "grin: fraction p of the trained entries selected (the top p of the ratio "
+                         "|mean forget grad| / (|mean retain grad| + eps)).")
+    scope: str = _f("global", "grin: rank entries over the whole model (global) or within each tensor (per_tensor).")
+    eps: float = _f(1e-8, "grin: eps in the ratio's denominator.")
+    noise: float = _f(0.01, "grin: Gaussian noise added once to the selected entries, its std as a fraction of "
+                      "its tensor's std; 0 = none.")
+    max_batches: int = _f(0, "grin: global batches of each split the mean gradients are taken over; 0 = enough "
+                          "to cover each split once.")
+
+    def __post_init__(self) -> None:
+        _choice("localize.method", self.method, ("none", "grin"))
+        _choice("localize.scope", self.scope, ("global", "per_tensor"))
+        if not 0 < self.fraction <= 1:
+            raise UnlearnError(f"localize.fraction: needs a value in (0, 1], got {self.fraction}")
+        _positive("localize.eps", self.eps)
+        _positive("localize.noise", self.noise, allow_zero=True)
+        _positive("localize.max_batches", self.max_batches, allow_zero=True)
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = _f(60, "Optimizer steps of unlearning.")
     batch_size: int = _f(8, "Forget items per worker per micro-batch (retain batches are the same size).")
@@ -476,6 +499,8 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model to unlearn."})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "Unlearning objective."})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer."})
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig,
+                                     metadata={"help": "Localized unlearning (GRIN): which entries may move."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Unlearning loop."})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray Train scaling."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation after unlearning."})
@@ -498,6 +523,10 @@ class JobConfig:
                                "worker count takes the same steps; set it, e.g. to train.batch_size x max")
         for workers in range(self.ray.min_workers, self.ray.max_workers + 1):
             self.train.accumulation(workers)  # the global batch divides over every worker count the run may have
+        if self.localize.method != "none" and self.ray.strategy == "deepspeed":
+            raise UnlearnError(f"localize.method={self.localize.method} masks the gradients and parameters it does "
+                               "not select, which DeepSpeed keeps in its own flat partitions; use ray.strategy=ddp or "
+                               "fsdp2")
         if self.ray.strategy in ("fsdp2", "deepspeed") and self.optim.name == "sophia" \
                 and self.optim.hessian == "hutchinson" and not self.optim.soul_compat:
             raise UnlearnError(f"optim.hessian=hutchinson needs a double backward through the full model, which "

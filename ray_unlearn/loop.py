@@ -15,6 +15,11 @@ the model and that step's report carries the metrics (every rank reports at the 
 non-finite loss stops the run before anything is written, so the last good checkpoint stays the
 latest.
 
+GRIN (`localize.method=grin`, `ray_unlearn.localize`): before step 0 the loop takes the mean forget and retain
+gradients over global batches, selects the entries whose ratio is in the top fraction, adds noise to them,
+and from then on zeroes the other entries' gradients before clipping and puts them back after every step,
+so they end bit-identical to the input model; the masks are in every checkpoint.
+
 Dropout is off while unlearning (the model's rates set to 0 in memory; its saved config keeps them, so
 GPT-2's 0.1 is still there for whoever fine-tunes the result): forward passes are then deterministic,
 so runs are the same at every scale and on resume (per-rank dropout masks are not), and NPO's and
@@ -50,7 +55,9 @@ from ray_unlearn.objectives import (StreamOutput, build_objective, check_model_f
                                     objective_streams, state_log_keys, update_states)
 from ray_unlearn.optim import build_hessian_estimator, build_optimizer
 from ray_unlearn.optim.hessian import SOUL_BS, global_hutchinson_estimate, gnb_backward, nll_backward
+from ray_unlearn.localize import LOCALIZE_FILE, MaskedUpdates, gradient_ratio, perturb, top_fraction
 from ray_unlearn.parallel import Strategy, build_strategy, load_hf_weights
+from ray_unlearn.parallel.base import full_of, local_part, local_tensor
 
 Encoded = dict[str, list[int]]
 
@@ -222,6 +229,9 @@ class Unlearner:
         if cfg.optim.name == "influence" and not data.retain:
             raise UnlearnError("optim.name=influence preconditions by the Fisher of the retain loss but there is "
                                "no retain data; give retain items (data.retain_path) or use optim.name=sophia")
+        if cfg.localize.method == "grin" and not data.retain:
+            raise UnlearnError("localize.method=grin weighs each entry's forget gradient against its retain gradient "
+                               "but there is no retain data; give retain items (data.retain_path) or drop localize")
         if self.ref_streams and ref_model is None:
             raise UnlearnError("objective needs a reference model but none was given")
         self.layers = objective_layers(self.terms)  # decoder layers whose outputs some term reads
@@ -240,6 +250,8 @@ class Unlearner:
         self.module = self.strategy.unwrap(self.model)
         self.ref = self.strategy.wrap_reference(ref_model if self.ref_streams else None)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.names = [n for n, p in self.module.named_parameters() if p.requires_grad]  # aligned with params
+        self.localized: MaskedUpdates | None = None  # GRIN: the entries that may move
         self.hessian = build_hessian_estimator(cfg.optim)
         if self.hessian is not None and self.hessian.kind == "empirical":
             self._bs = self.hessian.bs_override or SOUL_BS  # the others set it when they estimate
@@ -301,7 +313,11 @@ class Unlearner:
         sums["lr"] = self.scheduler.get_last_lr()[0]  # the LR of this step's update, before the schedule moves on
         if self.hessian is not None:
             self.optimizer.bs = self._bs
+        if self.localized is not None:
+            self.localized.mask_grads()  # before the clip: the norm and the optimizer see only the selection
         norm = self.strategy.step(self.model, self.optimizer, self.cfg.optim.grad_clip, self._empirical_hessian)
+        if self.localized is not None:
+            self.localized.restore()  # undo weight decay (or any move) of the entries not selected
         if norm is not None:
             sums["grad_norm"] = norm
         self.scheduler.step()
@@ -349,6 +365,61 @@ class Unlearner:
             self.strategy.fold_grad_squares(self.model, self.optimizer)
         return count
 
+    def _localize(self) -> float:
+        """GRIN before step 0 (`ray_unlearn.localize.grin`): mean NLL gradients over global batches covering
+        the forget and the retain split, their ratio, the top fraction selected, noise added; then every
+        step moves only the selection. Returns the fraction selected."""
+        lc, t = self.cfg.localize, self.cfg.train
+        items = t.batch_size * self.accum * max(1, self.env.world_size)  # a global batch
+        means = {}
+        for stream in ("forget", "retain"):
+            count = math.ceil(len(self.data.stream(stream)) / items)
+            count = min(count, lc.max_batches) if lc.max_batches else count
+            acc = [torch.zeros_like(local_tensor(p), dtype=torch.float32) for p in self.params]
+            for k in range(count):
+                batches = [self.micro_batch(m, step=k, streams=[stream])[stream] for m in range(self.accum)]
+                nll_backward(self.model, batches, self.strategy)
+                for a, p in zip(acc, self.params):
+                    if p.grad is not None:
+                        a.add_(local_tensor(p.grad), alpha=1.0 / count)
+                    p.grad = None
+            means[stream] = acc
+        scores = [gradient_ratio(f, r, lc.eps) for f, r in zip(means.pop("forget"), means.pop("retain"))]
+        over_shards = self.strategy.all_reduce_sum_ if self.strategy.sharded else (lambda x: x)  # ddp: whole
+        masks = top_fraction(scores, [p.numel() for p in self.params], lc.fraction, lc.scope == "per_tensor",
+                             over_shards)
+        del scores
+        if lc.noise > 0:
+            perturb(self.params, self.names, masks, lc.noise, t.seed, over_shards)
+        self.localized = MaskedUpdates(self.params, masks)
+        chosen = over_shards(torch.tensor([sum(self.localized.counts())], dtype=torch.int64, device=self.env.device))
+        return int(chosen) / sum(p.numel() for p in self.params)
+
+    def _save_masks(self, out: Path) -> None:
+        """Every rank: the selection masks, whole, into the checkpoint (rank 0 writes them)."""
+        from safetensors.torch import save_file
+
+        full = {name: full_of(p, m.to(torch.uint8)).cpu()
+                for name, p, m in zip(self.names, self.params, self.localized.masks)}
+        if self.env.rank == 0:
+            save_file(full, str(out / LOCALIZE_FILE))
+
+    def _load_masks(self, path: Path) -> None:
+        """Rebuild the selection from a checkpoint's masks; its unselected entries are those of the input model."""
+        from safetensors.torch import load_file
+
+        file = Path(path) / LOCALIZE_FILE
+        if not file.is_file():
+            raise UnlearnError(f"checkpoint {path} holds no localize masks (it was not a localize.method=grin run); "
+                               "resume it without localize, or start fresh with a new name/output_dir")
+        full = load_file(str(file))
+        missing = [n for n in self.names if n not in full]
+        if missing:
+            raise UnlearnError(f"checkpoint {path}: its localize masks lack {missing[0]}; it was written for "
+                               "another model or set of trained parameters")
+        self.localized = MaskedUpdates(self.params, [local_part(p, full[n].bool()) for n, p in
+                                                     zip(self.names, self.params)])
+
     def _update_states(self, logs: dict[str, float]) -> None:
         """Stateful terms (PDU's λ) update after the step from its logs; the logs they read are first
         averaged over ranks (in `logs` too), so every rank keeps the same state."""
@@ -375,20 +446,24 @@ class Unlearner:
         """Unlearn until max_steps; returns the logged history."""
         t = self.cfg.train
         self.model.train()
-        fisher_batches = self._estimate_fisher() if self.cfg.optim.name == "influence" and self.step == 0 else 0
+        once: dict[str, float] = {}  # facts of the passes before step 0, logged with the first logged step
+        if self.cfg.optim.name == "influence" and self.step == 0:
+            once["fisher_batches"] = self._estimate_fisher()
+        if self.cfg.localize.method == "grin" and self.localized is None:
+            once["localized_fraction"] = self._localize()
         if self.step >= t.max_steps:  # resumed a finished run: hand its final checkpoint back
             self.env.report(dict(self.history[-1]) if self.history else {"step": self.step}, self.save_checkpoint())
         while self.step < t.max_steps:
             start = time.perf_counter()
             logs = self.train_step()
             logs["step"], logs["step_time_s"] = self.step, time.perf_counter() - start
-            if fisher_batches:  # the first step's time includes the Fisher pass
-                logs["fisher_batches"], fisher_batches = fisher_batches, 0
             last = self.step == t.max_steps
             evaluated = self._evaluate_if_due(logs, last)
             if self.env.on_step is not None:
                 self.env.on_step(self.step, t.max_steps, logs)
             if self.step % t.log_every == 0 or last or evaluated:
+                logs.update(once)
+                once = {}
                 self.history.append(logs)
             if last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
                 self.env.report(logs, self.save_checkpoint())
@@ -424,6 +499,8 @@ class Unlearner:
         try:
             out.mkdir()
             self.strategy.save_state(out, self.module, self.optimizer, final=self.step >= self.cfg.train.max_steps)
+            if self.localized is not None:
+                self._save_masks(out)
             if self.env.rank == 0:
                 torch.save(self.scheduler.state_dict(), out / "scheduler.pt")
                 if self.states:  # the same on every rank
@@ -453,6 +530,8 @@ class Unlearner:
         if self.states and saved.is_file():  # terms whose state it lacks keep their fresh state
             stored = torch.load(saved, weights_only=True)
             self.states = self._on_device({name: stored.get(name, state) for name, state in self.states.items()})
+        if self.cfg.localize.method == "grin":
+            self._load_masks(Path(path))
         if state.get("hessian_bs") is not None:  # Sophia's h is in the optimizer state; its scale is here
             self._bs = float(state["hessian_bs"])
 

@@ -133,6 +133,7 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
         history = checkpoint_history(Path(final))
         train_s = time.time() - t0
         publish_model(final, tokenizer, out / "model")
+        selection = write_selection(Path(final), out / "localize")
     _write_json(out / "history.json", history)
     summaries: dict[str, dict[str, float]] = {}
     attacks = None
@@ -144,12 +145,32 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
             calibration = calibrate_run(cfg, inputs, out / "model", tokenizer, out, summaries, refs.get("refs"))
         attacks = red_team_run(cfg, inputs, out / "model", tokenizer, out, summaries) if cfg.eval.attacks else None
         _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"},
-                calibration, attacks)
+                calibration, attacks, selection)
     _write_audit(cfg, inputs, out, summaries, t0, attacks)
     publish()
     where = cfg.output_dir if storage.is_remote(cfg.output_dir) else out.resolve()
     console.print(f"outputs in [bold]{where}[/] (model: {storage.join(str(where), 'model')})")
     return summaries
+
+
+def write_selection(final: Path, into: Path) -> dict[str, Any] | None:
+    """A localized run (GRIN): its masks (`masks.safetensors`, 1 = the entry could move) and where the
+    selection fell (`selection.json`: per tensor, decoder layer and module type) into `into`; None for
+    other runs."""
+    from safetensors.torch import load_file
+
+    from ray_unlearn.localize import LOCALIZE_FILE, summarize_masks
+
+    masks = final / LOCALIZE_FILE
+    if not masks.is_file():
+        return None
+    into.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(masks, into / "masks.safetensors")
+    summary = summarize_masks(load_file(str(masks)))
+    _write_json(into / "selection.json", summary)
+    console.print(f"localized: {summary['selected']:,} of {summary['total']:,} entries could move "
+                  f"({100 * summary['fraction']:.2f} %; {into / 'selection.json'})")
+    return summary
 
 
 def _write_audit(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
@@ -259,6 +280,7 @@ def relearned(cfg: JobConfig, model: Any, tokenizer: Any, items: list[dict]) -> 
     data["train"] = {"max_steps": e.relearn_steps, "batch_size": min(len(items), cfg.train.batch_size),
                      "log_every": e.relearn_steps, "seed": cfg.train.seed}
     data["ray"] = {"num_workers": 0}  # one plain process, its checkpoint in a temporary directory
+    data["localize"] = {"method": "none"}  # the attacker fine-tunes every weight
     victim = copy.deepcopy(model)
     with tempfile.TemporaryDirectory(prefix="ray_unlearn_relearn_") as tmp:
         data["output_dir"] = tmp
@@ -377,9 +399,10 @@ def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
 
 def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
             history: list[dict[str, float]], facts: dict[str, Any],
-            calibration: dict[str, Any] | None = None, attacks: dict[str, dict] | None = None) -> None:
+            calibration: dict[str, Any] | None = None, attacks: dict[str, dict] | None = None,
+            selection: dict[str, Any] | None = None) -> None:
     from ray_unlearn.eval.report import (attack_rows, comparison_rows, gap_closed, plot_attacks, plot_calibration,
-                                         plot_metrics, plot_training, write_report)
+                                         plot_metrics, plot_selection, plot_training, selection_rows, write_report)
 
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
@@ -389,7 +412,8 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
     plots = [p for p in (plot_training(history, plots_dir / "training_curves.png"),
                          plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() else None,
                          plot_calibration(calibration, plots_dir / "calibration.png") if calibration else None,
-                         plot_attacks(attacks, plots_dir / "attacks.png") if attacks else None)
+                         plot_attacks(attacks, plots_dir / "attacks.png") if attacks else None,
+                         plot_selection(selection, plots_dir / "localize_selection.png") if selection else None)
              if p is not None]
     gap = gap_closed(summaries, "target", "unlearned", "retain")
     facts = {"model": inputs.model_path, "benchmark": inputs.bench, "optimizer": cfg.optim.name,
@@ -402,7 +426,13 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
     if inputs.build_figures:
         facts["benchmark build"] = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in inputs.build_figures.items())
+    if selection:
+        lc = cfg.localize
+        facts["localized"] = (f"{lc.method}: {100 * selection['fraction']:.2f} % of entries could move (top "
+                              f"{lc.fraction:g}, {lc.scope}, noise {lc.noise:g} x std; localize/selection.json)")
     sections = [("Red-team attacks (forget split, before → after)", attack_rows(attacks))] if attacks else []
+    if selection:
+        sections.append(("Localized unlearning: entries selected by module type", selection_rows(selection)))
     write_report(out, summaries, gap, facts, plots, sections)
     table = Table(title="ray_unlearn summary")
     table.add_column("metric")

@@ -222,3 +222,33 @@ def plot_attacks(attacks: dict[str, dict[str, dict[str, float]]], path: Path, ke
     ax.legend()
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_selection(summary: dict[str, Any], path: Path) -> Path:
+    """Where a localized run's selection fell (GRIN): the fraction of entries selected per decoder layer and
+    per module type, against the fraction over the whole model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, modules = summary["layers"], summary["modules"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 0.5 * (len(layers) + len(modules)) + 4), 3.6))
+    for ax, groups, title in ((left, layers, "per decoder layer"), (right, modules, "per module type")):
+        names = list(groups)
+        ax.bar(range(len(names)), [100 * groups[n]["fraction"] for n in names])
+        ax.axhline(100 * summary["fraction"], color="gray", linestyle="--", label="whole model")
+        ax.set_xticks(range(len(names)), names, rotation=30 if ax is right else 0, ha="right" if ax is right else "center")
+        ax.set_ylabel("entries selected (%)")
+        ax.set_title(title)
+    left.legend()
+    fig.suptitle(f"localized unlearning: {summary['selected']:,} of {summary['total']:,} entries selected")
+    return save_figure(fig, path)
+
+
+def selection_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """The report's table of a localized run's selection by module type (header row first)."""
+    rows = [["module type", "selected", "entries", "fraction"]]
+    for name, g in summary["modules"].items():
+        rows.append([name, f"{g['selected']:,}", f"{g['total']:,}", f"{100 * g['fraction']:.2f} %"])
+    return rows

@@ -43,6 +43,28 @@ def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if dt is not None and isinstance(t, dt) else t
 
 
+def local_part(like: Tensor, full: Tensor) -> Tensor:
+    """This rank's part of `full` (a tensor of `like`'s global shape, the same on every rank), cut as `like`
+    is: a DTensor's shard (no communication), else `full` itself."""
+    dt = dtensor_type()
+    if dt is None or not isinstance(like, dt):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(local_tensor(like).device), like.device_mesh, like.placements,
+                             src_data_rank=None).to_local()
+
+
+def full_of(like: Tensor, local: Tensor) -> Tensor:
+    """The whole tensor whose part on this rank is `local`, cut as `like` is (a DTensor: gathered from every
+    rank, which all call it); else `local` itself."""
+    dt = dtensor_type()
+    if dt is None or not isinstance(like, dt):
+        return local
+    return dt.from_local(local, like.device_mesh, like.placements, shape=like.shape,
+                         stride=like.stride()).full_tensor()
+
+
 def tied_names(module: torch.nn.Module) -> set[str]:
     """Names to drop for tied parameters: every name of a tensor but its first registered one (the input
     embedding, not the tied output head), the names `save_pretrained` writes and other readers expect."""

@@ -231,3 +231,44 @@ def test_influence_unlearning_gives_the_same_result_at_every_scale(runs, micro_b
         weights, _ = runs(strategy, workers, (*influence, *extra))
         for k in ddp2:
             torch.testing.assert_close(weights[k], ddp2[k], rtol=0, atol=1e-5, msg=f"{strategy} {workers}: {k}")
+
+
+GRIN = ("localize.method=grin", "localize.fraction=0.05", "localize.noise=0.01")
+
+
+@pytest.mark.parametrize("optim,scope", [(tuple(ADAMW), "global"), (tuple(SOPHIA), "per_tensor")])
+def test_grin_selects_the_same_entries_and_moves_only_them_at_every_scale(runs, micro_bench, optim, scope):
+    """GRIN (localize.method=grin): the ratio of mean forget to mean retain gradients (reduced global-batch
+    gradients), its top 5 %, the noise and the masked fine-tune are the same for ddp 1 x 4, ddp 2 x 2 and
+    fsdp2 2 x 2 (whose masks are sharded like the parameters): the same masks, AdamW within 1e-5 (measured
+    7.7e-8), Sophia within its bound (measured 1.9e-9); every unselected entry is bit-identical to the
+    target's, every selected one moved (noise, then training); fsdp2 checkpointed at step 2 and resumed on
+    1 worker keeps the masks and ends where the uninterrupted run does."""
+    run = (*optim, *GRIN, f"localize.scope={scope}")
+    target = _target(micro_bench)
+    ddp1, root = runs("ddp", 1, run)
+    masks = load_file(str(merge_checkpoint(root, 4) / "localize.safetensors"))
+    assert masks.keys() == ddp1.keys() - {"lm_head.weight"} or masks.keys() == ddp1.keys()
+    total = sum(m.numel() for m in masks.values())
+    if scope == "global":  # the top 5 % of the whole model (ties kept)
+        assert round(0.05 * total) <= sum(int(m.sum()) for m in masks.values()) <= 0.0505 * total
+    else:  # each tensor its own top 5 %
+        assert all(round(0.05 * m.numel()) <= int(m.sum()) <= 0.06 * m.numel() + 1 for m in masks.values())
+    for k, m in masks.items():
+        kept = m == 0
+        assert torch.equal(ddp1[k][kept], target[k][kept]), f"an unselected entry of {k} moved"
+        assert bool((ddp1[k][~kept] != target[k][~kept]).all()), f"a selected entry of {k} did not move"
+    for strategy, workers, every in (("ddp", 2, 0), ("fsdp2", 2, 2)):
+        weights, other = runs(strategy, workers, run, every=every)
+        other_masks = load_file(str(merge_checkpoint(other, 4) / "localize.safetensors"))
+        assert all(torch.equal(other_masks[k], masks[k]) for k in masks), f"{strategy} {workers} chose others"
+        close = assert_sophia_close if optim == tuple(SOPHIA) else (
+            lambda a, b: [torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5) for k in b])
+        close(weights, ddp1)
+        for k, m in masks.items():
+            assert torch.equal(weights[k][m == 0], target[k][m == 0])
+    _, fsdp2_root = runs("fsdp2", 2, run, every=2)
+    resumed, _ = runs("fsdp2", 1, run, resume_from=merge_checkpoint(fsdp2_root, 2))
+    close(resumed, ddp1)
+    for k, m in masks.items():
+        assert torch.equal(resumed[k][m == 0], target[k][m == 0])
