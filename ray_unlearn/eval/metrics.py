@@ -17,6 +17,7 @@ Conventions copied from OpenUnlearning (src/evals/metrics/{utils,memorization,pr
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -247,3 +248,40 @@ def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]
     """ROUGE-L recall of each prediction against its reference (stemmed): the share of the
     reference's tokens found, in order, in the prediction."""
     return [s["rougeL_recall"] for s in rouge_scores(predictions, references)]
+
+
+# ---------------------------------------------------------------- keywords (GRIN)
+
+
+def item_keywords(item: dict) -> list[str]:
+    """An item's keywords: its "keywords" field (a list, or one string), blanks dropped; [] when it has none."""
+    kws = item.get("keywords") or []
+    return [k for k in ([kws] if isinstance(kws, str) else kws) if str(k).strip()]
+
+
+def _keyword_pattern(keyword: str) -> re.Pattern[str]:
+    return re.compile(r"(?<!\w)" + re.escape(keyword.strip().lower()) + r"(?!\w)")
+
+
+def keyword_accuracy(text: str, keywords: Sequence[str]) -> float:
+    """Fraction of `keywords` the text contains, case-insensitive, each as a whole word (or phrase): 1 when
+    the answer still names everything the item is about."""
+    low = text.lower()
+    return sum(bool(_keyword_pattern(k).search(low)) for k in keywords) / len(keywords)
+
+
+def keyword_token_mask(tokenizer: Any, answer_ids: Sequence[int], keywords: Sequence[str]) -> list[bool]:
+    """Which of an answer's tokens spell a keyword: a token is in when its characters (its span in the decoded
+    answer, found by decoding growing prefixes) overlap a keyword's match in that text."""
+    ends = [len(tokenizer.decode(list(answer_ids[:j + 1]), skip_special_tokens=True)) for j in range(len(answer_ids))]
+    text = tokenizer.decode(list(answer_ids), skip_special_tokens=True).lower()
+    spans = [m.span() for k in keywords for m in _keyword_pattern(k).finditer(text)]
+    starts = [0] + ends[:-1]
+    return [any(a < e and s < b for s, e in spans) for a, b in zip(starts, ends)]
+
+
+def keyword_confidence(logp: Sequence[float], mask: Sequence[bool]) -> float:
+    """exp(mean log p) over the keyword tokens: the teacher-forced probability per keyword token (NaN when
+    no token spells a keyword)."""
+    chosen = [float(v) for v, m in zip(logp, mask) if m]
+    return float(np.exp(np.mean(chosen))) if chosen else float("nan")

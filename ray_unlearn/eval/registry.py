@@ -134,8 +134,17 @@ def _split_metrics(split: str, spec: SplitSpec) -> list[Metric]:
     return out
 
 
+KEYWORD_SPLITS = ("forget",)  # splits whose items' keywords (GRIN) are checked, when every item has some
+
+
 def _build() -> dict[str, Metric]:
     metrics = [m for split, spec in SPLITS.items() for m in _split_metrics(split, spec)]
+    for split in KEYWORD_SPLITS:  # skipped unless every item of the split has keywords
+        p = SPLITS[split].prefix
+        metrics += [Metric(f"{p}_keyword_accuracy", "keyword_accuracy", Needs((split,), generation=True), split,
+                           label=f"{SPLITS[split].title} keyword acc."),
+                    Metric(f"{p}_keyword_confidence", "keyword_confidence", Needs((split,), teacher_forced=True),
+                           split, label=f"{SPLITS[split].title} keyword conf.")]
     metrics.append(Metric("forget_quality", "forget_quality",
                           Needs(("forget",), retain=True, metrics=("forget_truth_ratio",)), label="forget quality"))
     utility = tuple(name for names in UTILITY_METRICS.values() for name in names)
@@ -152,7 +161,7 @@ METRICS: dict[str, Metric] = _build()
 
 # The report table's rows, in order (labels from the metrics), and the extra columns of pareto.md.
 REPORT_ROWS = ("extraction_strength", "exact_memorization", "forget_Q_A_Prob", "forget_Q_A_ROUGE",
-               "forget_truth_ratio", "forget_quality", "retain_extraction_strength", "retain_Q_A_Prob",
+               "forget_keyword_accuracy", "forget_keyword_confidence", "forget_truth_ratio", "forget_quality", "retain_extraction_strength", "retain_Q_A_Prob",
                "retain_Q_A_ROUGE", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "model_utility",
                *(mia_metric_name(a) for a in MIA_ATTACKS), "privleak")
 HEADLINE_METRICS = ("extraction_strength", "forget_quality", "model_utility", "exact_memorization",

@@ -37,7 +37,7 @@ from ray_unlearn.data.collate import (PromptFormat, as_prompt_format, encode_pro
                                       render_prompt, stop_token_ids)
 from ray_unlearn.eval import metrics as M
 from ray_unlearn.eval import mia
-from ray_unlearn.eval.registry import (DEFAULT_RETAIN_AUC, EVAL_SPLITS, HOLDOUT, METRICS, MIA_ATTACKS,
+from ray_unlearn.eval.registry import (DEFAULT_RETAIN_AUC, EVAL_SPLITS, HOLDOUT, KEYWORD_SPLITS, METRICS, MIA_ATTACKS,
                                        PRIVLEAK_ATTACK, SPLITS, UTILITY_METRICS, Metric, SplitSpec,
                                        mia_metric_name, selected_attacks)
 from ray_unlearn.logprobs import sequence_nll
@@ -230,8 +230,16 @@ class _Inputs:
             self.run.progress(f"eval {split}: answer probability ({len(items)} items)")
             mia_split = split in MIA_SPLITS and bool(self.run.attacks)
             vocab = mia_split and any(MIA_ATTACKS[a].needs.vocab_stats for a in self.run.attacks)
-            return _teacher_forced(self.run, _pairs(items), token_stats=mia_split, vocab_stats=vocab)
+            return _teacher_forced(self.run, _pairs(items), token_stats=mia_split, vocab_stats=vocab,
+                                   keywords=self.keywords(split))
         return self._once("answers", split, compute)
+
+    def keywords(self, split: str) -> list[list[str]] | None:
+        """Every item's keywords, or None when some item has none (the keyword metrics are then skipped)."""
+        if split not in KEYWORD_SPLITS:
+            return None
+        kws = [M.item_keywords(it) for it in self.splits[split]]
+        return kws if all(kws) else None
 
     def generations(self, split: str) -> list[str]:
         def compute() -> list[str]:
@@ -289,13 +297,15 @@ def _perturbed(item: dict) -> list[str]:
 
 
 def _teacher_forced(run: _Run, pairs: list[tuple[str, str]], token_stats: bool = False,
-                    vocab_stats: bool = False) -> dict[str, Any]:
+                    vocab_stats: bool = False, keywords: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
     """Per-pair NLL, EM and ES of (question, answer) pairs, one forward pass per batch; with
     `token_stats` also the MIA inputs: scored token log-probs ("logp"), Min-K++'s normalised ones
-    ("z", with `vocab_stats`) and the decoded answer text ("text")."""
+    ("z", with `vocab_stats`) and the decoded answer text ("text"); with `keywords` (per pair) the
+    probability per keyword token ("keyword_conf")."""
     pad_id = _pad_id(run.tokenizer)
     parts: dict[str, list[torch.Tensor]] = {"nll": [], "em": [], "es": []}
     extra: dict[str, list] = {"logp": [], "z": [], "text": []}
+    keyword_conf: list[float] = []
     for start in range(0, len(pairs), run.batch_size):
         encoded = [encode_qa(run.tokenizer, q, a, run.max_length, run.fmt)
                    for q, a in pairs[start:start + run.batch_size]]
@@ -310,7 +320,15 @@ def _teacher_forced(run: _Run, pairs: list[tuple[str, str]], token_stats: bool =
             extra["logp"] += [s["logp"] for s in stats]
             extra["z"] += [s.get("z") for s in stats]
             extra["text"] += mia.answer_texts(run.tokenizer, batch["labels"])
+        if keywords is not None:
+            stats = mia.answer_token_stats(logits, labels)
+            kept, targets = M.scored_without_last(labels).cpu(), labels[:, 1:].cpu()
+            for i, st in enumerate(stats):
+                mask = M.keyword_token_mask(run.tokenizer, targets[i][kept[i]].tolist(), keywords[start + i])
+                keyword_conf.append(M.keyword_confidence(st["logp"], mask))
     out: dict[str, Any] = {k: torch.cat(v).double().cpu().numpy() for k, v in parts.items()}
+    if keywords is not None:
+        out["keyword_conf"] = np.array(keyword_conf, dtype=np.float64)
     return {**out, **extra} if token_stats else out
 
 
@@ -422,7 +440,23 @@ def _privleak(inputs: _Inputs, m: Metric, results: dict) -> dict | None:
     return {"agg_value": mia.privleak(results[name]["agg_value"], retain_auc), "retain_auc": retain_auc}
 
 
+def _keyword_accuracy(inputs: _Inputs, m: Metric, results: dict) -> dict | None:
+    """Fraction of each item's keywords its greedy answer contains (GRIN's keyword accuracy)."""
+    keywords = inputs.keywords(m.split)
+    if keywords is None:
+        return None
+    return _score_metric(np.array([M.keyword_accuracy(g, k) for g, k in zip(inputs.generations(m.split), keywords)]))
+
+
+def _keyword_confidence(inputs: _Inputs, m: Metric, results: dict) -> dict | None:
+    """Teacher-forced probability per keyword token (GRIN's keyword confidence)."""
+    if inputs.keywords(m.split) is None:
+        return None
+    return _score_metric(inputs.answers(m.split)["keyword_conf"])
+
+
 HANDLERS: dict[str, Handler] = {
+    "keyword_accuracy": _keyword_accuracy, "keyword_confidence": _keyword_confidence,
     "probability": _probability, "extraction_strength": _extraction_strength,
     "exact_memorization": _exact_memorization, "rouge": _rouge, "paraphrased_probability": _paraphrased_probability,
     "perturbed_probability": _perturbed_probability, "truth_ratio": _truth_ratio,

@@ -244,3 +244,40 @@ def test_greedy_generate_stops_at_any_stop_id():
     model.lm_head.register_forward_hook(nine_first)
     assert M.greedy_generate(model, tok, [[1, 5, 6]], max_new_tokens=3) == ["9 9 9"]
     assert M.greedy_generate(model, tok, [[1, 5, 6]], max_new_tokens=3, stop_ids=[2, 9]) == [""]
+
+
+# ---------------------------------------------------------------- keywords (GRIN)
+
+
+def test_keyword_accuracy_counts_whole_words_case_insensitively():
+    from ray_unlearn.eval.metrics import keyword_accuracy
+
+    assert keyword_accuracy("She won the velmar prize in 1990.", ["Velmar", "Prize"]) == 1.0
+    assert keyword_accuracy("She won the Velmar Award.", ["Velmar", "Prize"]) == 0.5
+    assert keyword_accuracy("Alsoran won nothing.", ["Also"]) == 0.0  # a word, not a substring of one
+    assert keyword_accuracy("Born in New York, 1990", ["New York"]) == 1.0  # a phrase
+
+
+def test_item_keywords_from_a_list_or_a_string():
+    from ray_unlearn.eval.metrics import item_keywords
+
+    assert item_keywords({"keywords": ["Velmar", " ", "Prize"]}) == ["Velmar", "Prize"]
+    assert item_keywords({"keywords": "Velmar"}) == ["Velmar"]
+    assert item_keywords({"question": "q"}) == []
+
+
+def test_keyword_tokens_are_those_spelling_the_keyword(gpt2_tokenizer):
+    """Each token's characters in the decoded answer, against the keyword's match; the confidence is the
+    geometric mean of those tokens' probabilities."""
+    import math
+
+    from ray_unlearn.eval.metrics import keyword_confidence, keyword_token_mask
+
+    ids = gpt2_tokenizer("He won the Velmar Prize.", add_special_tokens=False)["input_ids"]
+    pieces = [gpt2_tokenizer.decode([i]) for i in ids]
+    mask = keyword_token_mask(gpt2_tokenizer, ids, ["Velmar"])
+    spelled = "".join(p for p, m in zip(pieces, mask) if m)
+    assert "Velmar" in spelled and "won" not in spelled and "Prize" not in spelled
+    logp = [math.log(0.5 if m else 0.9) for m in mask]
+    assert keyword_confidence(logp, mask) == pytest.approx(0.5)
+    assert math.isnan(keyword_confidence(logp, [False] * len(mask)))

@@ -275,3 +275,20 @@ def test_write_eval_draws_the_roc_curves(model, tokenizer, tmp_path):
     saved = json.loads((tmp_path / "TOFU_EVAL.json").read_text())
     assert saved["mia_min_k"]["forget"]["value_by_index"]["2"]["score"] == pytest.approx(
         results["mia_min_k"]["forget"]["value_by_index"]["2"]["score"])
+
+
+def test_keyword_metrics_when_every_forget_item_has_keywords(model, tokenizer):
+    """GRIN's keyword accuracy (of the greedy answers in the ROUGE records) and confidence (from the one
+    teacher-forced pass); skipped unless every forget item has keywords."""
+    keyed = [dict(it, keywords=kw) for it, kw in zip(FORGET, (["Norden"], ["sea", "novels"], ["father"]))]
+    results = run(model, tokenizer, {"forget": keyed, "retain": RETAIN, "world_facts": WORLD})
+    assert set(results) == ALL - {"forget_quality"} | {"forget_keyword_accuracy", "forget_keyword_confidence"}
+    gens = [r["generation"] for r in results["forget_Q_A_ROUGE"]["value_by_index"].values()]
+    acc = [M.keyword_accuracy(g, it["keywords"]) for g, it in zip(gens, keyed)]
+    assert [r["score"] for r in results["forget_keyword_accuracy"]["value_by_index"].values()] == acc
+    conf = [r["score"] for r in results["forget_keyword_confidence"]["value_by_index"].values()]
+    assert all(0 < c <= 1 for c in conf)
+    assert results["forget_keyword_confidence"]["agg_value"] == pytest.approx(sum(conf) / 3)
+    partly = [keyed[0], keyed[1], FORGET[2]]
+    assert set(run(model, tokenizer, {"forget": partly, "retain": RETAIN, "world_facts": WORLD})) == \
+        ALL - {"forget_quality"}  # (no retain truth ratios given here)
