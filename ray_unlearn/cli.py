@@ -1,4 +1,4 @@
-"""`ray-unlearn`: run (unlearn + evaluate + report), data (build the built-in benchmark), config,
+"""`ray-unlearn`: run (unlearn + evaluate + report), eval (evaluate a model without unlearning), data (build the built-in benchmark), config,
 verify (check a run directory against its audit.json: exit 0 all match, 1 a mismatch).
 
 Bad input ends with `error: <one line>` on stderr and exit status 2; nothing is written before
@@ -42,6 +42,17 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from ray_unlearn.pipeline import run_job
 
     run_job(_load(ns))
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from ray_unlearn.pipeline import eval_job
+
+    cfg = _load(ns)
+    if cfg.output_dir == JobConfig().output_dir:  # not set: runs/eval/<MODEL> rather than run's runs/unlearn
+        name = Path(ns.model.rstrip("/")).name or "model"
+        cfg = load_config(*_split_args([*ns.args, f"output_dir=runs/eval/{name}"]))
+    eval_job(cfg, ns.model)
     return 0
 
 
@@ -99,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...] (no job file: the built-in default)")
     run.add_argument("--output-dir", help="output directory (same as output_dir=...)")
     run.set_defaults(fn=cmd_run)
+    ev = sub.add_parser("eval", help="evaluate a model (HF directory or hub id) without unlearning: the same "
+                                     "metrics, MIA, attacks, files and report as run")
+    ev.add_argument("model", help="HF model directory or hub id to evaluate")
+    ev.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...]: the data, the target and retain models "
+                                            "to compare with, eval settings (default output_dir: runs/eval/<MODEL>)")
+    ev.add_argument("--output-dir", help="output directory (same as output_dir=...)")
+    ev.set_defaults(fn=cmd_eval)
     tune = sub.add_parser("tune", help="search the forgetting/retention trade-off with Ray Tune + Optuna")
     tune.add_argument("args", nargs="*", help="JOB.yaml (with a tune: section) [key=value ...]")
     tune.add_argument("--output-dir", help="output directory (same as output_dir=...)")

@@ -153,6 +153,78 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
     return summaries
 
 
+def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
+    """`ray-unlearn eval MODEL`: evaluate a model (HF directory or hub id) without unlearning, beside the
+    job's target (model.path, or the built-in target) and retain model, with the job's MIA and red-team
+    attacks; writes the same EVAL/SUMMARY files (MODEL's under <out>/eval, the others under
+    <out>/eval/<name>), attacks.json, report.md and plots. Returns the summaries by name ("evaluated",
+    and "target" / "retain" where known and not MODEL itself)."""
+    from ray_unlearn.eval.report import attack_rows, gap_closed, plot_attacks, plot_metrics, write_report
+    from ray_unlearn.eval.suite import roc_path, write_eval
+    from ray_unlearn.models.io import (_check_model_dir, check_vocab, empty_model, load_model, load_tokenizer,
+                                       looks_like_path)
+
+    t0 = time.time()
+    if looks_like_path(model):
+        _check_model_dir(Path(model).expanduser())  # one line before anything is built or written
+    validate(cfg)
+    check_attacks(cfg, inputs := _resolved(cfg))
+    storage.check_writable("output_dir", cfg.output_dir)
+    if storage.is_remote(cfg.output_dir):
+        raise UnlearnError("ray-unlearn eval writes to a local output_dir; copy the results to the bucket after")
+    m = cfg.model
+    own_tokenizer = looks_like_path(model) and any((Path(model).expanduser() / f).is_file()
+                                                   for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(model if own_tokenizer or not looks_like_path(model) else inputs.tokenizer_path,
+                               m.trust_remote_code)
+    def same(a: str | None, b: str) -> bool:
+        return a is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+    models: dict[str, Callable[[], Any]] = {}
+    if inputs.retain_model_path and not same(inputs.retain_model_path, model):
+        models["retain"] = lambda: load_model(inputs.retain_model_path, m.dtype, m.trust_remote_code)
+    if not same(inputs.model_path, model):
+        models["target"] = lambda: load_model(inputs.model_path, m.dtype, m.trust_remote_code)
+    models["evaluated"] = lambda: load_model(model, m.dtype, m.trust_remote_code)
+    paths = {"retain": inputs.retain_model_path, "target": inputs.model_path, "evaluated": model}
+    for name in models:  # every model reads the one tokenizer's ids: check on shapes before anything is written
+        check_vocab(empty_model(paths[name], m.dtype, m.trust_remote_code), tokenizer,
+                    f"the {name} model ({paths[name]})")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+
+    def write(name: str, results: dict) -> None:
+        eval_dir = out / "eval" if name == "evaluated" else out / "eval" / name
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        write_eval(eval_dir, inputs.bench, results)
+
+    console.print(f"evaluating {model} on {inputs.bench} ({len(inputs.forget)} forget items)")
+    found, _ = evaluate_models(cfg, inputs, tokenizer, models, write)
+    summaries = {n: found[n] for n in ("target", "evaluated", "retain") if n in found}
+    attacks = red_team_run(cfg, inputs, Path(model), tokenizer, out, summaries, "evaluated") \
+        if cfg.eval.attacks else None
+    plots_dir = out / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    roc = roc_path(out / "eval", inputs.bench)
+    plots = [p for p in (plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() else None,
+                         plot_attacks(attacks, plots_dir / "attacks.png") if attacks else None) if p is not None]
+    gap = gap_closed(summaries, "target", "evaluated", "retain")
+    facts = {"evaluated model": model, "target model": inputs.model_path,
+             "retain model": inputs.retain_model_path or "none", "benchmark": inputs.bench,
+             "time (s)": f"{time.time() - t0:.1f}"}
+    sections = [("Red-team attacks (forget split, before → after)", attack_rows(attacks))] if attacks else []
+    write_report(out, summaries, gap, facts, plots, sections)
+    _print_summary(summaries, gap)
+    console.print(f"outputs in [bold]{out.resolve()}[/]")
+    return summaries
+
+
+def _resolved(cfg: JobConfig) -> JobInputs:
+    with progress_reporter() as report:
+        return resolve_inputs(cfg, report)
+
+
 def write_selection(final: Path, into: Path) -> dict[str, Any] | None:
     """A localized run (GRIN): its masks (`masks.safetensors`, 1 = the entry could move) and where the
     selection fell (`selection.json`: per tensor, decoder layer and module type) into `into`; None for
@@ -359,10 +431,11 @@ def calibrate_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer:
 
 
 def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: Any, out: Path,
-                 summaries: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
-    """eval.attacks on the unlearned model: for each attack the forget split's metrics measured again under
-    it, {attack: {metric: {"before", "after"}}} ("before": the unlearned model's plain evaluation, the same
-    items); written to <out>/eval/attacks.json."""
+                 summaries: dict[str, dict[str, float]], name: str = "unlearned"
+                 ) -> dict[str, dict[str, dict[str, float]]]:
+    """eval.attacks on the unlearned model (summaries[name] its plain evaluation): for each attack the forget
+    split's metrics measured again under it, {attack: {metric: {"before", "after"}}} ("before": the plain
+    evaluation, the same items); written to <out>/eval/attacks.json."""
     from ray_unlearn.data.collate import prompt_format
     from ray_unlearn.eval.redteam import attacked, relearn_split
     from ray_unlearn.eval.suite import _capped, _write_json_atomic, evaluate_model, summary
@@ -381,7 +454,7 @@ def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
                                           cfg.data.max_length, progress=lambda msg: say(f"{what}: {msg}")))
 
     for attack in e.attacks:
-        before = summaries.get("unlearned", {})
+        before = summaries.get(name, {})
         if attack == "relearn":
             slice_, items = relearn_split(forget, e.relearn_fraction)
             before = measure(model, items, "relearn (before)")
@@ -401,7 +474,7 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
             history: list[dict[str, float]], facts: dict[str, Any],
             calibration: dict[str, Any] | None = None, attacks: dict[str, dict] | None = None,
             selection: dict[str, Any] | None = None) -> None:
-    from ray_unlearn.eval.report import (attack_rows, comparison_rows, gap_closed, plot_attacks, plot_calibration,
+    from ray_unlearn.eval.report import (attack_rows, gap_closed, plot_attacks, plot_calibration,
                                          plot_metrics, plot_selection, plot_training, selection_rows, write_report)
 
     plots_dir = out / "plots"
@@ -434,6 +507,13 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
     if selection:
         sections.append(("Localized unlearning: entries selected by module type", selection_rows(selection)))
     write_report(out, summaries, gap, facts, plots, sections)
+    _print_summary(summaries, gap)
+
+
+def _print_summary(summaries: dict[str, dict[str, float]], gap: dict[str, float]) -> None:
+    """The key metrics of every model side by side, and the gap closed, on the console."""
+    from ray_unlearn.eval.report import comparison_rows
+
     table = Table(title="ray_unlearn summary")
     table.add_column("metric")
     for name in summaries:

@@ -297,3 +297,62 @@ def test_tune_keeps_its_output_dir_local(capsys, bench_cache):
     rc, _, err = run_cli(capsys, "tune", "benchmark.size=micro", f"benchmark.cache_dir={bench_cache}",
                          "output_dir=s3://b/search")
     assert rc == 2 and len(err) == 1 and "set ray.storage_path=s3://" in err[0]
+
+
+# ---------------------------------------------------------------------------- ray-unlearn eval
+
+
+def test_eval_a_model_without_unlearning(capsys, micro_bench, bench_cache, tmp_path, out_dir):
+    """`ray-unlearn eval MODEL`: a copy of the micro target evaluated beside the target and retain models
+    scores exactly as the target does (same weights, same items), and the run writes the EVAL/SUMMARY
+    files, the others' under eval/<name>, the attacks and the report."""
+    import shutil
+
+    copy = tmp_path / "copy-of-target"
+    shutil.copytree(micro_bench.target_dir, copy)
+    rc, out, err = run_cli(capsys, "eval", str(copy), *micro_args(bench_cache), "eval.max_items=4",
+                           "eval.attacks=[quantize_int8]", "--output-dir", str(out_dir))
+    assert rc == 0, err
+    bench = "BUILTIN_micro_forget10"
+    mine = json.loads((out_dir / "eval" / f"{bench}_SUMMARY.json").read_text())
+    target = json.loads((out_dir / "eval" / "target" / f"{bench}_SUMMARY.json").read_text())
+    assert mine == target and mine["forget_keyword_accuracy"] == 1.0
+    assert (out_dir / "eval" / "retain" / f"{bench}_SUMMARY.json").is_file()
+    assert set(json.loads((out_dir / "eval" / "attacks.json").read_text())) == {"quantize_int8"}
+    report = (out_dir / "report.md").read_text()
+    assert "| metric | target | evaluated | retain |" in report and f"evaluated model: {copy}" in report
+    assert "forget ES gap closed: 0" in report
+    assert (out_dir / "plots" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_of_the_target_itself_leaves_it_out_of_the_comparison(capsys, micro_bench, bench_cache, tmp_path,
+                                                                    monkeypatch):
+    """MODEL = the target: compared with the retain model only; no output_dir: runs/eval/<MODEL's name>."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(capsys, "eval", str(micro_bench.target_dir), *micro_args(bench_cache), "eval.max_items=2",
+                         "eval.mia=[]")
+    assert rc == 0, err
+    out_dir = tmp_path / "runs" / "eval" / micro_bench.target_dir.name
+    assert sorted(p.name for p in (out_dir / "eval").iterdir() if p.is_dir()) == ["retain"]
+
+
+@pytest.mark.parametrize("what", ["missing", "no weights", "other vocabulary"])
+def test_eval_bad_model_exits_2_writing_nothing(capsys, micro_bench, bench_cache, tmp_path, out_dir, what):
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    if what != "missing":
+        model.mkdir()
+        (model / "config.json").write_text((micro_bench.target_dir / "config.json").read_text())
+    if what == "other vocabulary":  # its own tokenizer has more tokens than the target and retain models embed
+        import shutil
+
+        shutil.copy(micro_bench.target_dir / "model.safetensors", model / "model.safetensors")
+        tok = AutoTokenizer.from_pretrained(micro_bench.target_dir)
+        tok.add_tokens([f"zzextra{i}" for i in range(2000)])
+        tok.save_pretrained(model)
+    rc, _, err = run_cli(capsys, "eval", str(model), *micro_args(bench_cache), f"output_dir={out_dir}")
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert {"missing": "does not exist", "no weights": "no .safetensors weights",
+            "other vocabulary": "tokenizer has"}[what] in err[0]
+    assert not out_dir.exists()
