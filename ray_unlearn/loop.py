@@ -49,13 +49,13 @@ from ray_unlearn.config import JobConfig
 from ray_unlearn.data.collate import encode_qa, encode_text, pad_batch, prompt_format
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.logprobs import batch_nll
+from ray_unlearn.localize import LOCALIZE_FILE, MaskedUpdates, gradient_ratio, perturb, top_fraction
 from ray_unlearn.models.layers import capture_layer_outputs, decoder_layers, disable_dropout, params_through_layer
 from ray_unlearn.objectives import (StreamOutput, build_objective, check_model_fits, combined_loss, init_states,
                                     is_trainable, objective_layers, objective_reach, objective_ref_streams,
                                     objective_streams, state_log_keys, update_states)
 from ray_unlearn.optim import build_hessian_estimator, build_optimizer
 from ray_unlearn.optim.hessian import SOUL_BS, global_hutchinson_estimate, gnb_backward, nll_backward
-from ray_unlearn.localize import LOCALIZE_FILE, MaskedUpdates, gradient_ratio, perturb, top_fraction
 from ray_unlearn.parallel import Strategy, build_strategy, load_hf_weights
 from ray_unlearn.parallel.base import full_of, local_part, local_tensor
 
@@ -384,7 +384,9 @@ class Unlearner:
                         a.add_(local_tensor(p.grad), alpha=1.0 / count)
                     p.grad = None
             means[stream] = acc
-        scores = [gradient_ratio(f, r, lc.eps) for f, r in zip(means.pop("forget"), means.pop("retain"))]
+        forget, retain = means.pop("forget"), means.pop("retain")
+        scores = [gradient_ratio(f, r, lc.eps, inplace=True) for f, r in zip(forget, retain)]  # in forget's memory
+        del forget, retain
         over_shards = self.strategy.all_reduce_sum_ if self.strategy.sharded else (lambda x: x)  # ddp: whole
         masks = top_fraction(scores, [p.numel() for p in self.params], lc.fraction, lc.scope == "per_tensor",
                              over_shards)

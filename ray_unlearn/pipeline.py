@@ -168,7 +168,9 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     if looks_like_path(model):
         _check_model_dir(Path(model).expanduser())  # one line before anything is built or written
     validate(cfg)
-    check_attacks(cfg, inputs := _resolved(cfg))
+    with progress_reporter() as report:
+        inputs = resolve_inputs(cfg, report)
+    check_attacks(cfg, inputs)
     storage.check_writable("output_dir", cfg.output_dir)
     if storage.is_remote(cfg.output_dir):
         raise UnlearnError("ray-unlearn eval writes to a local output_dir; copy the results to the bucket after")
@@ -218,11 +220,6 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     _print_summary(summaries, gap)
     console.print(f"outputs in [bold]{out.resolve()}[/]")
     return summaries
-
-
-def _resolved(cfg: JobConfig) -> JobInputs:
-    with progress_reporter() as report:
-        return resolve_inputs(cfg, report)
 
 
 def write_selection(final: Path, into: Path) -> dict[str, Any] | None:

@@ -37,8 +37,11 @@ INF_BITS = 0x7F800000  # float32 +inf as int32: the largest bit pattern a non-ne
 SumFn = Callable[[Tensor], Tensor]
 
 
-def gradient_ratio(g_forget: Tensor, g_retain: Tensor, eps: float) -> Tensor:
-    """GRI = |g_forget| / (|g_retain| + eps), elementwise, in float32."""
+def gradient_ratio(g_forget: Tensor, g_retain: Tensor, eps: float, inplace: bool = False) -> Tensor:
+    """GRI = |g_forget| / (|g_retain| + eps), elementwise, in float32; `inplace` writes it into both float32
+    inputs' memory (g_forget holds the result, g_retain |g_retain| + eps) instead of two new tensors."""
+    if inplace and g_forget.dtype == g_retain.dtype == torch.float32:
+        return g_forget.abs_().div_(g_retain.abs_().add_(eps))
     return g_forget.float().abs().div_(g_retain.float().abs().add_(eps))
 
 

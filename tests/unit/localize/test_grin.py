@@ -147,3 +147,10 @@ def test_bad_localize_settings_are_refused(override, message):
 def test_grin_under_deepspeed_is_refused_at_config_time():
     with pytest.raises(UnlearnError, match="ray.strategy=ddp or fsdp2"):
         load_config(None, ["localize.method=grin", "ray.strategy=deepspeed"])
+
+
+def test_gradient_ratio_in_place_equals_the_copy():
+    f, r = torch.randn(50), torch.randn(50)
+    expected = gradient_ratio(f, r, 1e-3)
+    got = gradient_ratio(f, r, 1e-3, inplace=True)
+    assert torch.equal(got, expected) and got.data_ptr() == f.data_ptr()
