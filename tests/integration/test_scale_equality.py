@@ -216,8 +216,13 @@ def test_stateful_and_layer_terms_give_the_same_result_at_every_scale(runs, micr
 
 def test_influence_unlearning_gives_the_same_result_at_every_scale(runs, micro_bench):
     """optim.name=influence: the retain Fisher (folded from reduced global-batch gradients) and the
-    preconditioned steps are the same for 1 x 4, ddp 2 x 2, fsdp2 2 x 2 and ZeRO 3 2 x 2 (no sign step:
-    AdamW's 1e-5; measured 1.2e-7), and the forget NLL rises while the run steps."""
+    preconditioned steps are the same for 1 x 4, ddp 2 x 2, fsdp2 2 x 2 and ZeRO 3 2 x 2, and the forget NLL
+    rises while the run steps.
+
+    Tolerance: 1e-5 plus 1e-4 of each coordinate's own update. lr / damping = 1 makes the steps large (up to
+    0.68 in 4 steps) wherever F is small, and ZeRO 3's reduce-scatter rounds each micro-batch's gradient on its
+    own, so a rounding difference in g and F scales with the update: measured on micro, ZeRO 3 vs ddp up to
+    1.03e-5 (on an update of 0.68; 4.9e-6 above 1e-4 of the update), ddp 1 and fsdp2 1.2e-7."""
     import json
 
     influence = ("optim.name=influence", "optim.lr=1e-4", "optim.damping=1e-4", "optim.grad_clip=0",
@@ -227,10 +232,12 @@ def test_influence_unlearning_gives_the_same_result_at_every_scale(runs, micro_b
     state = max(root.rglob("state.json"), key=lambda p: json.loads(p.read_text())["step"])
     history = json.loads(state.read_text())["history"]
     assert history[0]["fisher_batches"] > 1 and history[-1]["nll/forget"] > 2 * history[0]["nll/forget"]
+    start = _target(micro_bench)
     for strategy, workers, extra in (("ddp", 1, ()), ("fsdp2", 2, ()), ("deepspeed", 2, ZERO[3])):
         weights, _ = runs(strategy, workers, (*influence, *extra))
         for k in ddp2:
-            torch.testing.assert_close(weights[k], ddp2[k], rtol=0, atol=1e-5, msg=f"{strategy} {workers}: {k}")
+            off = (weights[k] - ddp2[k]).abs() - 1e-4 * (ddp2[k] - start[k]).abs()
+            assert float(off.max()) <= 1e-5, f"{strategy} {workers}: {k} off by {float(off.max()):.2e}"
 
 
 GRIN = ("localize.method=grin", "localize.fraction=0.05", "localize.noise=0.01")
