@@ -171,14 +171,15 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     with progress_reporter() as report:
         inputs = resolve_inputs(cfg, report)
     check_attacks(cfg, inputs)
-    storage.check_writable("output_dir", cfg.output_dir)
     if storage.is_remote(cfg.output_dir):
         raise UnlearnError("ray-unlearn eval writes to a local output_dir; copy the results to the bucket after")
+    storage.check_writable("output_dir", cfg.output_dir)
     m = cfg.model
     own_tokenizer = looks_like_path(model) and any((Path(model).expanduser() / f).is_file()
                                                    for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(model if own_tokenizer or not looks_like_path(model) else inputs.tokenizer_path,
                                m.trust_remote_code)
+
     def same(a: str | None, b: str) -> bool:
         return a is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
