@@ -345,6 +345,10 @@ class Unlearner:
             keys = [[key + int(i) for i in b["index"]] for b in forget]
             bs = gnb_backward(self.model, forget, keys, self.strategy)
             self.strategy.fold_grad_squares(self.model, self.optimizer)
+        elif self.cfg.optim.hvp == "difference":
+            bs = self.strategy.fold_hutchinson_difference(self.model, self.optimizer, self.params, batches,
+                                                          lambda model, b: self.loss_on(model, b)[0], key,
+                                                          self.cfg.optim.hvp_eps)
         else:
             estimates, bs = global_hutchinson_estimate(
                 self.params, [lambda b=b: self.loss_on(self.module, b)[0] for b in batches], key, self.strategy)

@@ -6,8 +6,11 @@ Per parameter tensor, with g the gradient, m the momentum, h the diagonal Hessia
     update_hessian (every k steps):  h <- b2*h + (1-b2)*h_hat          (h_hat = g*g by default)
     step(bs):                         m <- b1*m + (1-b1)*g
                                       theta <- theta*(1 - lr*wd)
-                                      theta <- theta - lr*sign(m)*min(|m| / (rho*bs*h + 1e-15), 1)
+                                      theta <- theta - lr*sign(m)*min(|m| / (max(rho*bs*h, 0) + 1e-15), 1)
 
+The max with 0 is the paper's max(gamma*h, eps) guard (Algorithm 3): Hutchinson's u*(Hu) can be negative,
+and a negative h would otherwise make the ratio negative and unbounded (a step against the momentum of any
+size). GNB's and the empirical h are never negative, so for them this is the reference code's rule exactly.
 `bs` scales the Hessian: the reference feeds h_hat = g_hat*g_hat of a mean loss over B sampled
 tokens and passes bs=B to step, so rho*bs*h is rho times the Gauss-Newton-Bartlett estimate
 B*g_hat*g_hat. A coordinate is "clipped" when its ratio reaches 1 (it then moves by exactly lr);
@@ -51,7 +54,7 @@ def _sophia_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, hessian: Tenso
     """`sophia_update` without the host sync: returns the not-clipped count as a 0-d tensor."""
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     param.mul_(1 - lr * weight_decay)
-    ratio = (exp_avg.abs() / (rho * bs * hessian + _EPS)).clamp(max=1)
+    ratio = (exp_avg.abs() / ((rho * bs * hessian).clamp_(min=0) + _EPS)).clamp(max=1)  # h < 0: a sign step
     param.addcmul_(exp_avg.sign(), ratio, value=-lr)
     return (ratio < 1).sum()
 
@@ -84,7 +87,7 @@ def sophia_update(param: Tensor, grad: Tensor, exp_avg: Tensor, hessian: Tensor,
     exp_avg: [*S]  momentum m, updated in place: m <- b1*m + (1-b1)*g
     hessian: [*S]  diagonal Hessian EMA h (read only)
 
-    theta <- theta*(1 - lr*wd);  ratio = min(|m| / (rho*bs*h + 1e-15), 1);
+    theta <- theta*(1 - lr*wd);  ratio = min(|m| / (max(rho*bs*h, 0) + 1e-15), 1);
     theta <- theta - lr*sign(m)*ratio.  Not clipped means ratio < 1.
     """
     return int(_sophia_update_(param, grad, exp_avg, hessian, lr=lr, beta1=beta1, rho=rho,
@@ -128,6 +131,12 @@ class SophiaG(torch.optim.Optimizer):
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def init_state(self) -> None:
+        """Create the state of every trainable param now, as a first step would (DeepSpeed ZeRO links its
+        partitions to their optimizer state the first time it calls step)."""
+        for p, _ in self._trainable():
+            self._state(p)
+
     def _grad(self, p: Tensor, group: dict) -> Tensor:
         """g = p.grad, negated when the group maximizes."""
         return -p.grad if group["maximize"] else p.grad
@@ -143,7 +152,7 @@ class SophiaG(torch.optim.Optimizer):
         estimates=None is the reference protocol, h_hat = p.grad*p.grad for each param with a
         grad (squared CHUNK elements at a time: no copy of the gradients);
         otherwise `estimates` are aligned with the params (of all groups) that require grad, in
-        order. With soul_compat, also m <- b1*m + (1-b1)*g for each param with a grad.
+        order (a sharded param's estimate may be its local shard's). With soul_compat, also m <- b1*m + (1-b1)*g for each param with a grad.
         """
         pairs = self._trainable()
         if estimates is None:
@@ -155,9 +164,9 @@ class SophiaG(torch.optim.Optimizer):
         if len(estimates) != len(pairs):
             raise ValueError(f"update_hessian: got {len(estimates)} estimates for {len(pairs)} trainable params")
         for (p, group), est in zip(pairs, estimates):
-            if est.shape != p.shape:
-                raise ValueError(f"update_hessian: estimate of shape {tuple(est.shape)} for a param of "
-                                 f"shape {tuple(p.shape)}")
+            if local_tensor(est).shape != local_tensor(p).shape:  # a sharded param's estimate: its shard's
+                raise ValueError(f"update_hessian: estimate of shape {tuple(local_tensor(est).shape)} for a param "
+                                 f"(part) of shape {tuple(local_tensor(p).shape)}")
             _, beta2 = group["betas"]
             local_tensor(self._state(p)["hessian"]).mul_(beta2).add_(local_tensor(est).to(p.dtype), alpha=1 - beta2)
             self._fold_momentum(p, group)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -253,6 +253,17 @@ class Strategy:
         last backward passes left (not the momentum: soul_compat folds only the step's own gradient),
         then clear them."""
         fold_grad_squares_into(optimizer)
+
+    def fold_hutchinson_difference(self, model: torch.nn.Module, optimizer: Any, params: list[Tensor],
+                                   batches: Sequence[Any], loss_fn: Callable[[torch.nn.Module, Any], Tensor],
+                                   probe_seed: int, eps: float) -> float:
+        """Sophia-H with H*u as a central difference of two gradients over the global batch
+        (`optim.hessian.global_hutchinson_difference`), folded into h; returns its bs (1)."""
+        from ray_unlearn.optim.hessian import global_hutchinson_difference
+
+        estimates, bs = global_hutchinson_difference(model, params, batches, loss_fn, probe_seed, eps, self)
+        optimizer.update_hessian(estimates)
+        return bs
 
     # ---------------------------------------------------------------- checkpoints
     def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,

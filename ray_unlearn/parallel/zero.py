@@ -36,7 +36,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -224,6 +224,72 @@ class DeepSpeedStrategy(DDPStrategy):
         with _stepping_folds_grad_squares(optimizer), _no_clipping(self.engine.optimizer):
             self.engine.step()
 
+    def fold_hutchinson_difference(self, model: torch.nn.Module, optimizer: Any, params: list[Tensor],
+                                   batches: Sequence[Any], loss_fn: Callable[[torch.nn.Module, Any], Tensor],
+                                   probe_seed: int, eps: float) -> float:
+        """Sophia-H by a central difference on ZeRO's partitions: the same u, gradients and estimate as
+        `global_hutchinson_difference`, with ZeRO's reduced partition gradients read in client steps.
+
+        The module's own parameters move to theta + eps*u (whole tensors under ZeRO 1/2; gathered one at a time
+        under ZeRO 3); after the backward passes a step without clipping keeps g+ and sets the fp32 masters
+        to theta - eps*u, which ZeRO copies into the module; after the second backward passes, a step folds
+        u * (g+ - g-) / (2 eps) into h and puts the masters back to theta, which ZeRO copies again."""
+        if self.engine is None:
+            return super().fold_hutchinson_difference(model, optimizer, params, batches, loss_fn, probe_seed, eps)
+        from ray_unlearn.optim.hessian import whole_probes  # (optim imports parallel)
+
+        shapes = [_shape(p) for p in params]
+        parts = self._cut_like_masters(params, whole_probes(params, probe_seed, shapes), optimizer)
+        self._move_module(params, whole_probes(params, probe_seed, shapes), eps)  # the same u, drawn again
+        saved: dict[int, Tensor] = {}
+        plus: dict[int, Tensor] = {}
+
+        def keep_plus_go_minus() -> None:
+            optimizer.init_state()  # ZeRO 1/2 link each param to its partition's state after this first step
+            for flat in _stepping_params(optimizer):
+                saved[id(flat)], plus[id(flat)] = flat.detach().clone(), _grad_or_zeros(flat).clone()
+                flat.data.add_(parts[id(flat)], alpha=-eps)
+
+        def fold_and_restore() -> None:
+            flats = _stepping_params(optimizer)
+            estimates = [parts[id(f)] * (plus.pop(id(f)) - _grad_or_zeros(f)).div_(2 * eps) for f in flats]
+            for f in flats:
+                f.data.copy_(saved.pop(id(f)))
+            optimizer.update_hessian(estimates)
+
+        for action in (keep_plus_go_minus, fold_and_restore):
+            for i, batch in enumerate(batches):
+                self.backward(model, loss_fn(model, batch) / len(batches))
+            with _client_step_does(optimizer, action), _no_clipping(self.engine.optimizer):
+                self.engine.step()
+        return 1.0
+
+    def _cut_like_masters(self, params: list[Tensor], whole: Iterable[Tensor], optimizer: Any) -> dict[int, Tensor]:
+        """{id(fp32 partition): the tensors `whole` (one per param, one at a time) laid out as that partition
+        is}: the masters carry them (`safe_set_full_fp32_param` cuts each into its place) and are put back."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        flats = _own_params(optimizer, self.engine)
+        kept = [f.detach().clone() for f in flats]
+        with torch.no_grad():
+            for f in flats:
+                f.zero_()
+            for p, w in zip(params, whole):
+                safe_set_full_fp32_param(p, w)
+            parts = {id(f): f.detach().clone() for f in flats}
+            for f, k in zip(flats, kept):
+                f.copy_(k)
+        return parts
+
+    def _move_module(self, params: list[Tensor], whole: Iterable[Tensor], eps: float) -> None:
+        """The module's own copy of each parameter += eps * u (`whole`: one u per param, one at a time): in place
+        under ZeRO 1/2; under ZeRO 3 gathered one at a time and partitioned again."""
+        deepspeed = _import_deepspeed(self.device)
+        for p, u in zip(params, whole):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=self.sharded), torch.no_grad():
+                if self.rank == 0 or not self.sharded:
+                    p.data.add_(u, alpha=eps)
+
     # ---------------------------------------------------------------- checkpoints
     def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    final: bool = False) -> None:
@@ -342,6 +408,21 @@ def _trained(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
     return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
 
 
+def _shape(p: Tensor) -> torch.Size:
+    """A parameter's whole shape (ZeRO 3 empties a partitioned parameter's own tensor and keeps it in ds_shape)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def _grad_or_zeros(p: Tensor) -> Tensor:
+    """p.grad, or zeros where the partition got none."""
+    return torch.zeros_like(p) if p.grad is None else p.grad
+
+
+def _stepping_params(optimizer: Any) -> list[Tensor]:
+    """The fp32 partitions ZeRO hands the client optimizer in this step (ZeRO 3: one sub-group at a time)."""
+    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+
 def _key(name: str, state_key: str) -> str:
     """The checkpoint key of a parameter's fp32 master (state_key "") or of one of its optimizer states."""
     return f"{name}::{state_key}" if state_key else name
@@ -384,12 +465,13 @@ def _hidden_size(model: torch.nn.Module) -> int | None:
 
 
 @contextlib.contextmanager
-def _stepping_folds_grad_squares(optimizer: Any) -> Iterator[None]:
-    """Within it, `optimizer.step()` (called by ZeRO on its partitions) is Sophia's reference
-    `update_hessian()` from the gradients (h only: never the momentum, whatever soul_compat says)."""
+def _client_step_does(optimizer: Any, action: Callable[[], None]) -> Iterator[None]:
+    """Within it, `optimizer.step()` (called by ZeRO on its partitions, whose gradients are reduced) runs
+    `action()` instead of an update; ZeRO then copies the (possibly changed) fp32 partitions into the model's
+    parameters, as after any step."""
 
     patched = vars(optimizer).get("step")  # an LR scheduler wraps the instance's step to see it called
-    optimizer.step = lambda *args, **kwargs: fold_grad_squares_into(optimizer)  # shadows the class's step
+    optimizer.step = lambda *args, **kwargs: action()  # shadows the class's step
     try:
         yield
     finally:
@@ -397,6 +479,12 @@ def _stepping_folds_grad_squares(optimizer: Any) -> Iterator[None]:
             del optimizer.step
         else:
             optimizer.step = patched
+
+
+def _stepping_folds_grad_squares(optimizer: Any) -> ContextManager:
+    """Within it, `optimizer.step()` is Sophia's reference `update_hessian()` from the gradients (h only:
+    never the momentum, whatever soul_compat says)."""
+    return _client_step_does(optimizer, lambda: fold_grad_squares_into(optimizer))
 
 
 @contextlib.contextmanager

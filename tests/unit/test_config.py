@@ -190,11 +190,22 @@ def test_unknown_strategy_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed"])
-def test_sharded_strategies_cannot_run_hutchinson(strategy):
-    expect_error(r"^optim.hessian=hutchinson needs a double backward .* use optim.hessian=gnb or empirical",
-                 overrides=[f"ray.strategy={strategy}", "optim.hessian=hutchinson"])
-    load_config(None, [f"ray.strategy={strategy}", "optim.hessian=gnb"])
-    load_config(None, ["ray.strategy=ddp", "optim.hessian=hutchinson"])
+def test_sharded_strategies_run_hutchinson_by_a_difference_of_gradients(strategy):
+    assert load_config(None, [f"ray.strategy={strategy}", "optim.hessian=hutchinson"]).optim.hvp == "difference"
+    expect_error(rf"^optim.hvp=double_backward needs every parameter whole .* ray.strategy={strategy} .* "
+                 "use optim.hvp=difference$",
+                 overrides=[f"ray.strategy={strategy}", "optim.hessian=hutchinson", "optim.hvp=double_backward"])
+    load_config(None, ["ray.strategy=ddp", "optim.hessian=hutchinson", "optim.hvp=double_backward"])
+    expect_error("^optim.hvp: 'exact' is not one of difference, double_backward$", overrides=["optim.hvp=exact"])
+
+
+def test_hutchinson_by_difference_needs_float32_compute():
+    expect_error(r"^optim.hvp=difference takes H\*u from gradients eps apart, .* or optim.hvp=double_backward$",
+                 overrides=["optim.hessian=hutchinson", "train.mixed_precision=bf16"])
+    expect_error(r"^optim.hvp=difference .* optim.hessian=gnb$",
+                 overrides=["ray.strategy=fsdp2", "optim.hessian=hutchinson", "model.dtype=bfloat16"])
+    load_config(None, ["optim.hessian=gnb", "train.mixed_precision=bf16"])
+    load_config(None, ["optim.hessian=hutchinson", "optim.hvp=double_backward", "train.mixed_precision=bf16"])
 
 
 def test_deepspeed_options():

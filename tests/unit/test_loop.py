@@ -427,8 +427,9 @@ def test_checkpoint_of_an_older_version_is_refused_in_one_line(make, tmp_path):
         make("optim.name=adamw", "train.max_steps=2", resume_from=ckpt)
 
 
-@pytest.mark.parametrize("optim", [["optim.hessian=gnb"], ["optim.hessian=hutchinson", "optim.hessian_interval=1"]],
-                         ids=["gnb", "hutchinson"])
+@pytest.mark.parametrize("optim", [["optim.hessian=gnb"], ["optim.hessian=hutchinson", "optim.hessian_interval=1"],
+                                   ["optim.hessian=hutchinson", "optim.hvp=double_backward", "optim.hessian_interval=1"]],
+                         ids=["gnb", "hutchinson", "hutchinson-double-backward"])
 def test_activation_checkpointing_gives_the_same_weights(make, optim):
     common = ["optim.name=sophia", "optim.lr=1e-3", "train.max_steps=2", *optim]
     plain, plain_model, _ = make(*common, ckpt="plain")

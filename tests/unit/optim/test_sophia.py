@@ -74,6 +74,19 @@ def test_zero_hessian_is_sign_descent():
     assert opt.clip_rate == 0.0
 
 
+def test_negative_hessian_is_a_sign_step():
+    """Hutchinson's h can be negative: max(rho*bs*h, 0) keeps the ratio in [0, 1] (the paper's max(gamma*h, eps)),
+    so such a coordinate moves by exactly lr along -sign(m) instead of an unbounded step against it.
+    lr 0.1, b1 0.5, wd 0, bs 1, rho 1: m = [0.2, -0.4]; h = [-3, 0.8] -> ratios [1, 0.5] -> theta - [0.1, -0.05]."""
+    p = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    m = torch.zeros(2, dtype=torch.float64)
+    kept = sophia_update(p, torch.tensor([0.4, -0.8], dtype=torch.float64), m,
+                         torch.tensor([-3.0, 0.8], dtype=torch.float64), lr=0.1, beta1=0.5, rho=1.0,
+                         weight_decay=0.0, bs=1)
+    assert kept == 1
+    torch.testing.assert_close(p, torch.tensor([0.9, 1.05], dtype=torch.float64))
+
+
 # ----------------------------------------------------------- equality with the reference, many steps
 def _params(seed):
     g = torch.Generator().manual_seed(seed)
