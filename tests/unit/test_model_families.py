@@ -114,9 +114,11 @@ def test_unlearning_runs_and_moves_the_weights(unlearned, family, tied, dtype):
     assert [h["step"] for h in run.history] == [1, 2]
     for h in run.history:
         assert all(math.isfinite(v) for v in h.values()), h
-    # the policy equals its reference at the first step: NPO's loss is (2/beta) log 2
+    # the policy equals its reference at the first step: NPO's loss is (2/beta) log 2. The policy's forward
+    # batch holds the retain stream too and the reference's does not, so their bf16 matmuls round differently
+    # (which kernel, and so how, depends on the CPU: 1.0e-4 relative off on an AMD EPYC here, 0 elsewhere)
     beta = run.cfg.objective.npo_beta
-    assert run.history[0]["loss/npo"] == pytest.approx(2 / beta * math.log(2), rel=1e-6 if dtype == "float32" else 1e-4)
+    assert run.history[0]["loss/npo"] == pytest.approx(2 / beta * math.log(2), rel=1e-6 if dtype == "float32" else 1e-3)
     assert run.history[1]["loss/npo"] < run.history[0]["loss/npo"]  # NPO pushes the forget answers down
     model = run.model
     assert next(model.parameters()).dtype == getattr(torch, dtype)
