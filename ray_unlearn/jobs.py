@@ -1,6 +1,6 @@
 """Ray Jobs glue for `ray-unlearn submit`: run `ray-unlearn run JOB.yaml [k=v ...]` on a cluster.
 
-The working directory travels with the job (Ray's runtime env `working_dir`, minus `EXCLUDES`,
+The working directory travels with the job (Ray's runtime env `working_dir`, minus Ray's default excludes, `EXCLUDES`,
 .gitignore and .rayignore), the job's logs stream back, and the exit status is the job's:
 0 when it SUCCEEDED, its driver's exit status (else 1) when it FAILED or was STOPPED, with the
 job's own `error:` line printed. What can be checked here is checked before anything is sent:
@@ -35,8 +35,11 @@ from ray_unlearn.errors import UnlearnError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # what Ray's client reads, in its order
-# never shipped: environments, VCS data, run outputs and caches (outputs belong on shared storage)
-EXCLUDES = [".git", ".venv", "venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache", ".mypy_cache"]
+# never shipped, beside Ray's own defaults (.git, .venv, venv, __pycache__): run outputs (they belong on shared
+# storage) and caches
+EXCLUDES = ["runs", "*.egg-info", ".pytest_cache", ".mypy_cache"]
+RAY_PACKAGING_LOGGERS = ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
+                         "ray.dashboard.modules.dashboard_sdk")
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
@@ -114,14 +117,20 @@ def connect(address: str | None) -> JobSubmissionClient:
                            "--address http://<head>:8265 or RAY_ADDRESS") from None
 
 
+def _quiet_packaging() -> None:
+    """Ray logs each ignore file it reads, and each default exclude it applies, on every upload."""
+    for name in RAY_PACKAGING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _shipped(path: Path, working_dir: Path) -> bool:
-    """Whether `path` (inside working_dir) is uploaded: not under EXCLUDES, .gitignore or .rayignore."""
+    """Whether `path` (inside working_dir) is uploaded: not under Ray's default excludes, EXCLUDES, .gitignore
+    or .rayignore."""
+    from ray._private.ray_constants import get_runtime_env_default_excludes
     from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
 
-    quiet = logging.getLogger("ray_unlearn.jobs.packaging")
-    quiet.setLevel(logging.WARNING)  # Ray logs every ignore file it reads at INFO
-    excluded = [_get_excludes(working_dir, EXCLUDES),
-                *get_excludes_from_ignore_files(working_dir, include_gitignore=True, logger=quiet)]
+    excluded = [_get_excludes(working_dir, get_runtime_env_default_excludes() + EXCLUDES),
+                *get_excludes_from_ignore_files(working_dir, include_gitignore=True)]
     chain = [path, *[p for p in path.parents if working_dir in p.parents]]
     return not any(exclude(p) for exclude in excluded for p in chain)
 
@@ -143,8 +152,8 @@ def prepare(args: Sequence[str], working_dir: str) -> Submission:
         raise UnlearnError(f"job file {job} is outside the shipped directory {root}; move it there or give "
                            "--working-dir a directory that holds it")
     if not _shipped(path, root):
-        raise UnlearnError(f"job file {job} is excluded from the upload ({', '.join(EXCLUDES)}, .gitignore or "
-                           ".rayignore); move it out of the excluded path")
+        raise UnlearnError(f"job file {job} is excluded from the upload (.git, .venv, venv, __pycache__, "
+                           f"{', '.join(EXCLUDES)}, .gitignore or .rayignore); move it out of the excluded path")
     rel = path.relative_to(root).as_posix()
     return Submission(shlex.join(["ray-unlearn", "run", rel, *overrides]), root, rel)
 
@@ -185,6 +194,7 @@ def wait(client: JobSubmissionClient, job_id: str, stream: bool = True) -> int:
 
 def submit(args: Sequence[str], address: str | None, working_dir: str = ".", no_wait: bool = False) -> int:
     """`ray-unlearn submit`: check, ship, run, stream; returns the exit status for the CLI."""
+    _quiet_packaging()
     sub = prepare(args, working_dir)
     client = connect(address)
     try:
