@@ -1,7 +1,7 @@
 """Ray Jobs glue for `ray-unlearn submit`: run `ray-unlearn run JOB.yaml [k=v ...]` on a cluster.
 
-The working directory travels with the job (Ray's runtime env `working_dir`, minus Ray's default excludes, `EXCLUDES`,
-.gitignore and .rayignore), the job's logs stream back, and the exit status is the job's:
+The working directory travels with the job (Ray's runtime env `working_dir`, minus Ray's default
+excludes, `EXCLUDES`, .gitignore and .rayignore), the job's logs stream back, and the exit status is the job's:
 0 when it SUCCEEDED, its driver's exit status (else 1) when it FAILED or was STOPPED, with the
 job's own `error:` line printed. What can be checked here is checked before anything is sent:
 the job file (inside the shipped directory), its config with the overrides, and the cluster's
@@ -21,6 +21,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from ray.dashboard.modules.job.common import JobStatus
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
+from ray_unlearn import storage
 from ray_unlearn.config import load_config
 from ray_unlearn.errors import UnlearnError
 
@@ -50,6 +52,7 @@ class Submission:
     entrypoint: str
     working_dir: Path
     job_file: str  # relative to working_dir
+    output_dir: str
 
     @property
     def runtime_env(self) -> dict:
@@ -146,7 +149,8 @@ def prepare(args: Sequence[str], working_dir: str) -> Submission:
     root = Path(working_dir).expanduser().resolve()
     if not root.is_dir():
         raise UnlearnError(f"--working-dir {working_dir} is not a directory; give the directory to ship")
-    validate(load_config(job, overrides))  # job file exists and parses, overrides name real fields and types
+    cfg = load_config(job, overrides)  # the job file exists and parses, the overrides name real fields and types
+    validate(cfg)
     path = Path(job).resolve()
     if root not in path.parents:
         raise UnlearnError(f"job file {job} is outside the shipped directory {root}; move it there or give "
@@ -155,7 +159,7 @@ def prepare(args: Sequence[str], working_dir: str) -> Submission:
         raise UnlearnError(f"job file {job} is excluded from the upload (.git, .venv, venv, __pycache__, "
                            f"{', '.join(EXCLUDES)}, .gitignore or .rayignore); move it out of the excluded path")
     rel = path.relative_to(root).as_posix()
-    return Submission(shlex.join(["ray-unlearn", "run", rel, *overrides]), root, rel)
+    return Submission(shlex.join(["ray-unlearn", "run", rel, *overrides]), root, rel, cfg.output_dir)
 
 
 async def _stream(client: JobSubmissionClient, job_id: str) -> list[str]:
@@ -197,6 +201,9 @@ def submit(args: Sequence[str], address: str | None, working_dir: str = ".", no_
     _quiet_packaging()
     sub = prepare(args, working_dir)
     client = connect(address)
+    if not storage.is_remote(sub.output_dir) and not Path(sub.output_dir).expanduser().is_absolute():
+        warnings.warn(f"output_dir {sub.output_dir} is relative: on the cluster it lands in the job's temporary "
+                      "working directory; give a bucket or a path every node mounts (output_dir=...)")
     try:
         job_id = client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env)
     except (RuntimeError, ValueError) as e:  # the upload or the submission refused (size, server error)

@@ -49,8 +49,8 @@ HEAD_GROUP = {"type": "object", "required": ["rayStartParams", "template"], "add
                              "headService": {"type": "object"}, "enableIngress": {"type": "boolean"},
                              "suspend": {"type": "boolean"}}}
 
-WORKER_GROUP = {"type": "object", "required": ["groupName", "rayStartParams", "template"], "additionalProperties": False,
-                "properties": {"groupName": {"type": "string", "minLength": 1}, "replicas": NON_NEGATIVE,
+WORKER_GROUP = {"type": "object", "required": ["groupName", "rayStartParams", "template"],
+                "additionalProperties": False, "properties": {"groupName": {"type": "string", "minLength": 1}, "replicas": NON_NEGATIVE,
                                "minReplicas": NON_NEGATIVE, "maxReplicas": NON_NEGATIVE,
                                "idleTimeoutSeconds": NON_NEGATIVE, "numOfHosts": {"type": "integer", "minimum": 1},
                                "rayStartParams": STRING_MAP, "template": POD_TEMPLATE, "suspend": {"type": "boolean"},
