@@ -4,8 +4,8 @@ The head (`ray start --head --block`, 2 CPUs, its own temp dir and ports, the da
 on loopback) runs with token authentication on, as Ray 2.60 runs local clusters by default, with a
 token of its own. Against it: a submission without the token is refused in one line (exit 2); the
 micro job with the token ships this working directory, streams its logs, SUCCEEDS and leaves its
-outputs on disk (exit 0); a job the cluster cannot hold (4 workers on 2 CPUs) is FAILED with the
-job's own one-line error and its exit status. The head is stopped by its PID in a finally, and
+outputs on disk (exit 0); a job whose forget file is not on the cluster is FAILED with the job's own
+one-line error and its exit status. The head is stopped by its PID in a finally, and
 anything still running from its temp dir is killed by PID (`ray stop` would stop every Ray on the
 machine).
 
@@ -139,9 +139,12 @@ def test_submit_runs_the_job_on_the_cluster_and_reports_its_status(ray_head, mic
                        for d in (out / "model", micro_bench.target_dir))
     assert trained != target  # the job unlearned: the weights moved
 
-    failed_out = tmp_path / "failed"
-    rc, logs, err = _submit(capsys, *job[:-1], "ray.num_workers=4", f"output_dir={failed_out}", "--address", url)
+    # a deletion request whose forget file is not on the cluster: the job's driver refuses it in one line
+    failed_out, request = tmp_path / "failed", tmp_path / "requests" / "req-42.jsonl"
+    rc, logs, err = _submit(capsys, *job[:-1], f"data.forget_path={request}", f"output_dir={failed_out}",
+                            "--address", url)
     assert rc == 2, (logs[-3000:], err)  # the job's own exit status: its driver refused the input
     assert len(err) == 1 and err[0].startswith("error: job raysubmit_") and " FAILED: " in err[0], err
-    assert err[0].endswith("needs 4 CPUs but the cluster has 2; lower ray.num_workers"), err
+    assert err[0].endswith(f"FAILED: {request} does not exist; give a .json/.jsonl/.parquet file, a load_from_disk "
+                           "directory or a hub dataset id"), err
     assert not failed_out.exists()
