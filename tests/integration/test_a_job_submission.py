@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,6 +92,7 @@ def ray_head():
             head.kill()
             head.wait()
         _kill_leftovers(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_jobs_api(url: str, token: str, head: subprocess.Popen) -> None:
