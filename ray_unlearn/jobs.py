@@ -181,9 +181,13 @@ def error_line(message: str | None, logs: str) -> str:
     return (message or "the job failed without a message").strip().splitlines()[0]
 
 
-def wait(client: JobSubmissionClient, job_id: str, stream: bool = True) -> int:
+def wait(client: JobSubmissionClient, job_id: str) -> int:
     """Stream the job's logs until it ends; its exit status (0 SUCCEEDED, else the driver's or 1)."""
-    logs = "".join(asyncio.run(_stream(client, job_id))) if stream else ""
+    logs = ""
+    try:
+        logs = "".join(asyncio.run(_stream(client, job_id)))
+    except (RuntimeError, OSError) as e:  # the log stream broke (a proxy, the network): keep polling the status
+        warnings.warn(f"the log stream of {job_id} broke ({str(e).splitlines()[0]}); waiting for the job to end")
     info = client.get_job_info(job_id)
     while info.status not in TERMINAL:  # the log stream can close just before the status flips
         time.sleep(0.5)
