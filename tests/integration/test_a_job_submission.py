@@ -2,10 +2,10 @@
 
 The head (`ray start --head --block`, 2 CPUs, its own temp dir and ports, the dashboard's Jobs API
 on loopback) runs with token authentication on, as Ray 2.60 runs local clusters by default, with a
-token of its own. Against it: a submission without the token is refused in one line (exit 2); the
-micro job with the token ships this working directory, streams its logs, SUCCEEDS and leaves its
-outputs on disk (exit 0); a job whose forget file is not on the cluster is FAILED with the job's own
-one-line error and its exit status. The head is stopped by its PID in a finally, and
+token of its own. Against it: a submission without the token, or with another, is refused in one
+line (exit 2); the micro job with the token ships this working directory, streams its logs, SUCCEEDS
+and leaves its outputs on disk (exit 0); a job whose forget file is not on the cluster is FAILED with
+the job's own one-line error and its exit status. The head is stopped by its PID in a finally, and
 anything still running from its temp dir is killed by PID (`ray stop` would stop every Ray on the
 machine).
 
@@ -129,6 +129,11 @@ def test_submit_runs_the_job_on_the_cluster_and_reports_its_status(ray_head, mic
     rc, _, err = _submit(capsys, *job, "--address", url)
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: the Ray cluster at {url} requires a token") and "RAY_AUTH_TOKEN" in err[0]
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-" + token)
+    rc, _, err = _submit(capsys, *job, "--address", url)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: the Ray cluster at {url} refused the token "
+                                                           "from RAY_AUTH_TOKEN"), err
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     rc, logs, err = _submit(capsys, *job, "--address", url)
