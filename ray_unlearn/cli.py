@@ -1,5 +1,6 @@
 """`ray-unlearn`: run (unlearn + evaluate + report), eval (evaluate a model without unlearning), data (build the built-in benchmark), config,
-verify (check a run directory against its audit.json: exit 0 all match, 1 a mismatch).
+verify (check a run directory against its audit.json: exit 0 all match, 1 a mismatch), submit (run a job on a
+Ray cluster through its Jobs API: exit status = the job's).
 
 Bad input ends with `error: <one line>` on stderr and exit status 2; nothing is written before
 the inputs have been checked.
@@ -70,6 +71,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return run_serve(job, overrides)
 
 
+def cmd_submit(ns: argparse.Namespace) -> int:
+    from ray_unlearn.jobs import submit
+
+    return submit(ns.args, ns.address, ns.working_dir, ns.no_wait)
+
+
 def cmd_data(ns: argparse.Namespace) -> int:
     from ray_unlearn.pipeline import console, progress_reporter
     from ray_unlearn.models.build import ensure_benchmark
@@ -103,8 +110,15 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags are one `error:` line naming the fix, exit 2 (argparse prints the whole usage)."""
+
+    def error(self, message: str):  # noqa: ANN201 (NoReturn)
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ray-unlearn", description="Distributed LLM unlearning on Ray.")
+    p = OneLineParser(prog="ray-unlearn", description="Distributed LLM unlearning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="unlearn with Ray Train, then evaluate and write the report")
     run.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...] (no job file: the built-in default)")
@@ -121,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("args", nargs="*", help="JOB.yaml (with a tune: section) [key=value ...]")
     tune.add_argument("--output-dir", help="output directory (same as output_dir=...)")
     tune.set_defaults(fn=cmd_tune)
+    submit = sub.add_parser("submit", help="run a job on a Ray cluster (Jobs API): ships the working directory, "
+                                           "streams the logs, exits with the job's status")
+    submit.add_argument("args", nargs="+", help="JOB.yaml [key=value ...] (the job file inside --working-dir)")
+    submit.add_argument("--address", help="the head's jobs API, e.g. http://<head>:8265 (default: RAY_ADDRESS, "
+                                          "else http://127.0.0.1:8265)")
+    submit.add_argument("--working-dir", default=".", help="directory shipped with the job (default: .)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return once it is submitted")
+    submit.set_defaults(fn=cmd_submit)
     serve = sub.add_parser("serve", help="serve base and unlearned models over HTTP (OpenAI-style + /v1/verify)")
     serve.add_argument("args", nargs="*", help="[SERVE.yaml] [key=value ...]")
     serve.set_defaults(fn=cmd_serve)

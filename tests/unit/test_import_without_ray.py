@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-RAY_GLUE = ("train", "tune", "serve")
+RAY_GLUE = ("train", "tune", "serve", "jobs")
 
 SCRIPT = textwrap.dedent("""
     import importlib, importlib.abc, pkgutil, sys
