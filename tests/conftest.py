@@ -398,3 +398,17 @@ def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, boo
         return done[key]
 
     return get
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run where torch sees a CUDA device and are skipped elsewhere (CI has none)."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
