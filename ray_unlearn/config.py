@@ -397,6 +397,9 @@ class EvalConfig:
     enabled: bool = _f(True, "Evaluate target, unlearned and retain models after unlearning.")
     max_items: int = _f(200, "Items per split to evaluate (the first N); 0 = all.")
     batch_size: int = _f(32, "Evaluation batch size.")
+    num_workers: int = _f(0, "Ray actors that score each model's items (each holds the model and takes whole "
+                             "batches of every split; one GPU each with ray.use_gpu): the results are the "
+                             "one-process ones; 0 = the driver scores them itself.")
     max_new_tokens: int = _f(32, "Greedy generation length for ROUGE.")
     mia: list[str] | str = _f("auto", "Membership-inference attacks, forget items as members and holdout items as "
                                       "non-members (AUC per attack, privleak on min_k): a list of loss, zlib, "
@@ -430,6 +433,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive("eval.max_items", self.max_items, allow_zero=True)
+        _positive("eval.num_workers", self.num_workers, allow_zero=True)
         check_attacks("eval.attacks", self.attacks)
         _positive("eval.in_context_examples", self.in_context_examples)
         _positive("eval.relearn_steps", self.relearn_steps)

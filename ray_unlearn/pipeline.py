@@ -177,8 +177,8 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     m = cfg.model
     own_tokenizer = looks_like_path(model) and any((Path(model).expanduser() / f).is_file()
                                                    for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(model if own_tokenizer or not looks_like_path(model) else inputs.tokenizer_path,
-                               m.trust_remote_code)
+    tokenizer_path = model if own_tokenizer or not looks_like_path(model) else inputs.tokenizer_path
+    tokenizer = load_tokenizer(tokenizer_path, m.trust_remote_code)
 
     def same(a: str | None, b: str) -> bool:
         return a is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
@@ -203,7 +203,8 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
         write_eval(eval_dir, inputs.bench, results)
 
     console.print(f"evaluating {model} on {inputs.bench} ({len(inputs.forget)} forget items)")
-    found, _ = evaluate_models(cfg, inputs, tokenizer, models, write)
+    found, _ = evaluate_models(cfg, inputs, tokenizer, models, write,
+                               {k: v for k, v in paths.items() if k in models and _is_local_dir(v)}, tokenizer_path)
     summaries = {n: found[n] for n in ("target", "evaluated", "retain") if n in found}
     attacks = red_team_run(cfg, inputs, Path(model), tokenizer, out, summaries, "evaluated") \
         if cfg.eval.attacks else None
@@ -259,35 +260,71 @@ def _write_audit(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[s
 
 
 def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: dict[str, Callable[[], Any]],
-                    on_result: Callable[[str, dict], None] | None = None
-                    ) -> tuple[dict[str, dict[str, float]], References]:
+                    on_result: Callable[[str, dict], None] | None = None, paths: dict[str, str] | None = None,
+                    tokenizer_path: str | None = None) -> tuple[dict[str, dict[str, float]], References]:
     """Evaluate each model (a "retain" entry first: its forget truth ratios and MIA AUCs give the
     others' forget quality and privleak); returns (summaries by name, what the retain model gives).
 
     The reference attack's reference losses come from the model at `inputs.mia_reference_path`,
-    scored once: the "retain" entry's model when that is the reference, else loaded for it."""
-    from ray_unlearn.data.collate import prompt_format
-    from ray_unlearn.eval.suite import References, evaluate_model, references_from, summary
+    scored once: the "retain" entry's model when that is the reference, else loaded for it. With
+    eval.num_workers, a model whose directory `paths` names is scored by that many Ray actors instead
+    (`ray_unlearn.distributed.EvalPool`, with `tokenizer`, loaded from `tokenizer_path`, default the job's), and
+    the driver does not load it."""
+    from ray_unlearn.eval.suite import References, references_from, summary
 
-    summaries, refs = {}, References()
-    for name in sorted(models, key=lambda n: n != "retain"):
-        model = models[name]()
-        if refs.losses is None and _wants_reference_losses(cfg, inputs):
-            is_reference = name == "retain" and inputs.mia_reference_path == inputs.retain_model_path
-            refs = References(refs.forget_truth_ratios, refs.mia_auc, _reference_losses(
-                cfg, inputs, tokenizer, model if is_reference else None))
-        with console.status(f"evaluating {name} model") as status:
-            say = status.update if console.is_terminal else console.print
-            results = evaluate_model(model, tokenizer, inputs.eval_splits, cfg.eval, prompt_format(cfg.data),
-                                     cfg.data.max_length, references=refs,
-                                     progress=lambda msg, n=name: say(f"evaluating {n} model: {msg}"))
-        del model
-        if name == "retain":
-            refs = references_from(results, refs.losses)
-        if on_result is not None:
-            on_result(name, results)
-        summaries[name] = summary(results)
-    return summaries, refs
+    with _pools(cfg, tokenizer_path or inputs.tokenizer_path) as open_pool:
+        summaries, refs = {}, References()
+        for name in sorted(models, key=lambda n: n != "retain"):
+            pool = open_pool((paths or {}).get(name))
+            model = models[name]() if pool is None else None
+            if refs.losses is None and _wants_reference_losses(cfg, inputs):
+                is_reference = name == "retain" and inputs.mia_reference_path == inputs.retain_model_path
+                refs = References(refs.forget_truth_ratios, refs.mia_auc, _reference_losses(
+                    cfg, inputs, tokenizer, model if is_reference else None, pool if is_reference else None))
+            results = _evaluate_one(cfg, inputs, tokenizer, name, model, refs, pool)
+            del model
+            if pool is not None:
+                pool.close()  # its actors' CPUs go to the next model's
+            if name == "retain":
+                refs = references_from(results, refs.losses)
+            if on_result is not None:
+                on_result(name, results)
+            summaries[name] = summary(results)
+        return summaries, refs
+
+
+def _evaluate_one(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, name: str, model: Any, refs: References,
+                  pool: Any) -> dict:
+    """One model's evaluation results, with progress on the console."""
+    from ray_unlearn.data.collate import prompt_format
+    from ray_unlearn.eval.suite import evaluate_model
+
+    with console.status(f"evaluating {name} model") as status:
+        say = status.update if console.is_terminal else console.print
+        return evaluate_model(model, tokenizer, inputs.eval_splits, cfg.eval, prompt_format(cfg.data),
+                              cfg.data.max_length, references=refs, pool=pool,
+                              progress=lambda msg: say(f"evaluating {name} model: {msg}"))
+
+
+@contextmanager
+def _pools(cfg: JobConfig, tokenizer_path: str) -> Iterator[Callable[[str | None], Any]]:
+    """open(model dir or None) -> an EvalPool for it, or None (eval.num_workers = 0, or no directory)."""
+    if not cfg.eval.num_workers:
+        yield lambda path: None
+        return
+    from ray_unlearn.data.collate import prompt_format
+    from ray_unlearn.distributed import eval_pools
+
+    with eval_pools(cfg.eval.num_workers, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                    tokenizer_path=tokenizer_path, fmt=prompt_format(cfg.data), max_length=cfg.data.max_length,
+                    batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                    use_gpu=cfg.ray.use_gpu) as open_pool:
+        yield lambda path: None if path is None else open_pool(str(path))
+
+
+def _is_local_dir(path: str | None) -> bool:
+    """A model directory on this machine (an actor loads it from there; a hub id is left to the driver)."""
+    return bool(path) and Path(path).is_dir()
 
 
 def _wants_reference_losses(cfg: JobConfig, inputs: JobInputs) -> bool:
@@ -299,16 +336,18 @@ def _wants_reference_losses(cfg: JobConfig, inputs: JobInputs) -> bool:
         and bool(inputs.eval_splits.get(HOLDOUT))
 
 
-def _reference_losses(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, model: Any | None) -> dict:
-    """The reference model's per-item answer NLL on forget and holdout (`model`, or loaded from its path)."""
+def _reference_losses(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, model: Any | None,
+                      pool: Any = None) -> dict:
+    """The reference model's per-item answer NLL on forget and holdout (`model` or `pool`, else loaded from
+    its path)."""
     from ray_unlearn.data.collate import prompt_format
     from ray_unlearn.eval.suite import reference_losses
     from ray_unlearn.models.io import load_model
 
-    if model is None:
+    if model is None and pool is None:
         model = load_model(inputs.mia_reference_path, cfg.model.dtype, cfg.model.trust_remote_code)
     return reference_losses(model, tokenizer, inputs.eval_splits, cfg.eval, prompt_format(cfg.data),
-                            cfg.data.max_length)
+                            cfg.data.max_length, pool=pool)
 
 
 def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: Any,
@@ -329,7 +368,9 @@ def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
         eval_dir.mkdir(parents=True, exist_ok=True)
         write_eval(eval_dir, inputs.bench, results)
 
-    summaries, refs = evaluate_models(cfg, inputs, tokenizer, models, write)
+    paths = {"retain": inputs.retain_model_path, "target": inputs.model_path, "unlearned": str(unlearned)}
+    summaries, refs = evaluate_models(cfg, inputs, tokenizer, models, write,
+                                      {k: v for k, v in paths.items() if k in models and _is_local_dir(v)})
     if refs_out is not None:
         refs_out["refs"] = refs
     return {n: summaries[n] for n in ("target", "unlearned", "retain") if n in summaries}

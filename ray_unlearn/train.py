@@ -139,6 +139,10 @@ def init_ray(cfg: JobConfig) -> None:
     workers = cfg.ray.min_workers  # an elastic run starts once its minimum fits
     need = workers * cfg.ray.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
+    scorers = cfg.eval.num_workers if cfg.eval.enabled else 0  # eval actors: one CPU each, after training
+    if scorers > have:
+        raise UnlearnError(f"eval.num_workers={scorers} needs {scorers} CPUs (one per actor) but the cluster has "
+                           f"{have:g}; lower eval.num_workers")
     if need > have:
         raise UnlearnError(f"ray.num_workers={workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
                            f"needs {need:g} CPUs but the cluster has {have:g}; lower ray.num_workers")

@@ -86,6 +86,7 @@ class _Run:
     progress: Callable[[str], None]
     attacks: tuple[str, ...] = ()   # membership-inference attacks to run
     mia_k: float = 0.4              # Min-K / Min-K++ fraction
+    pool: Any = None                # workers holding the model that run the passes instead (eval.passes)
 
 
 # ---------------------------------------------------------------- public API
@@ -95,8 +96,12 @@ def evaluate_model(model: Any, tokenizer: Any, splits: dict[str, list[dict]], cf
                    prompt_format: PromptFormat | str, max_length: int = 128,
                    retain_truth_ratios: Sequence[float] | None = None,
                    progress: Callable[[str], None] | None = None,
-                   references: References | None = None) -> dict[str, dict]:
+                   references: References | None = None, pool: Any = None) -> dict[str, dict]:
     """Evaluate `model` on the given splits ("forget", "retain", "world_facts", "real_authors", "holdout").
+
+    With a `pool` (workers that hold the model: `ray_unlearn.distributed.EvalPool`) the model passes run
+    there, each worker scoring whole batches of each split (`eval.passes`), and `model` may be None: the
+    results are the single-process ones.
 
     Metrics whose inputs are missing are skipped (no perturbed answers: no truth ratio; no retain
     forget truth ratios: no forget_quality; a utility split missing: no model_utility; no holdout
@@ -116,9 +121,10 @@ def evaluate_model(model: Any, tokenizer: Any, splits: dict[str, list[dict]], cf
     attacks = selected_attacks(cfg.mia, bool(capped.get("forget")), bool(capped.get(HOLDOUT)), refs.losses is not None)
     fmt = as_prompt_format(prompt_format)
     run = _Run(model, tokenizer, fmt, stop_token_ids(tokenizer, fmt), max_length, cfg.batch_size,
-               cfg.max_new_tokens, progress or (lambda msg: None), attacks, cfg.mia_k)
-    was_training = model.training
-    model.eval()
+               cfg.max_new_tokens, progress or (lambda msg: None), attacks, cfg.mia_k, pool)
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     try:
         inputs = _Inputs(run, {name: items for name, items in capped.items() if items}, refs, tuple(splits))
         results: dict[str, dict] = {}
@@ -129,23 +135,27 @@ def evaluate_model(model: Any, tokenizer: Any, splits: dict[str, list[dict]], cf
                     results[metric.name] = record
         return results
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
 
 
 def reference_losses(model: Any, tokenizer: Any, splits: dict[str, list[dict]], cfg: EvalConfig,
-                     prompt_format: PromptFormat | str, max_length: int = 128) -> dict[str, tuple[float, ...]]:
+                     prompt_format: PromptFormat | str, max_length: int = 128,
+                     pool: Any = None) -> dict[str, tuple[float, ...]]:
     """A reference model's per-item answer NLL on the forget and holdout splits: the reference attack's
     `References.losses`. The same items and passes as `evaluate_model`'s, so a model that is its own
-    reference scores exactly 0."""
+    reference scores exactly 0. With a `pool` the passes run there (`model` may be None)."""
     fmt = as_prompt_format(prompt_format)
-    run = _Run(model, tokenizer, fmt, [], max_length, cfg.batch_size, cfg.max_new_tokens, lambda msg: None)
-    was_training = model.training
-    model.eval()
+    run = _Run(model, tokenizer, fmt, [], max_length, cfg.batch_size, cfg.max_new_tokens, lambda msg: None, pool=pool)
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     try:
         return {name: tuple(float(v) for v in _teacher_forced(run, _pairs(_capped(splits[name], cfg.max_items)))["nll"])
                 for name in MIA_SPLITS if splits.get(name)}
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
 
 
 def references_from(retain_results: dict, losses: Mapping[str, Sequence[float]] | None = None) -> References:
@@ -279,7 +289,7 @@ class _Inputs:
             items = self.splits[split]
             self.run.progress(f"eval {split}: GradNorm ({len(items)} backward passes)")
             encoded = [encode_qa(self.run.tokenizer, q, a, self.run.max_length, self.run.fmt) for q, a in _pairs(items)]
-            return mia.gradnorm_scores(self.run.model, encoded)
+            return gradnorm_pass(self.run, encoded)
         return self._once("gradnorms", split, compute)
 
 
@@ -302,6 +312,8 @@ def _teacher_forced(run: _Run, pairs: list[tuple[str, str]], token_stats: bool =
     `token_stats` also the MIA inputs: scored token log-probs ("logp"), Min-K++'s normalised ones
     ("z", with `vocab_stats`) and the decoded answer text ("text"); with `keywords` (per pair) the
     probability per keyword token ("keyword_conf")."""
+    if run.pool is not None:
+        return run.pool.teacher_forced(pairs, token_stats, vocab_stats, keywords)
     pad_id = _pad_id(run.tokenizer)
     parts: dict[str, list[torch.Tensor]] = {"nll": [], "em": [], "es": []}
     extra: dict[str, list] = {"logp": [], "z": [], "text": []}
@@ -334,12 +346,21 @@ def _teacher_forced(run: _Run, pairs: list[tuple[str, str]], token_stats: bool =
 
 def _generate(run: _Run, items: list[dict]) -> list[str]:
     """Greedy answers to the items' questions, batch by batch."""
+    if run.pool is not None:
+        return run.pool.generate(items)
     generations: list[str] = []
     for start in range(0, len(items), run.batch_size):
         chunk = items[start:start + run.batch_size]
         prompts = [encode_prompt(run.tokenizer, it["question"], run.fmt) for it in chunk]
         generations += M.greedy_generate(run.model, run.tokenizer, prompts, run.max_new_tokens, run.stop_ids)
     return generations
+
+
+def gradnorm_pass(run: _Run, encoded: list[dict[str, list[int]]]) -> np.ndarray:
+    """GradNorm scores of encoded items (one backward each), on the run's model or its pool."""
+    if run.pool is not None:
+        return run.pool.gradnorms(encoded)
+    return mia.gradnorm_scores(run.model, encoded)
 
 
 def _pad_id(tokenizer: Any) -> int:

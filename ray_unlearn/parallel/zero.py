@@ -258,7 +258,7 @@ class DeepSpeedStrategy(DDPStrategy):
             optimizer.update_hessian(estimates)
 
         for action in (keep_plus_go_minus, fold_and_restore):
-            for i, batch in enumerate(batches):
+            for batch in batches:
                 self.backward(model, loss_fn(model, batch) / len(batches))
             with _client_step_does(optimizer, action), _no_clipping(self.engine.optimizer):
                 self.engine.step()

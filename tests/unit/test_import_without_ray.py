@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-RAY_GLUE = ("train", "tune", "serve", "jobs")
+RAY_GLUE = ("train", "tune", "serve", "jobs", "distributed")
 
 SCRIPT = textwrap.dedent("""
     import importlib, importlib.abc, pkgutil, sys
