@@ -499,8 +499,8 @@ FRESH_SIZES = ("micro", "small", "medium")  # the keys of ray_unlearn.models.tin
 @dataclass
 class FinetuneConfig:
     epochs: int = _f(0, "Passes over each model's data (target: forget + retain items, retain: retain items); "
-                        "0 = the recipe's: 5 (TOFU's) when model.path names a model, the size's memorizer epochs "
-                        "(micro 30, small 20, medium 20) for a fresh one.")
+                        "0 = the recipe's: 5 (TOFU's) when model.path names a model; for a fresh one the size's "
+                        "memorizer epochs (micro 30, small 20, medium 20), and at least 300 steps.")
     max_steps: int = _f(0, "Optimizer steps of each model instead of epochs; 0 = from finetune.epochs.")
     lr: float = _f(0.0, "Peak learning rate; 0 = the recipe's: 1e-5 (TOFU's) when model.path names a model, the "
                         "size's memorizer rate (micro 5e-3, small 4e-3, medium 2e-3) for a fresh one.")

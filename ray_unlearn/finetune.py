@@ -36,6 +36,8 @@ from ray_unlearn.pipeline import _write_json, console
 
 BENCH = "CUSTOM"  # the EVAL/SUMMARY file prefix `run` uses for user data
 TOFU_LR, TOFU_EPOCHS = 1e-5, 5  # TOFU's fine-tuning recipe for a pretrained model
+FRESH_MIN_STEPS = 300  # a model from scratch needs a few hundred updates to memorize anything, however little data
+WEAK_GAP = 0.2  # a forget-ES gap below this leaves unlearning little to measure: the report says so
 
 
 @dataclass(frozen=True)
@@ -71,23 +73,25 @@ def load_finetune_data(cfg: JobConfig) -> FinetuneData:
     return FinetuneData(forget, retain, holdout)
 
 
-def recipe(cfg: JobConfig) -> tuple[float, int]:
-    """(peak lr, epochs): finetune.lr / finetune.epochs, or the recipe's when 0 (TOFU's for a given model,
-    the built-in memorizer's for a fresh one)."""
+def recipe(cfg: JobConfig) -> tuple[float, int, int]:
+    """(peak lr, epochs, least steps): finetune.lr / finetune.epochs, or the recipe's when 0: TOFU's for a
+    given model; for a fresh one the built-in memorizer's, and at least FRESH_MIN_STEPS steps."""
     from ray_unlearn.models.tiny import MODEL_SIZES
 
     ft, spec = cfg.finetune, MODEL_SIZES[cfg.finetune.fresh_size]
     lr = ft.lr or (TOFU_LR if cfg.model.path else spec.lr)
-    return lr, ft.epochs or (TOFU_EPOCHS if cfg.model.path else spec.epochs)
+    if ft.epochs:
+        return lr, ft.epochs, 0
+    return (lr, TOFU_EPOCHS, 0) if cfg.model.path else (lr, spec.epochs, FRESH_MIN_STEPS)
 
 
 def member_config(cfg: JobConfig, model: str, items: int, base: str, tokenizer: str) -> JobConfig:
     """The loop's config for training `model` ("target" or "retain") on `items` items from `base`: the `nll`
     term, finetune's optimizer, batch and schedule, the job's train/optim/ray settings otherwise."""
     ft, t = cfg.finetune, cfg.train
-    lr, epochs = recipe(cfg)
+    lr, epochs, least = recipe(cfg)
     per_step = ft.global_batch_size or ft.batch_size * max(1, cfg.ray.max_workers)
-    steps = ft.max_steps or epochs * math.ceil(items / per_step)
+    steps = ft.max_steps or max(least, epochs * math.ceil(items / per_step))
     data = to_dict(cfg)
     data.update(name=f"{cfg.name}-{model}", output_dir=str(Path(cfg.output_dir) / "training" / model))
     data["model"].update(path=base, tokenizer=tokenizer, retain_model="")
@@ -249,7 +253,8 @@ def write_memorization(cfg: JobConfig, out: Path, data: FinetuneData, summaries:
                      "final_train_nll": (histories[name] or [{}])[-1].get("nll/train"), **memo[name]}
               for name in ("target", "retain")}
     record["target"]["forget_quality"] = summaries["target"].get("forget_quality")
-    _write_json(out / "memorization.json", {**record, **{"forget_es_gap": next(iter(gap.values()))}})
+    record["forget_es_gap"] = next(iter(gap.values()))
+    _write_json(out / "memorization.json", record)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     facts = {"base model": cfg.model.path or f"fresh built-in {cfg.finetune.fresh_size} Llama ({out / 'base'})",
@@ -260,6 +265,10 @@ def write_memorization(cfg: JobConfig, out: Path, data: FinetuneData, summaries:
              "workers": cfg.ray.num_workers, "time to both models (s)": f"{train_s:.1f}"}
     write_report(out, summaries, gap, facts, [plot_memorization(memo, plots / "memorization.png")])
     _print_summary(summaries, gap)
+    if record["forget_es_gap"] < WEAK_GAP:
+        console.print(f"warning: the target's forget ES is only {record['forget_es_gap']:.2f} above the retain "
+                      "model's: it barely memorized the forget items, so unlearning will have little to remove; "
+                      "raise finetune.epochs (or finetune.lr) and run finetune again in a new output_dir")
     console.print(f"outputs in [bold]{out.resolve()}[/]; unlearn with: ray-unlearn run model.path={paths['target']} "
                   f"model.retain_model={paths['retain']} data.forget_path={cfg.data.forget_path} "
                   f"data.retain_path={cfg.data.retain_path}")

@@ -69,21 +69,23 @@ def test_finetune_section_defaults_and_bad_values():
 
 
 def test_member_config_by_hand(tmp_path):
-    """30 items, batch 8: 4 steps an epoch. A fresh micro model: 30 epochs at 5e-3 (the memorizer's); a
-    given model: TOFU's 5 epochs at 1e-5; 2 workers halve the steps an epoch; max_steps wins."""
+    """30 items, batch 8: 4 steps an epoch. A fresh micro model: the memorizer's 30 epochs at 5e-3 = 120 steps,
+    raised to the 300 a model from scratch needs; a given model: TOFU's 5 epochs at 1e-5 = 20 steps; 2 workers
+    halve the steps an epoch; epochs set explicitly are taken as they are; max_steps wins."""
     from ray_unlearn.finetune import member_config
 
     def cfg(*extra: str):
         return load_config(None, [f"output_dir={tmp_path}", "ray.num_workers=0", *extra])
 
     fresh = member_config(cfg(), "target", 30, "/base", "/tok")
-    assert (fresh.train.max_steps, fresh.train.warmup_steps, fresh.optim.lr) == (120, 6, 5e-3)
+    assert (fresh.train.max_steps, fresh.train.warmup_steps, fresh.optim.lr) == (300, 15, 5e-3)
     assert fresh.objective.terms == {"nll": 1.0} and fresh.optim.name == "adamw"
     assert (fresh.name, fresh.output_dir, fresh.model.path) == ("unlearn-target", str(tmp_path / "training" / "target"),
                                                                 "/base")
     given = member_config(cfg("model.path=/some/model"), "retain", 30, "/some/model", "/some/model")
     assert (given.train.max_steps, given.optim.lr, given.train.lr_schedule) == (20, 1e-5, "cosine")
-    two = member_config(cfg("ray.num_workers=2", "finetune.optimizer=sophia"), "target", 30, "/b", "/b")
+    two = member_config(cfg("ray.num_workers=2", "finetune.optimizer=sophia", "finetune.epochs=30"), "target", 30,
+                        "/b", "/b")
     assert (two.train.max_steps, two.optim.name) == (60, "sophia")
     assert member_config(cfg("finetune.max_steps=7", "finetune.lr=0.1"), "target", 30, "/b", "/b").train.max_steps == 7
 
