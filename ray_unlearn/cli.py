@@ -1,4 +1,5 @@
-"""`ray-unlearn`: run (unlearn + evaluate + report), eval (evaluate a model without unlearning), data (build the built-in benchmark), config,
+"""`ray-unlearn`: run (unlearn + evaluate + report), finetune (train target and retain models on your own data),
+eval (evaluate a model without unlearning), data (build the built-in benchmark), config,
 verify (check a run directory against its audit.json: exit 0 all match, 1 a mismatch), submit (run a job on a
 Ray cluster through its Jobs API: exit status = the job's).
 
@@ -54,6 +55,16 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         name = Path(ns.model.rstrip("/")).name or "model"
         cfg = load_config(*_split_args([*ns.args, f"output_dir=runs/eval/{name}"]))
     eval_job(cfg, ns.model)
+    return 0
+
+
+def cmd_finetune(ns: argparse.Namespace) -> int:
+    from ray_unlearn.finetune import finetune_job
+
+    cfg = _load(ns)
+    if cfg.output_dir == JobConfig().output_dir:  # not set: runs/finetune rather than run's runs/unlearn
+        cfg = load_config(*_split_args([*ns.args, "output_dir=runs/finetune"]))
+    finetune_job(cfg)
     return 0
 
 
@@ -124,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...] (no job file: the built-in default)")
     run.add_argument("--output-dir", help="output directory (same as output_dir=...)")
     run.set_defaults(fn=cmd_run)
+    ft = sub.add_parser("finetune", help="fine-tune a base model on your forget + retain data (the target model) "
+                                         "and on retain alone (the retain model), on Ray Train; report how well "
+                                         "each memorized its data")
+    ft.add_argument("args", nargs="*", help="[JOB.yaml] [key=value ...]: data.forget_path, data.retain_path, "
+                                            "model.path (empty: a fresh built-in model), the finetune section "
+                                            "(default output_dir: runs/finetune)")
+    ft.add_argument("--output-dir", help="output directory (same as output_dir=...)")
+    ft.set_defaults(fn=cmd_finetune)
     ev = sub.add_parser("eval", help="evaluate a model (HF directory or hub id) without unlearning: the same "
                                      "metrics, MIA, attacks, files and report as run")
     ev.add_argument("model", help="HF model directory or hub id to evaluate")

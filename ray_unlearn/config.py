@@ -190,7 +190,8 @@ class PDUSettings:
 class ObjectiveConfig:
     terms: dict[str, float] = _f({"npo": 1.0, "retain_nll": 1.0},
                                  "Weighted objective terms, name -> weight (ga, retain_nll, retain_kl, npo, "
-                                 "simnpo, idk_dpo, refusal, rmu, undial, wga, satimp, ce_u, pdu).")
+                                 "simnpo, idk_dpo, refusal, rmu, undial, wga, satimp, ce_u, pdu; nll "
+                                 "fine-tunes and is for ray-unlearn finetune only).")
     npo_beta: float = _f(0.1, "NPO inverse temperature beta.")
     simnpo_beta: float = _f(2.5, "SimNPO inverse temperature beta.")
     simnpo_delta: float = _f(0.0, "SimNPO reward margin delta.")
@@ -495,6 +496,53 @@ class TuneConfig:
         _positive("tune.cpus_per_trial", self.cpus_per_trial)
 
 
+FINETUNE_RESERVED = ("base", "training", "eval", "plots")  # what finetune writes beside its two models
+FRESH_SIZES = ("micro", "small", "medium")  # the keys of ray_unlearn.models.tiny.MODEL_SIZES
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = _f(0, "Passes over each model's data (target: forget + retain items, retain: retain items); "
+                        "0 = the recipe's: 5 (TOFU's) when model.path names a model; for a fresh one the size's "
+                        "memorizer epochs (micro 30, small 20, medium 20), and at least 300 steps.")
+    max_steps: int = _f(0, "Optimizer steps of each model instead of epochs; 0 = from finetune.epochs.")
+    lr: float = _f(0.0, "Peak learning rate; 0 = the recipe's: 1e-5 (TOFU's) when model.path names a model, the "
+                        "size's memorizer rate (micro 5e-3, small 4e-3, medium 2e-3) for a fresh one.")
+    optimizer: str = _f("adamw", "adamw, or sophia (with the optim section's betas, rho and Hessian estimator); "
+                                 "both take the optim section's betas and grad_clip.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay.")
+    batch_size: int = _f(8, "Items per worker per micro-batch.")
+    global_batch_size: int = _f(0, "Items per optimizer step over all workers (as train.global_batch_size); 0 = "
+                                   "batch_size x workers. Elastic runs (ray.num_workers=[min, max]) need it.")
+    warmup: float = _f(0.05, "Linear warmup, as a fraction of the steps.")
+    lr_schedule: str = _f("cosine", "LR schedule after warmup: constant, linear or cosine decay.")
+    fresh_size: str = _f("micro", "When model.path is empty: the built-in Llama size trained from scratch (micro, "
+                                  "small, medium), with a BPE tokenizer fitted on the data unless model.tokenizer "
+                                  "names one.")
+    target_dir: str = _f("target", "Directory (under output_dir) of the target model, trained on forget + retain.")
+    retain_dir: str = _f("retain", "Directory (under output_dir) of the retain model, trained on retain only.")
+
+    def __post_init__(self) -> None:
+        _choice("finetune.optimizer", self.optimizer, ("adamw", "sophia"))
+        _choice("finetune.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        _choice("finetune.fresh_size", self.fresh_size, FRESH_SIZES)
+        for key in ("epochs", "max_steps", "global_batch_size"):
+            _positive(f"finetune.{key}", getattr(self, key), allow_zero=True)
+        _positive("finetune.lr", self.lr, allow_zero=True)
+        _positive("finetune.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("finetune.batch_size", self.batch_size)
+        if not 0 <= self.warmup < 1:
+            raise UnlearnError(f"finetune.warmup: a fraction of the steps in [0, 1), got {self.warmup}")
+        for key in ("target_dir", "retain_dir"):
+            name = getattr(self, key)
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in FINETUNE_RESERVED:
+                raise UnlearnError(f"finetune.{key}: {name!r} is not a plain directory name (letters, digits, "
+                                   f"_ . -; not {', '.join(FINETUNE_RESERVED)}), e.g. {key.split('_')[0]}")
+        if self.target_dir == self.retain_dir:
+            raise UnlearnError(f"finetune.target_dir and finetune.retain_dir are both {self.target_dir!r}; give "
+                               "the two models different directories")
+
+
 @dataclass
 class AuditConfig:
     request_id: str = _f("", "Id of this unlearning request, recorded in the run's audit.json; empty = a new "
@@ -518,6 +566,9 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation after unlearning."})
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "Ray Tune search (`ray-unlearn tune`)."})
     audit: AuditConfig = field(default_factory=AuditConfig, metadata={"help": "Audit record (audit.json)."})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig,
+                                     metadata={"help": "`ray-unlearn finetune`: train the target and retain models "
+                                                       "on your own data."})
 
     def __post_init__(self) -> None:
         from ray_unlearn.storage import check_location, is_remote

@@ -30,6 +30,7 @@ class JobInputs:
     eval_splits: dict[str, list[dict]] = field(default_factory=dict)
     build_figures: dict[str, Any] | None = None
     mia_reference_path: str | None = None  # the reference attack's model: eval.mia_reference_model or the retain model
+    train: list[dict] = field(default_factory=list)  # items a fine-tune fits (`ray-unlearn finetune`); [] to unlearn
 
 
 def resolve_inputs(cfg: JobConfig, report: Callable[[str, int, int], None] | None = None) -> JobInputs:

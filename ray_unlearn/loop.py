@@ -1,8 +1,10 @@
-"""The one explicit unlearning loop (pure PyTorch: Ray only reaches it through `LoopEnv` callbacks).
+"""The one explicit training loop (pure PyTorch: Ray only reaches it through `LoopEnv` callbacks): unlearning,
+fine-tuning (`ray-unlearn finetune`: the `nll` term on the train stream, no forget stream) and the relearning attack.
 
 Per optimizer step: `train.accumulation(world_size)` micro-batches, each one forward pass over
-every stream the objective reads (forget, retain, forget_idk concatenated into one batch, so DDP
-sees a single forward) plus a no-grad pass of the frozen reference model when a term needs it; a
+every stream the objective reads (forget, retain, forget_idk, train concatenated into one batch, so DDP
+sees a single forward; the forget stream also when the objective does not read it but the data has one, for
+its logged NLL) plus a no-grad pass of the frozen reference model when a term needs it; a
 weighted objective; backward; clipping; the Hessian estimate when due (Sophia); the step; then
 stateful terms (PDU's λ) update from the step's logs, averaged over ranks. Terms that read a
 decoder layer's output (RMU) get it from a forward hook on that layer alone. Everything that
@@ -60,18 +62,23 @@ from ray_unlearn.parallel import Strategy, build_strategy, load_hf_weights
 from ray_unlearn.parallel.base import full_of, local_part, local_tensor
 
 Encoded = dict[str, list[int]]
+STREAM_SOURCES = {"forget": "question/answer forget data", "forget_idk": "question/answer forget data",
+                  "retain": "retain data", "train": "items to fine-tune on (the nll term is for `ray-unlearn finetune`; "
+                                                    "unlearning runs keep retain answers with retain_nll)"}
 
 
 @dataclass
 class UnlearnData:
-    """Encoded streams: forget (question + answer), forget_idk (question + refusal), retain."""
+    """Encoded streams: forget (question + answer), forget_idk (question + refusal), retain, and train (what
+    a fine-tune fits: `ray-unlearn finetune`, the relearning attack; empty for unlearning runs)."""
 
     forget: list[Encoded]
     retain: list[Encoded]
     forget_idk: list[Encoded] = field(default_factory=list)
+    train: list[Encoded] = field(default_factory=list)
 
     def stream(self, name: str) -> list[Encoded]:
-        return {"forget": self.forget, "retain": self.retain, "forget_idk": self.forget_idk}[name]
+        return {"forget": self.forget, "retain": self.retain, "forget_idk": self.forget_idk, "train": self.train}[name]
 
 
 @dataclass
@@ -91,9 +98,9 @@ class LoopEnv:
 
 
 def encode_data(cfg: JobConfig, tokenizer: Any, forget: Sequence[dict], retain: Sequence[dict],
-                kind: str = "qa") -> UnlearnData:
-    """Tokenize forget/retain items (prompts as `prompt_format(cfg.data)` says); text corpora
-    (kind "text") have no refusal stream."""
+                kind: str = "qa", train: Sequence[dict] = ()) -> UnlearnData:
+    """Tokenize forget/retain/train items (prompts as `prompt_format(cfg.data)` says); text corpora
+    (kind "text") have no refusal stream. `train`: question/answer items to fine-tune on (the train stream)."""
     d, fmt = cfg.data, prompt_format(cfg.data)
 
     def qa(items: Sequence[dict], refusal: bool = False) -> list[Encoded]:
@@ -105,7 +112,7 @@ def encode_data(cfg: JobConfig, tokenizer: Any, forget: Sequence[dict], retain: 
                            retain=[encode_text(tokenizer, it["text"], d.max_length) if "text" in it
                                    else encode_qa(tokenizer, it["question"], it["answer"], d.max_length, fmt)
                                    for it in retain])
-    return UnlearnData(forget=qa(forget), retain=qa(retain), forget_idk=qa(forget, refusal=True))
+    return UnlearnData(forget=qa(forget), retain=qa(retain), forget_idk=qa(forget, refusal=True), train=qa(train))
 
 
 def load_run(cfg: JobConfig, inputs: Any, rank: int = 0, world_size: int = 1
@@ -127,7 +134,8 @@ def load_run(cfg: JobConfig, inputs: Any, rank: int = 0, world_size: int = 1
     if objective_ref_streams(build_objective(cfg.objective)):
         m = cfg.model
         ref = empty_model(inputs.model_path, m.dtype, m.trust_remote_code) if meta else copy.deepcopy(model)
-    return model, ref, encode_data(cfg, tokenizer, inputs.forget, inputs.retain, inputs.kind), tokenizer
+    return model, ref, encode_data(cfg, tokenizer, inputs.forget, inputs.retain, inputs.kind,
+                                        inputs.train), tokenizer
 
 
 def check_objective_fits(terms: Sequence[Any], model: Any) -> set[str]:
@@ -220,12 +228,13 @@ class Unlearner:
                  env: LoopEnv):
         self.cfg, self.data, self.pad_id, self.env = cfg, data, pad_id, env
         self.terms = build_objective(cfg.objective)
-        self.streams = sorted(objective_streams(self.terms) | {"forget"})
+        self.streams = sorted(objective_streams(self.terms) | ({"forget"} if data.forget else set()))
         self.ref_streams = sorted(objective_ref_streams(self.terms))
         for s in self.streams:
             if not data.stream(s):
-                raise UnlearnError(f"objective needs the {s} stream but it is empty; "
-                                   f"give {'retain data' if s == 'retain' else 'question/answer forget data'}")
+                raise UnlearnError(f"objective needs the {s} stream but it is empty; give {STREAM_SOURCES[s]}")
+        # Sophia's GNB samples labels on the forget stream (SOUL); a fine-tune without one, on its own stream
+        self.hessian_stream = "forget" if "forget" in self.streams else self.streams[0]
         if cfg.optim.name == "influence" and not data.retain:
             raise UnlearnError("optim.name=influence preconditions by the Fisher of the retain loss but there is "
                                "no retain data; give retain items (data.retain_path) or use optim.name=sophia")
@@ -275,7 +284,7 @@ class Unlearner:
         batch = {}
         for s in (self.streams if streams is None else streams):
             items = self.data.stream(s)
-            # forget and forget_idk share indices (same questions), retain has its own order
+            # forget and forget_idk share indices (same questions), retain has its own order (train: forget's)
             seed = t.seed + (7919 if s == "retain" else 0)
             idx = batch_slot_indices(len(items), t.batch_size, slot, seed)
             batch[s] = {k: v.to(env.device) for k, v in pad_batch([items[i] for i in idx], self.pad_id).items()}
@@ -293,9 +302,9 @@ class Unlearner:
                                        self.strategy)
         loss, logs = combined_loss(self.terms, policy, ref, batch, self.states)
         with torch.no_grad():
-            logs["nll/forget"] = batch_nll(policy["forget"].logits, batch["forget"]["labels"]).item()
-            if "retain" in policy:
-                logs["nll/retain"] = batch_nll(policy["retain"].logits, batch["retain"]["labels"]).item()
+            for s in ("forget", "retain", "train"):
+                if s in policy:
+                    logs[f"nll/{s}"] = batch_nll(policy[s].logits, batch[s]["labels"]).item()
         return loss, logs
 
     def train_step(self) -> dict[str, float]:
@@ -341,9 +350,9 @@ class Unlearner:
             return
         key = (self.cfg.train.seed * 1_000_003 + self.step) * 1_000_033  # (seed, step): never the rank
         if est.kind == "gnb":
-            forget = [b["forget"] for b in batches]
-            keys = [[key + int(i) for i in b["index"]] for b in forget]
-            bs = gnb_backward(self.model, forget, keys, self.strategy)
+            sampled = [b[self.hessian_stream] for b in batches]
+            keys = [[key + int(i) for i in b["index"]] for b in sampled]
+            bs = gnb_backward(self.model, sampled, keys, self.strategy)
             self.strategy.fold_grad_squares(self.model, self.optimizer)
         elif self.cfg.optim.hvp == "difference":
             bs = self.strategy.fold_hutchinson_difference(self.model, self.optimizer, self.params, batches,

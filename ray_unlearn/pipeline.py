@@ -64,6 +64,9 @@ def validate(cfg: JobConfig) -> None:
     from ray_unlearn.optim import OPTIMIZERS
 
     build_objective(cfg.objective)
+    if cfg.objective.terms.get("nll"):
+        raise UnlearnError("objective.terms.nll fine-tunes on the answers it is given (ray-unlearn finetune); an "
+                           "unlearning run keeps the retain answers with retain_nll: use that instead")
     if cfg.optim.name not in OPTIMIZERS:
         raise UnlearnError(f"optim.name: unknown optimizer {cfg.optim.name!r} (valid: {', '.join(sorted(OPTIMIZERS))})")
 
@@ -378,7 +381,8 @@ def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
 
 def relearned(cfg: JobConfig, model: Any, tokenizer: Any, items: list[dict]) -> Any:
     """A copy of `model` after the relearn attack: eval.relearn_steps steps of the run's own loop (one plain
-    process) with the objective NLL(items) (`ga` weighted -1) and AdamW at eval.relearn_lr."""
+    process) with the fine-tuning objective NLL(items) (the `nll` term on the train stream) and AdamW at
+    eval.relearn_lr."""
     import copy
 
     from ray_unlearn.config import from_dict
@@ -386,7 +390,7 @@ def relearned(cfg: JobConfig, model: Any, tokenizer: Any, items: list[dict]) -> 
 
     e = cfg.eval
     data = to_dict(cfg)
-    data["objective"] = {"terms": {"ga": -1.0}}
+    data["objective"] = {"terms": {"nll": 1.0}}
     data["optim"] = {"name": "adamw", "lr": e.relearn_lr, "weight_decay": 0.0}
     data["train"] = {"max_steps": e.relearn_steps, "batch_size": min(len(items), cfg.train.batch_size),
                      "log_every": e.relearn_steps, "seed": cfg.train.seed}
@@ -396,8 +400,8 @@ def relearned(cfg: JobConfig, model: Any, tokenizer: Any, items: list[dict]) -> 
     with tempfile.TemporaryDirectory(prefix="ray_unlearn_relearn_") as tmp:
         data["output_dir"] = tmp
         attack_cfg = from_dict(JobConfig, data)
-        Unlearner(attack_cfg, victim, None, encode_data(attack_cfg, tokenizer, items, []), tokenizer.pad_token_id,
-                  LoopEnv(checkpoint_dir=Path(tmp))).run()
+        Unlearner(attack_cfg, victim, None, encode_data(attack_cfg, tokenizer, [], [], train=items),
+                  tokenizer.pad_token_id, LoopEnv(checkpoint_dir=Path(tmp))).run()
     return victim.eval()
 
 

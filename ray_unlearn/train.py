@@ -63,10 +63,12 @@ def train_func(config: dict[str, Any]) -> None:
         if temporary and ckpt is not None:
             shutil.rmtree(ckpt, ignore_errors=True)  # persisted by report(): free the worker's disk
 
+    tag = "[finetune]" if "nll" in cfg.objective.terms else "[unlearn]"  # ray-unlearn finetune's models
+
     def on_step(step: int, total: int, logs: dict[str, float]) -> None:
         if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
             shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith(("loss/total", "nll/")))
-            _say(f"[unlearn] step {step}/{total} {shown}")
+            _say(f"{tag} step {step}/{total} {shown}")
 
     local_ckpts = Path(tempfile.mkdtemp(prefix="ray_unlearn_ckpt_")) if temporary else Path(config["local_checkpoints"])
     env = LoopEnv(rank=rank, world_size=world, device=device, checkpoint_dir=local_ckpts,
@@ -78,7 +80,7 @@ def train_func(config: dict[str, Any]) -> None:
         env.resume_from = Path(resume_dir) if resume_dir else None
         unlearner = Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env)
     if rank == 0 and env.resume_from is not None:
-        _say(f"[unlearn] resumed from step {unlearner.step}")
+        _say(f"{tag} resumed from step {unlearner.step}")
     try:
         unlearner.run()
     finally:

@@ -132,6 +132,30 @@ def plot_metrics(summaries: dict[str, dict[str, float]], path: Path) -> Path | N
     return save_figure(fig, path)
 
 
+def plot_memorization(memo: dict[str, dict[str, dict[str, float | None]]], path: Path) -> Path:
+    """`ray-unlearn finetune`: extraction strength and answer probability of each model (target, retain) on
+    the forget and retain items, as grouped bars; `memo` is {model: {split: {metric: value}}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    bars = [(split, metric) for split in ("forget", "retain") for metric in ("extraction_strength", "probability")]
+    x, width = np.arange(len(bars)), 0.8 / max(1, len(memo))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (name, by_split) in enumerate(memo.items()):
+        ax.bar(x + i * width, [by_split[s][m] or 0.0 for s, m in bars], width, label=f"{name} model")
+    labels = [f"{split} {'ES' if metric == 'extraction_strength' else 'prob'}" for split, metric in bars]
+    ax.set_xticks(x + width * (len(memo) - 1) / 2, labels)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Memorization: the target should know forget and retain, the retain model only retain")
+    ax.title.set_fontsize(9)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
 def plot_roc(results: dict[str, dict], path: Path) -> Path | None:
     """ROC curve of every membership-inference attack in `results` (one model), AUC in the legend.
 

@@ -27,6 +27,7 @@ from ray_unlearn.errors import UnlearnError
 from ray_unlearn.objectives.ce_u import ce_u_loss
 from ray_unlearn.objectives.ga import ga_loss
 from ray_unlearn.objectives.idk_dpo import idk_dpo_loss
+from ray_unlearn.objectives.nll import nll_loss
 from ray_unlearn.objectives.npo import npo_loss
 from ray_unlearn.objectives.pdu import pdu_init_state, pdu_loss, pdu_update_state
 from ray_unlearn.objectives.refusal import refusal_loss
@@ -109,6 +110,9 @@ TERMS: dict[str, Term] = {
     "ce_u": Term(ce_u_loss, ("forget",), False, {"skip_first": "skip_first"},
                  "CE-U: CE toward the model's own detached distribution without the true token, answer tokens "
                  "after the first.", settings="ce_u"),
+    "nll": Term(nll_loss, ("train",), False, {},
+                "Fine-tuning, not unlearning: NLL(train), the train stream's answers (`ray-unlearn finetune`, "
+                "the relearn attack)."),
     "pdu": Term(pdu_loss, ("forget", "retain"), False, {"gamma": "gamma", "retain_eps": "retain_eps"},
                 "PDU: γ·(max z − mean z)² on forget + λ·(NLL(retain) − ε), λ ← max(0, λ + η(L_r − ε)) every "
                 "step.", settings="pdu", state=TermState(pdu_init_state, pdu_update_state)),

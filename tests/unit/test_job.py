@@ -124,8 +124,10 @@ def test_validate_accepts_the_defaults(micro_config):
 
 
 @pytest.mark.parametrize("override, match", [
-    ("objective.terms.foo=1", "unknown objective term 'foo' \\(valid: ce_u, ga, idk_dpo, npo, pdu, refusal, "),
+    ("objective.terms.foo=1", "unknown objective term 'foo' \\(valid: ce_u, ga, idk_dpo, nll, npo, pdu, refusal, "),
     ("optim.name=lion", "optim.name: unknown optimizer 'lion' \\(valid: adamw, influence, sophia\\)"),
+    ("objective.terms.nll=1", "^objective.terms.nll fine-tunes on the answers it is given \\(ray-unlearn finetune\\); an "
+                              "unlearning run keeps the retain answers with retain_nll: use that instead$"),
 ])
 def test_validate_rejects_unknown_names(micro_config, override, match):
     with pytest.raises(UnlearnError, match=match):

@@ -16,10 +16,11 @@ from ray_unlearn.objectives import (TERMS, build_objective, check_model_fits, co
                                     objective_streams,
                                     state_log_keys, update_states)
 
-STREAMS = ("forget", "retain", "forget_idk")
+STREAMS = ("forget", "retain", "forget_idk", "train")
 LABELS = {"forget": [[-100, -100, 1, 2, 3], [-100, 4, 5, -100, -100]],
           "retain": [[-100, 0, 6, 2, -100], [-100, -100, -100, 3, 1]],
-          "forget_idk": [[-100, -100, 5, 5, 0], [-100, 5, 5, 0, -100]]}
+          "forget_idk": [[-100, -100, 5, 5, 0], [-100, 5, 5, 0, -100]],
+          "train": [[-100, 2, 2, 4, -100], [-100, -100, 6, 1, 0]]}
 
 
 def make_batch() -> dict[str, dict[str, torch.Tensor]]:
@@ -44,7 +45,7 @@ def make_outputs(seed: int, requires_grad: bool = False, layers: tuple[int, ...]
 
 def test_registry_names_match_config_help():
     names = {"ga", "retain_nll", "retain_kl", "npo", "simnpo", "idk_dpo", "refusal", "rmu", "undial", "wga",
-             "satimp", "ce_u", "pdu"}
+             "satimp", "ce_u", "pdu", "nll"}
     assert set(TERMS) == names
     help_text = dataclasses.fields(ObjectiveConfig)[0].metadata["help"]
     assert all(name in help_text for name in names)
@@ -75,8 +76,8 @@ def test_every_term_setting_has_help(section):
 def test_unknown_term_lists_valid_names():
     with pytest.raises(UnlearnError) as err:
         build_objective(ObjectiveConfig(terms={"npo": 1.0, "bogus": 1.0}))
-    assert str(err.value) == ("unknown objective term 'bogus' (valid: ce_u, ga, idk_dpo, npo, pdu, refusal, "
-                              "retain_kl, retain_nll, rmu, satimp, simnpo, undial, wga)")
+    assert str(err.value) == ("unknown objective term 'bogus' (valid: ce_u, ga, idk_dpo, nll, npo, pdu, "
+                              "refusal, retain_kl, retain_nll, rmu, satimp, simnpo, undial, wga)")
 
 
 def test_term_settings_come_from_their_section():
