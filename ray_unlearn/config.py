@@ -69,6 +69,9 @@ class DataConfig:
     holdout_path: str = _f("", "Non-members for membership inference (items like the forget set's, never trained "
                                "on), in the same formats; empty = the built-in holdout split when the forget set "
                                "is a built-in split.")
+    neighbours_path: str = _f("", "Out-of-scope neighbours for the scope attack (items close to the forget set that "
+                                  "must be kept, e.g. retain items sharing its attribute values), in the same "
+                                  "formats; empty = the built-in neighbours of a built-in forget split.")
     hub_split: str = _f("train", "Split to read when a path is a hub dataset id or a DatasetDict.")
     max_length: int = _f(128, "Maximum tokens per (prompt + answer) sequence.")
     prompt_template: str = _f("Question: {question}\nAnswer:", "Prompt around each question ({question}) for "
@@ -415,8 +418,9 @@ class EvalConfig:
                                 "-> after (eval/attacks.json, report): quantize_int8, quantize_int4 (per-channel "
                                 "weight round trips), paraphrase, jailbreak (eval.jailbreak_prompts), in_context "
                                 "(other entities' forget Q/A pairs before the question), token_noise, embedding_noise, "
-                                "relearn (a few fine-tuning steps on part of the forget set, the rest measured); "
-                                "[] = none.")
+                                "relearn (a few fine-tuning steps on part of the forget set, the rest measured), "
+                                "scope (target -> unlearned on paraphrased forget questions and on out-of-scope "
+                                "neighbours, data.neighbours_path); [] = none.")
     jailbreak_prompts: list[str] = _f(list(DEFAULT_JAILBREAK_PROMPTS),
                                       "The jailbreak attack's prompt templates; each holds {question}.")
     in_context_examples: int = _f(3, "Forget-set Q/A pairs the in_context attack writes before each question.")

@@ -13,7 +13,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -159,7 +159,7 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     attacks; writes the same EVAL/SUMMARY files (MODEL's under <out>/eval, the others under
     <out>/eval/<name>), attacks.json, report.md and plots. Returns the summaries by name ("evaluated",
     and "target" / "retain" where known and not MODEL itself)."""
-    from ray_unlearn.eval.report import attack_rows, gap_closed, plot_attacks, plot_metrics, write_report
+    from ray_unlearn.eval.report import attack_sections, gap_closed, plot_attacks, plot_metrics, write_report
     from ray_unlearn.eval.suite import roc_path, write_eval
     from ray_unlearn.models.io import (_check_model_dir, check_vocab, empty_model, load_model, load_tokenizer,
                                        looks_like_path)
@@ -216,7 +216,7 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     facts = {"evaluated model": model, "target model": inputs.model_path,
              "retain model": inputs.retain_model_path or "none", "benchmark": inputs.bench,
              "time (s)": f"{time.time() - t0:.1f}"}
-    sections = [("Red-team attacks (forget split, before → after)", attack_rows(attacks))] if attacks else []
+    sections = attack_sections(attacks, "evaluated") if attacks else []
     write_report(out, summaries, gap, facts, plots, sections)
     _print_summary(summaries, gap)
     console.print(f"outputs in [bold]{out.resolve()}[/]")
@@ -371,6 +371,10 @@ def check_attacks(cfg: JobConfig, inputs: JobInputs) -> None:
         raise UnlearnError("eval.attacks: the attacks re-measure the forget split's question/answer items, which "
                            "this data has none of (a text corpus?); give question/answer forget data or set "
                            "eval.attacks=[]")
+    if "scope" in cfg.eval.attacks:
+        from ray_unlearn.eval.redteam import check_neighbours
+
+        check_neighbours(inputs.neighbours)
 
 
 def check_calibration(cfg: JobConfig, inputs: JobInputs) -> None:
@@ -433,38 +437,79 @@ def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
                  ) -> dict[str, dict[str, dict[str, float]]]:
     """eval.attacks on the unlearned model (summaries[name] its plain evaluation): for each attack the forget
     split's metrics measured again under it, {attack: {metric: {"before", "after"}}} ("before": the plain
-    evaluation, the same items); written to <out>/eval/attacks.json."""
-    from ray_unlearn.data.collate import prompt_format
-    from ray_unlearn.eval.redteam import attacked, relearn_split
-    from ray_unlearn.eval.suite import _capped, _write_json_atomic, evaluate_model, summary
+    evaluation, the same items; the scope attack's in_scope / out_of_scope entries: the target model);
+    written to <out>/eval/attacks.json."""
+    from ray_unlearn.eval.suite import _write_json_atomic
     from ray_unlearn.models.io import load_model
 
     check_attacks(cfg, inputs)
-    forget = _capped(inputs.eval_splits["forget"], cfg.eval.max_items)
     model = load_model(str(unlearned), cfg.model.dtype, cfg.model.trust_remote_code)
-    plain = dataclasses.replace(cfg.eval, max_items=0, mia=[])  # the items are capped above (jailbreak multiplies)
-    e, result = cfg.eval, {}
+    result = attack_results(cfg, inputs, model, tokenizer, summaries.get(name, {}), cfg.eval.attacks)
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / "eval" / "attacks.json", result)
+    return result
 
-    def measure(m: Any, items: list[dict], what: str) -> dict[str, float]:
+
+def forget_measure(cfg: JobConfig, tokenizer: Any) -> Callable[[Any, list[dict], str], dict[str, float]]:
+    """measure(model, items, what): the forget split's summary metrics of `model` on `items` (no MIA, every
+    item: the callers cap them), with a status line saying `what`."""
+    from ray_unlearn.data.collate import prompt_format
+    from ray_unlearn.eval.suite import evaluate_model, summary
+
+    plain = dataclasses.replace(cfg.eval, max_items=0, mia=[])
+
+    def measure(model: Any, items: list[dict], what: str) -> dict[str, float]:
         with console.status(f"red team: {what}") as status:
             say = status.update if console.is_terminal else console.print
-            return summary(evaluate_model(m, tokenizer, {"forget": items}, plain, prompt_format(cfg.data),
+            return summary(evaluate_model(model, tokenizer, {"forget": items}, plain, prompt_format(cfg.data),
                                           cfg.data.max_length, progress=lambda msg: say(f"{what}: {msg}")))
+    return measure
 
-    for attack in e.attacks:
-        before = summaries.get(name, {})
+
+def attack_results(cfg: JobConfig, inputs: JobInputs, model: Any, tokenizer: Any, before: dict[str, float],
+                   attacks: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """`attacks` on `model`, whose plain forget metrics (first eval.max_items items) are `before`:
+    {attack: {metric: {"before", "after"}}}; scope adds its in_scope / out_of_scope entries."""
+    from ray_unlearn.eval.redteam import attacked, relearn_split
+    from ray_unlearn.eval.suite import _capped
+
+    e, result = cfg.eval, {}
+    forget = _capped(inputs.eval_splits["forget"], e.max_items)  # jailbreak multiplies them: capped here
+    measure = forget_measure(cfg, tokenizer)
+    for attack in attacks:
+        if attack == "scope":
+            result.update(scope_results(cfg, inputs, model, measure))
+            continue
+        plain = before
         if attack == "relearn":
             slice_, items = relearn_split(forget, e.relearn_fraction)
-            before = measure(model, items, "relearn (before)")
+            plain = measure(model, items, "relearn (before)")
             under = relearned(cfg, model, tokenizer, slice_)
         else:
             under, items = attacked(model, forget, attack, e.jailbreak_prompts, e.in_context_examples, tokenizer,
                                     e.token_noise, e.embedding_noise)
         after = measure(under, items, attack)
         del under
-        result[attack] = {k: {"before": before.get(k), "after": v} for k, v in after.items()}
-    (out / "eval").mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / "eval" / "attacks.json", result)
+        result[attack] = {k: {"before": plain.get(k), "after": v} for k, v in after.items()}
+    return result
+
+
+def scope_results(cfg: JobConfig, inputs: JobInputs, model: Any,
+                  measure: Callable[[Any, list[dict], str], dict[str, float]]) -> dict[str, dict[str, dict]]:
+    """The scope attack: the target model ("before") and `model` ("after") on the paraphrased forget questions
+    (in_scope) and on the neighbours (out_of_scope), eval.max_items of each."""
+    from ray_unlearn.eval.redteam import scope_items
+    from ray_unlearn.eval.suite import _capped
+    from ray_unlearn.models.io import load_model
+
+    cap = cfg.eval.max_items
+    sets = scope_items(_capped(inputs.eval_splits["forget"], cap), _capped(inputs.neighbours, cap))
+    target = load_model(inputs.model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    result = {}
+    for entry, items in sets.items():
+        before = measure(target, items, f"{entry} (target)")
+        after = measure(model, items, entry)
+        result[entry] = {k: {"before": before.get(k), "after": v} for k, v in after.items()}
     return result
 
 
@@ -472,7 +517,7 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
             history: list[dict[str, float]], facts: dict[str, Any],
             calibration: dict[str, Any] | None = None, attacks: dict[str, dict] | None = None,
             selection: dict[str, Any] | None = None) -> None:
-    from ray_unlearn.eval.report import (attack_rows, gap_closed, plot_attacks, plot_calibration,
+    from ray_unlearn.eval.report import (attack_sections, gap_closed, plot_attacks, plot_calibration,
                                          plot_metrics, plot_selection, plot_training, selection_rows, write_report)
 
     plots_dir = out / "plots"
@@ -501,7 +546,7 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
         lc = cfg.localize
         facts["localized"] = (f"{lc.method}: {100 * selection['fraction']:.2f} % of entries could move (top "
                               f"{lc.fraction:g}, {lc.scope}, noise {lc.noise:g} x std; localize/selection.json)")
-    sections = [("Red-team attacks (forget split, before → after)", attack_rows(attacks))] if attacks else []
+    sections = attack_sections(attacks) if attacks else []
     if selection:
         sections.append(("Localized unlearning: entries selected by module type", selection_rows(selection)))
     write_report(out, summaries, gap, facts, plots, sections)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ray_unlearn.eval.redteam import SCOPE_ENTRIES
 from ray_unlearn.eval.registry import MIA_ATTACKS, mia_metric_name, report_rows
 
 
@@ -190,37 +191,70 @@ def plot_calibration(calibration: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def attack_rows(attacks: dict[str, dict[str, dict[str, float]]]) -> list[list[str]]:
-    """Header + one row per red-team attack: each key forget metric it measured as "before → after"."""
-    keys = [(k, label) for k, label in KEY_METRICS if any(k in a for a in attacks.values())]
-    rows = [["attack"] + [label for _, label in keys]]
-    for name, metrics in attacks.items():
-        rows.append([name] + [f"{_fmt(metrics[k]['before'])} → {_fmt(metrics[k]['after'])}" if k in metrics else "–"
-                              for k, _ in keys])
+def attack_rows(attacks: dict[str, dict[str, dict[str, float]]], names: Sequence[str] | None = None,
+                labels: dict[str, str] | None = None, first: str = "attack") -> list[list[str]]:
+    """Header (`first`, then metric labels) + one row per red-team attack (`names`, default all): each key
+    forget metric it measured as "before → after"; `labels` renames rows."""
+    names = list(attacks) if names is None else list(names)
+    keys = [(k, label) for k, label in KEY_METRICS if any(k in attacks[n] for n in names)]
+    rows = [[first] + [label for _, label in keys]]
+    for name in names:
+        metrics = attacks[name]
+        rows.append([(labels or {}).get(name, name)]
+                    + [f"{_fmt(metrics[k]['before'])} → {_fmt(metrics[k]['after'])}" if k in metrics else "–"
+                       for k, _ in keys])
     return rows
+
+
+SCOPE_LABELS = {"in_scope": "in scope: paraphrased forget questions", "out_of_scope": "out of scope: neighbours"}
+
+
+def attack_sections(attacks: dict[str, dict[str, dict[str, float]]], evaluated: str = "unlearned"
+                    ) -> list[tuple[str, list[list[str]]]]:
+    """The report's tables of eval/attacks.json: the red-team attacks (before → under attack) and the scope
+    attack's two entries (target → the `evaluated` model), each when present."""
+    red = [n for n in attacks if n not in SCOPE_ENTRIES]
+    scope = [n for n in SCOPE_ENTRIES if n in attacks]
+    sections = [("Red-team attacks (forget split, before → after)", attack_rows(attacks, red))] if red else []
+    if scope:  # the forget metrics' definitions on other items: the labels lose "forget "
+        rows = attack_rows(attacks, scope, SCOPE_LABELS, "items")
+        rows[0] = [h.removeprefix("forget ") for h in rows[0]]
+        sections.append((f"Unlearning scope (target → {evaluated}; in scope should fall, out of scope stay)", rows))
+    return sections
 
 
 def plot_attacks(attacks: dict[str, dict[str, dict[str, float]]], path: Path, key: str = "extraction_strength"
                  ) -> Path | None:
-    """Forget ES (`key`) before and after each red-team attack, as paired bars."""
-    names = [n for n, m in attacks.items() if key in m and m[key]["before"] is not None]
-    if not names:
+    """Forget ES (`key`) before and after each red-team attack, as paired bars; the scope attack's entries
+    (target vs evaluated model, in scope and out of scope) in a panel of their own."""
+    def drawn(names: Sequence[str]) -> list[str]:
+        return [n for n in names if key in attacks[n] and attacks[n][key]["before"] is not None]
+
+    label = dict(KEY_METRICS).get(key, key)
+    panels = [(drawn([n for n in attacks if n not in SCOPE_ENTRIES]), ("before", "under attack"),
+               "forget set under red-team attacks", label),
+              (drawn([n for n in SCOPE_ENTRIES if n in attacks]), ("target", "evaluated model"), "unlearning scope",
+               label.removeprefix("forget "))]
+    panels = [p for p in panels if p[0]]
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = list(range(len(names)))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(names) + 1), 3.6))
-    ax.bar([i - 0.2 for i in x], [attacks[n][key]["before"] for n in names], 0.4, label="before")
-    ax.bar([i + 0.2 for i in x], [attacks[n][key]["after"] for n in names], 0.4, label="under attack")
-    ax.set_xticks(x, names, rotation=20, ha="right")
-    ax.set_ylabel(dict(KEY_METRICS).get(key, key))
-    ax.set_ylim(0, 1.05)
-    ax.set_title("forget set under red-team attacks")
-    ax.legend()
-    fig.tight_layout()
+    widths = [max(3.0, 1.3 * len(panel[0]) + 1) for panel in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 3.6), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, (names, (left, right), title, ylabel) in zip(axes[0], panels):
+        x = list(range(len(names)))
+        ax.bar([i - 0.2 for i in x], [attacks[n][key]["before"] for n in names], 0.4, label=left)
+        ax.bar([i + 0.2 for i in x], [attacks[n][key]["after"] for n in names], 0.4, label=right)
+        ax.set_xticks(x, names, rotation=20, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
