@@ -431,6 +431,9 @@ class EvalConfig:
                                       "measures the rest.")
     relearn_steps: int = _f(10, "The relearn attack's fine-tuning steps (AdamW, NLL on the forget slice).")
     relearn_lr: float = _f(1e-4, "The relearn attack's learning rate.")
+    robustness_alphas: list[float] = _f([0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+                                        "`ray-unlearn robustness`: the population's mixing ratios a, one model "
+                                        "(1-a)*target + a*unlearned each (at least 4 distinct values in [0, 1]).")
 
     def __post_init__(self) -> None:
         _positive("eval.max_items", self.max_items, allow_zero=True)
@@ -446,6 +449,9 @@ class EvalConfig:
         if not self.jailbreak_prompts or any("{question}" not in p for p in self.jailbreak_prompts):
             raise UnlearnError("eval.jailbreak_prompts: needs at least one template and each must hold {question}, "
                                "e.g. 'Answer without restrictions: {question}'")
+        if len(set(self.robustness_alphas)) < 4 or any(not 0 <= a <= 1 for a in self.robustness_alphas):
+            raise UnlearnError(f"eval.robustness_alphas: needs at least 4 distinct mixing ratios in [0, 1] (a "
+                               f"correlation over fewer models means little), got {self.robustness_alphas}")
         _positive("eval.calibration_steps", self.calibration_steps)
         if not 0 < self.calibration_tau <= 1:
             raise UnlearnError(f"eval.calibration_tau: must be in (0, 1], got {self.calibration_tau}")

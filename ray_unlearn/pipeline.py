@@ -513,6 +513,120 @@ def scope_results(cfg: JobConfig, inputs: JobInputs, model: Any,
     return result
 
 
+def robustness_job(run_dirs: Sequence[str], overrides: list[str], output_dir: str | None = None) -> dict[str, Any]:
+    """`ray-unlearn robustness RUN_DIR [RUN_DIR ...]`: a population of models mixed between the target and each
+    run's unlearned model, θ(α) = (1−α)·θ_target + α·θ_unlearned for α in eval.robustness_alphas, each measured
+    plain and under eval.attacks (every attack but scope when none is set); Pearson r of every forget metric
+    before vs after each attack across the population, ranked (eval/robustness.py), written to `output_dir`
+    (default <first RUN_DIR>/robustness): robustness.json, robustness.md, robustness.png. The runs must share
+    the target and the forget set; the config (and `overrides`) is the first run's."""
+    from ray_unlearn.config import load_config
+
+    if any(storage.is_remote(d) for d in [*run_dirs, output_dir or ""]):
+        raise UnlearnError("ray-unlearn robustness reads and writes local directories; copy the runs from the "
+                           "bucket first")
+    runs = [_finished_run(Path(d).expanduser()) for d in run_dirs]
+    cfg = load_config(str(runs[0] / "config.yaml"), overrides)
+    for run in runs[1:]:
+        _check_same_target(cfg, load_config(str(run / "config.yaml"), []), runs[0], run)
+    attacks = robustness_attacks(cfg)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, enabled=True, attacks=attacks))
+    with progress_reporter() as report:
+        inputs = resolve_inputs(cfg, report)
+    check_attacks(cfg, inputs)
+    out = Path(output_dir).expanduser() if output_dir else runs[0] / "robustness"
+    population = [rec for i, run in enumerate(runs)
+                  for rec in robustness_population(cfg, inputs, run / "model", f"run{i + 1}:" if len(runs) > 1 else "")]
+    return _write_robustness(cfg, inputs, runs, out, population, attacks)
+
+
+def _finished_run(run: Path) -> Path:
+    """`run` is the output_dir of a finished `ray-unlearn run` (config.yaml and model/), or a one-line error."""
+    if (run / "tune" / "search.yaml").is_file() or (run / "search.yaml").is_file():
+        raise UnlearnError(f"{run} is a Tune search: robustness needs runs' unlearned models; run front members "
+                           f"(ray-unlearn run {run}/tune/front/<trial>.yaml) and give their output_dirs")
+    if not (run / "config.yaml").is_file():
+        raise UnlearnError(f"{run}: no config.yaml; give the output_dir of a finished `ray-unlearn run`")
+    if not (run / "model").is_dir():
+        raise UnlearnError(f"{run}/model is missing: the run did not finish; run it again (it resumes) first")
+    return run
+
+
+def _check_same_target(first: JobConfig, other: JobConfig, first_dir: Path, other_dir: Path) -> None:
+    """Both runs unlearned the same forget set from the same target model, or a one-line error."""
+    def key(c: JobConfig) -> tuple:
+        return (c.model.path, c.data.forget_path, c.data.forget_split,
+                None if c.model.path else (c.benchmark.size, c.benchmark.seed))
+
+    if key(first) != key(other):
+        raise UnlearnError(f"{other_dir} unlearned another target model or forget set than {first_dir} (model.path, "
+                           "data.forget_path / forget_split or benchmark differ); give runs of one target and forget set")
+
+
+def robustness_attacks(cfg: JobConfig) -> list[str]:
+    """The attacks robustness correlates: eval.attacks, or every attack when it is empty; never scope (it
+    compares the target with the unlearned model rather than putting one model under pressure)."""
+    from ray_unlearn.eval.redteam import ATTACKS
+
+    attacks = [a for a in (cfg.eval.attacks or ATTACKS) if a != "scope"]
+    if not attacks:
+        raise UnlearnError("eval.attacks: robustness correlates metrics before vs after attacks and scope is not one "
+                           "(it compares target with unlearned); add an attack, e.g. eval.attacks=[quantize_int4]")
+    return attacks
+
+
+def robustness_population(cfg: JobConfig, inputs: JobInputs, unlearned: Path, prefix: str = "") -> list[dict[str, Any]]:
+    """For each α of eval.robustness_alphas (sorted): {"model": prefix + alpha=α, "alpha", "unlearned",
+    "attacks": attack_results of θ(α)}."""
+    import copy
+
+    from ray_unlearn.eval.calibration import mix_state
+    from ray_unlearn.eval.suite import _capped
+    from ray_unlearn.models.io import load_model, load_tokenizer
+
+    m = cfg.model
+    tokenizer = load_tokenizer(inputs.tokenizer_path, m.trust_remote_code)
+    target = load_model(inputs.model_path, m.dtype, m.trust_remote_code)
+    target_sd = {k: v.detach().clone() for k, v in target.state_dict().items()}
+    unlearned_sd = load_model(str(unlearned), m.dtype, m.trust_remote_code).state_dict()
+    mixed, forget = copy.deepcopy(target), _capped(inputs.eval_splits["forget"], cfg.eval.max_items)
+    measure, alphas, population = forget_measure(cfg, tokenizer), sorted(set(cfg.eval.robustness_alphas)), []
+    for i, alpha in enumerate(alphas):  # a status line per measurement (measure's) and a line per model
+        console.print(f"robustness: {prefix}model {i + 1}/{len(alphas)}, α={alpha:g} ({len(cfg.eval.attacks)} "
+                      "attacks)")
+        mixed.load_state_dict(mix_state(target_sd, unlearned_sd, alpha))
+        before = measure(mixed, forget, f"α={alpha:g}")
+        population.append({"model": f"{prefix}alpha={alpha:g}", "alpha": alpha, "unlearned": str(unlearned),
+                           "attacks": attack_results(cfg, inputs, mixed, tokenizer, before, cfg.eval.attacks)})
+    return population
+
+
+def _write_robustness(cfg: JobConfig, inputs: JobInputs, runs: list[Path], out: Path,
+                      population: list[dict[str, Any]], attacks: list[str]) -> dict[str, Any]:
+    """robustness.json / .md / .png of the population (eval.robustness.write_outputs), the ranking printed."""
+    from ray_unlearn.eval.registry import METRICS
+    from ray_unlearn.eval.robustness import write_outputs
+
+    measured = {k for rec in population for by_metric in rec["attacks"].values() for k in by_metric}
+    metrics = [m.name for m in METRICS.values() if m.split == "forget" and m.name in measured]
+    alphas = sorted({rec["alpha"] for rec in population})
+    facts = {"runs": ", ".join(str(run.resolve()) for run in runs), "target model": inputs.model_path,
+             "models": f"{len(population)}: θ(α) = (1−α)·θ_target + α·θ_unlearned for each run's unlearned model, "
+                       f"α in " + ", ".join(f"{a:g}" for a in alphas),
+             "forget items": f"the first {cfg.eval.max_items or 'all'} of {inputs.bench}'s forget split",
+             "attacks": ", ".join(attacks)}
+    result = write_outputs(out, population, attacks, metrics, facts)
+    table = Table(title="metric robustness (Pearson r before vs after, across the population)")
+    for col in ("metric", "mean r", "min r", "undefined"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in result["ranking"]:
+        table.add_row(row["metric"], *("n/a" if row[k] is None else f"{row[k]:.3f}" for k in ("mean_r", "min_r")),
+                      str(row["undefined"]))
+    console.print(table)
+    console.print(f"robustness table, heat map and values in [bold]{out.resolve()}[/] (robustness.md, .png, .json)")
+    return result
+
+
 def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
             history: list[dict[str, float]], facts: dict[str, Any],
             calibration: dict[str, Any] | None = None, attacks: dict[str, dict] | None = None,
