@@ -136,17 +136,17 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
         selection = write_selection(Path(final), out / "localize")
     _write_json(out / "history.json", history)
     summaries: dict[str, dict[str, float]] = {}
-    attacks = None
+    attacks = calibration = None
     if cfg.eval.enabled:
         refs: dict[str, References] = {}
         summaries = evaluate_all(cfg, inputs, out / "model", tokenizer, out, refs_out=refs)
-        calibration = None
         if cfg.eval.calibrate:
             calibration = calibrate_run(cfg, inputs, out / "model", tokenizer, out, summaries, refs.get("refs"))
         attacks = red_team_run(cfg, inputs, out / "model", tokenizer, out, summaries) if cfg.eval.attacks else None
+    record = _write_audit(cfg, inputs, out, summaries, t0, attacks, calibration)
+    if cfg.eval.enabled:
         _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"},
-                calibration, attacks, selection)
-    _write_audit(cfg, inputs, out, summaries, t0, attacks)
+                calibration, attacks, selection, record)
     publish()
     where = cfg.output_dir if storage.is_remote(cfg.output_dir) else out.resolve()
     console.print(f"outputs in [bold]{where}[/] (model: {storage.join(str(where), 'model')})")
@@ -244,18 +244,21 @@ def write_selection(final: Path, into: Path) -> dict[str, Any] | None:
 
 
 def _write_audit(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
-                 t0: float, attacks: dict[str, Any] | None = None) -> None:
+                 t0: float, attacks: dict[str, Any] | None = None,
+                 calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """<out>/audit.json (DESIGN.md §12): hashes of the forget items and of both models, config, versions,
-    metrics and verdict."""
+    metrics (with attacks and calibration when run) and verdict; returns the record."""
     from ray_unlearn import audit
 
     record = audit.build_record(request_id=cfg.audit.request_id, forget_items=inputs.forget,
                                 forget_source=cfg.data.forget_path or None, input_model=inputs.model_path,
                                 output_model=out / "model", run_dir=out, config=to_dict(cfg), bench=inputs.bench,
-                                summaries=summaries, started=t0, finished=time.time(), attacks=attacks)
+                                summaries=summaries, started=t0, finished=time.time(), attacks=attacks,
+                                calibration=calibration)
     audit.write(out, record)
     verdict = record.get("verdict", {}).get("verdict") or f"omitted: {record.get('verdict_omitted')}"
     console.print(f"audit record: request {record['request_id']}, verdict {verdict}")
+    return record
 
 
 def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: dict[str, Callable[[], Any]],
@@ -630,9 +633,10 @@ def _write_robustness(cfg: JobConfig, inputs: JobInputs, runs: list[Path], out: 
 def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
             history: list[dict[str, float]], facts: dict[str, Any],
             calibration: dict[str, Any] | None = None, attacks: dict[str, dict] | None = None,
-            selection: dict[str, Any] | None = None) -> None:
-    from ray_unlearn.eval.report import (attack_sections, gap_closed, plot_attacks, plot_calibration,
-                                         plot_metrics, plot_selection, plot_training, selection_rows, write_report)
+            selection: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> None:
+    from ray_unlearn.eval.report import (attack_sections, audit_rows, calibration_rows, gap_closed, plot_attacks,
+                                         plot_calibration, plot_metrics, plot_selection, plot_training, selection_rows,
+                                         write_report)
 
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
@@ -661,8 +665,13 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
         facts["localized"] = (f"{lc.method}: {100 * selection['fraction']:.2f} % of entries could move (top "
                               f"{lc.fraction:g}, {lc.scope}, noise {lc.noise:g} x std; localize/selection.json)")
     sections = attack_sections(attacks) if attacks else []
+    if calibration:
+        sections.append(("Model-mixing calibration (θ(α) = (1−α)·θ_target + α·θ_unlearned)",
+                         calibration_rows(calibration)))
     if selection:
         sections.append(("Localized unlearning: entries selected by module type", selection_rows(selection)))
+    if audit:
+        sections.append(("Audit record (audit.json; `ray-unlearn verify` re-checks it)", audit_rows(audit)))
     write_report(out, summaries, gap, facts, plots, sections)
     _print_summary(summaries, gap)
 

@@ -191,6 +191,18 @@ def plot_calibration(calibration: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def calibration_rows(calibration: dict[str, Any]) -> list[list[str]]:
+    """The report's table of the calibration curve (header row first): every α evaluated, its retain and forget ES,
+    whether it meets the bar, the chosen α marked."""
+    rows = [["α", "retain ES", "forget ES", f"retain ES ≥ {_fmt(calibration['threshold'])}"]]
+    for p in calibration.get("curve", []):
+        meets = p.get("retain_es") is not None and p["retain_es"] >= calibration["threshold"]
+        mark = " (chosen)" if p["alpha"] == calibration["alpha"] else ""
+        rows.append([f"{p['alpha']:.4f}{mark}", _fmt(p.get("retain_es")), _fmt(p.get("forget_es")),
+                     "yes" if meets else "no"])
+    return rows
+
+
 def attack_rows(attacks: dict[str, dict[str, dict[str, float]]], names: Sequence[str] | None = None,
                 labels: dict[str, str] | None = None, first: str = "attack") -> list[list[str]]:
     """Header (`first`, then metric labels) + one row per red-team attack (`names`, default all): each key
@@ -286,3 +298,34 @@ def selection_rows(summary: dict[str, Any]) -> list[list[str]]:
     for name, g in summary["modules"].items():
         rows.append([name, f"{g['selected']:,}", f"{g['total']:,}", f"{100 * g['fraction']:.2f} %"])
     return rows
+
+
+def _files_summary(entry: dict[str, Any]) -> str:
+    """A model entry of audit.json in one cell: its path, how many files were hashed, the weight files' digests."""
+    files = entry.get("files")
+    if files is None:
+        return f"{entry['path']}: {entry.get('note', 'not hashed')}"
+    weights = [name for name in files if name.endswith((".safetensors", ".bin", ".pt", ".pth"))]
+    shown = ", ".join(f"`{name}` {files[name][:12]}…" for name in weights[:3])
+    more = f", +{len(weights) - 3} more" if len(weights) > 3 else ""
+    return f"{entry['path']}: {len(files)} files SHA-256 hashed; weights {shown}{more}"
+
+
+def audit_rows(record: dict[str, Any]) -> list[list[str]]:
+    """The report's summary of a run's audit record (header row first): request id, what was hashed, verdict."""
+    forget = record["forget"]
+    source = f"; from {forget['source']}" if forget.get("source") else ""
+    verdict = record.get("verdict")
+    if verdict:
+        rule = verdict["rule"]
+        said = (f"**{verdict['verdict']}**: {verdict['forgotten_items']} of {verdict['items']} forget items "
+                f"({100 * verdict['forgotten_fraction']:.0f} %) have ES ≤ {rule['es_threshold']:g} and probability ≤ "
+                f"{rule['prob_ratio']:g} × the target's; forgotten needs ≥ "
+                f"{100 * rule['min_forgotten_fraction']:.0f} %")
+    else:
+        said = f"omitted: {record.get('verdict_omitted', 'unknown')}"
+    return [["field", "value"], ["request id", f"`{record['request_id']}`"],
+            ["forget items", f"{forget['items']} items, SHA-256 {forget['sha256'][:16]}… (canonical JSON{source})"],
+            ["input model", _files_summary(record["input_model"])],
+            ["output model", _files_summary(record["output_model"])],
+            ["verdict", said], ["started / finished", f"{record['started_at']} / {record['finished_at']}"]]
