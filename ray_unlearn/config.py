@@ -473,7 +473,9 @@ class TuneConfig:
                                     "low, high (int: optional log: true) | values: [...]}, e.g. "
                                     "optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}.")
     metrics: dict[str, str] = _f({"extraction_strength": "min", "model_utility": "max"},
-                                 "Objectives of the multi-objective search, summary metric -> min or max.")
+                                 "Objectives of the multi-objective search, summary metric -> min or max; "
+                                 "calibrated_<metric> (and calibration_alpha) run model-mixing calibration at "
+                                 "every trial evaluation.")
     num_samples: int = _f(8, "Trials to run; asking for more when resuming a search adds trials.")
     max_concurrent_trials: int = _f(1, "Trials running at once (each holds its own Ray Train workers).")
     scheduler: str = _f("none", "Trial scheduler: none, or asha (stops trials early on one metric, "

@@ -58,7 +58,8 @@ def _fake_run(micro_bench, micro_config, path):
     return path
 
 
-def test_robustness_on_micro_correlates_every_metric_under_every_attack(micro_bench, micro_config, tmp_path):
+def test_robustness_on_micro_correlates_every_metric_under_every_attack(micro_bench, micro_config, tmp_path,
+                                                                      one_thread):
     from scipy.stats import pearsonr
 
     from ray_unlearn.eval.registry import METRICS
