@@ -538,8 +538,9 @@ def robustness_job(run_dirs: Sequence[str], overrides: list[str], output_dir: st
         inputs = resolve_inputs(cfg, report)
     check_attacks(cfg, inputs)
     out = Path(output_dir).expanduser() if output_dir else runs[0] / "robustness"
-    population = [rec for i, run in enumerate(runs)
-                  for rec in robustness_population(cfg, inputs, run / "model", f"run{i + 1}:" if len(runs) > 1 else "")]
+    population = [rec for i, run in enumerate(runs)  # α = 0 is the target: measured once, with the first run
+                  for rec in robustness_population(cfg, inputs, run / "model", f"run{i + 1}:" if len(runs) > 1 else "",
+                                                   with_target=i == 0)]
     return _write_robustness(cfg, inputs, runs, out, population, attacks)
 
 
@@ -578,9 +579,10 @@ def robustness_attacks(cfg: JobConfig) -> list[str]:
     return attacks
 
 
-def robustness_population(cfg: JobConfig, inputs: JobInputs, unlearned: Path, prefix: str = "") -> list[dict[str, Any]]:
-    """For each α of eval.robustness_alphas (sorted): {"model": prefix + alpha=α, "alpha", "unlearned",
-    "attacks": attack_results of θ(α)}."""
+def robustness_population(cfg: JobConfig, inputs: JobInputs, unlearned: Path, prefix: str = "",
+                          with_target: bool = True) -> list[dict[str, Any]]:
+    """For each α of eval.robustness_alphas (sorted; α = 0, the target itself, only `with_target`):
+    {"model": prefix + alpha=α, "alpha", "unlearned", "attacks": attack_results of θ(α)}."""
     import copy
 
     from ray_unlearn.eval.calibration import mix_state
@@ -593,7 +595,8 @@ def robustness_population(cfg: JobConfig, inputs: JobInputs, unlearned: Path, pr
     target_sd = {k: v.detach().clone() for k, v in target.state_dict().items()}
     unlearned_sd = load_model(str(unlearned), m.dtype, m.trust_remote_code).state_dict()
     mixed, forget = copy.deepcopy(target), _capped(inputs.eval_splits["forget"], cfg.eval.max_items)
-    measure, alphas, population = forget_measure(cfg, tokenizer), sorted(set(cfg.eval.robustness_alphas)), []
+    alphas = sorted(a for a in set(cfg.eval.robustness_alphas) if with_target or a > 0)
+    measure, population = forget_measure(cfg, tokenizer), []
     for i, alpha in enumerate(alphas):  # a status line per measurement (measure's) and a line per model
         console.print(f"robustness: {prefix}model {i + 1}/{len(alphas)}, α={alpha:g} ({len(cfg.eval.attacks)} "
                       "attacks)")
