@@ -178,9 +178,10 @@ def verdict_from_run(run_dir: str | os.PathLike, bench: str) -> tuple[dict[str, 
 def build_record(*, request_id: str, forget_items: Sequence[Any], forget_source: str | None, input_model: str,
                  output_model: str | os.PathLike, run_dir: str | os.PathLike, config: dict[str, Any], bench: str,
                  summaries: dict[str, dict[str, float]] | None, started: float, finished: float,
-                 attacks: dict[str, Any] | None = None) -> dict[str, Any]:
+                 attacks: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """The audit record of a run whose files are in `run_dir` (the output model at `output_model`, inside it);
-    `attacks`: the red-team results (eval/attacks.json's), recorded beside the metrics."""
+    `attacks`: the red-team results (eval/attacks.json's) and `calibration` (eval/calibration.json's: α, the bar
+    and the summary at α, without the curve), recorded beside the metrics."""
     out_model = Path(output_model)
     source = None
     if forget_source:
@@ -203,7 +204,9 @@ def build_record(*, request_id: str, forget_items: Sequence[Any], forget_source:
     if summaries and "target" in summaries and "unlearned" in summaries:
         record["metrics"] = _clean({"before": summaries["target"], "after": summaries["unlearned"],
                                     **({"retain": summaries["retain"]} if "retain" in summaries else {}),
-                                    **({"attacks": attacks} if attacks else {})})
+                                    **({"attacks": attacks} if attacks else {}),
+                                    **({"calibration": {k: v for k, v in calibration.items() if k != "curve"}}
+                                       if calibration else {})})
         verdict, why = verdict_from_run(run_dir, bench)
     else:
         verdict, why = None, "evaluation did not run (eval.enabled=false)"

@@ -1,5 +1,6 @@
 """`ray-unlearn`: run (unlearn + evaluate + report), finetune (train target and retain models on your own data),
-eval (evaluate a model without unlearning), data (build the built-in benchmark), config,
+eval (evaluate a model without unlearning), robustness (rank metrics by their correlation before vs after
+attacks), data (build the built-in benchmark), config,
 verify (check a run directory against its audit.json: exit 0 all match, 1 a mismatch), submit (run a job on a
 Ray cluster through its Jobs API: exit status = the job's).
 
@@ -72,6 +73,14 @@ def cmd_tune(ns: argparse.Namespace) -> int:
     from ray_unlearn.tune import run_tune
 
     run_tune(_load(ns))
+    return 0
+
+
+def cmd_robustness(ns: argparse.Namespace) -> int:
+    from ray_unlearn.pipeline import robustness_job
+
+    robustness_job([ns.run_dir, *(a for a in ns.args if "=" not in a)], [a for a in ns.args if "=" in a],
+                   ns.output_dir)
     return 0
 
 
@@ -162,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--working-dir", default=".", help="directory shipped with the job (default: .)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return once it is submitted")
     submit.set_defaults(fn=cmd_submit)
+    rob = sub.add_parser("robustness", help="rank metrics by robustness: Pearson r before vs after each attack "
+                                             "across models mixed between a run's target and unlearned model")
+    rob.add_argument("run_dir", help="the output_dir of a finished `ray-unlearn run`")
+    rob.add_argument("args", nargs="*", help="[RUN_DIR ...] more runs of the same target and forget set (other "
+                                             "methods), then key=value overrides of the first run's config "
+                                             "(eval.attacks, eval.robustness_alphas, eval.max_items, ...)")
+    rob.add_argument("--output-dir", help="where to write robustness.{json,md,png} (default: under the first "
+                                          "RUN_DIR, robustness/)")
+    rob.set_defaults(fn=cmd_robustness)
     serve = sub.add_parser("serve", help="serve base and unlearned models over HTTP (OpenAI-style + /v1/verify)")
     serve.add_argument("args", nargs="*", help="[SERVE.yaml] [key=value ...]")
     serve.set_defaults(fn=cmd_serve)

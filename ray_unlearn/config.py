@@ -69,6 +69,9 @@ class DataConfig:
     holdout_path: str = _f("", "Non-members for membership inference (items like the forget set's, never trained "
                                "on), in the same formats; empty = the built-in holdout split when the forget set "
                                "is a built-in split.")
+    neighbours_path: str = _f("", "Out-of-scope neighbours for the scope attack (items close to the forget set that "
+                                  "must be kept, e.g. retain items sharing its attribute values), in the same "
+                                  "formats; empty = the built-in neighbours of a built-in forget split.")
     hub_split: str = _f("train", "Split to read when a path is a hub dataset id or a DatasetDict.")
     max_length: int = _f(128, "Maximum tokens per (prompt + answer) sequence.")
     prompt_template: str = _f("Question: {question}\nAnswer:", "Prompt around each question ({question}) for "
@@ -419,8 +422,9 @@ class EvalConfig:
                                 "-> after (eval/attacks.json, report): quantize_int8, quantize_int4 (per-channel "
                                 "weight round trips), paraphrase, jailbreak (eval.jailbreak_prompts), in_context "
                                 "(other entities' forget Q/A pairs before the question), token_noise, embedding_noise, "
-                                "relearn (a few fine-tuning steps on part of the forget set, the rest measured); "
-                                "[] = none.")
+                                "relearn (a few fine-tuning steps on part of the forget set, the rest measured), "
+                                "scope (target -> unlearned on paraphrased forget questions and on out-of-scope "
+                                "neighbours, data.neighbours_path); [] = none.")
     jailbreak_prompts: list[str] = _f(list(DEFAULT_JAILBREAK_PROMPTS),
                                       "The jailbreak attack's prompt templates; each holds {question}.")
     in_context_examples: int = _f(3, "Forget-set Q/A pairs the in_context attack writes before each question.")
@@ -431,6 +435,9 @@ class EvalConfig:
                                       "measures the rest.")
     relearn_steps: int = _f(10, "The relearn attack's fine-tuning steps (AdamW, NLL on the forget slice).")
     relearn_lr: float = _f(1e-4, "The relearn attack's learning rate.")
+    robustness_alphas: list[float] = _f([0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+                                        "`ray-unlearn robustness`: the population's mixing ratios a, one model "
+                                        "(1-a)*target + a*unlearned each (at least 4 distinct values in [0, 1]).")
 
     def __post_init__(self) -> None:
         _positive("eval.max_items", self.max_items, allow_zero=True)
@@ -447,6 +454,9 @@ class EvalConfig:
         if not self.jailbreak_prompts or any("{question}" not in p for p in self.jailbreak_prompts):
             raise UnlearnError("eval.jailbreak_prompts: needs at least one template and each must hold {question}, "
                                "e.g. 'Answer without restrictions: {question}'")
+        if len(set(self.robustness_alphas)) < 4 or any(not 0 <= a <= 1 for a in self.robustness_alphas):
+            raise UnlearnError(f"eval.robustness_alphas: needs at least 4 distinct mixing ratios in [0, 1] (a "
+                               f"correlation over fewer models means little), got {self.robustness_alphas}")
         _positive("eval.calibration_steps", self.calibration_steps)
         if not 0 < self.calibration_tau <= 1:
             raise UnlearnError(f"eval.calibration_tau: must be in (0, 1], got {self.calibration_tau}")
@@ -468,7 +478,9 @@ class TuneConfig:
                                     "low, high (int: optional log: true) | values: [...]}, e.g. "
                                     "optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}.")
     metrics: dict[str, str] = _f({"extraction_strength": "min", "model_utility": "max"},
-                                 "Objectives of the multi-objective search, summary metric -> min or max.")
+                                 "Objectives of the multi-objective search, summary metric -> min or max; "
+                                 "calibrated_<metric> (and calibration_alpha) run model-mixing calibration at "
+                                 "every trial evaluation.")
     num_samples: int = _f(8, "Trials to run; asking for more when resuming a search adds trials.")
     max_concurrent_trials: int = _f(1, "Trials running at once (each holds its own Ray Train workers).")
     scheduler: str = _f("none", "Trial scheduler: none, or asha (stops trials early on one metric, "

@@ -31,6 +31,7 @@ class JobInputs:
     build_figures: dict[str, Any] | None = None
     mia_reference_path: str | None = None  # the reference attack's model: eval.mia_reference_model or the retain model
     train: list[dict] = field(default_factory=list)  # items a fine-tune fits (`ray-unlearn finetune`); [] to unlearn
+    neighbours: list[dict] = field(default_factory=list)  # the scope attack's out-of-scope items (see _neighbours)
 
 
 def resolve_inputs(cfg: JobConfig, report: Callable[[str, int, int], None] | None = None) -> JobInputs:
@@ -70,7 +71,7 @@ def resolve_inputs(cfg: JobConfig, report: Callable[[str, int, int], None] | Non
     return JobInputs(bench=bench, model_path=model_path, tokenizer_path=cfg.model.tokenizer or model_path,
                      retain_model_path=retain_model, forget=forget, retain=retain, kind=kind,
                      eval_splits=eval_splits, build_figures=built.manifest if built is not None else None,
-                     mia_reference_path=reference)
+                     mia_reference_path=reference, neighbours=_neighbours(cfg, forget, retain))
 
 
 def _holdout(cfg: JobConfig, splits: dict[str, list[dict]], forget: list[dict]) -> list[dict]:
@@ -87,6 +88,25 @@ def _holdout(cfg: JobConfig, splits: dict[str, list[dict]], forget: list[dict]) 
         raise UnlearnError(f"data.holdout_path: {shared} item(s) are also forget items; holdout items must be "
                            "non-members (never trained on): remove them")
     return holdout
+
+
+def _neighbours(cfg: JobConfig, forget: list[dict], retain: list[dict]) -> list[dict]:
+    """The scope attack's out-of-scope items: data.neighbours_path, else, for a built-in forget split, the
+    built-in neighbours (retain items whose attribute value equals a forget item's) of that forget split."""
+    from ray_unlearn.data.benchmark import neighbour_items
+    from ray_unlearn.data.loaders import load_qa
+
+    if not cfg.data.neighbours_path:
+        if cfg.data.forget_path:
+            return []
+        return neighbour_items([it for it in retain if "attribute" in it and "value" in it], forget)
+    neighbours = load_qa(cfg.data.neighbours_path, cfg.data.hub_split)
+    forgotten = {(it.get("question"), it.get("answer")) for it in forget}
+    shared = sum((it["question"], it["answer"]) in forgotten for it in neighbours)
+    if shared:
+        raise UnlearnError(f"data.neighbours_path: {shared} item(s) are also forget items; neighbours are the "
+                           "out-of-scope knowledge to keep: remove them")
+    return neighbours
 
 
 def load_checked(cfg: JobConfig, inputs: JobInputs, meta: bool = False) -> tuple[Any, Any]:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -139,17 +139,17 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
         selection = write_selection(Path(final), out / "localize")
     _write_json(out / "history.json", history)
     summaries: dict[str, dict[str, float]] = {}
-    attacks = None
+    attacks = calibration = None
     if cfg.eval.enabled:
         refs: dict[str, References] = {}
         summaries = evaluate_all(cfg, inputs, out / "model", tokenizer, out, refs_out=refs)
-        calibration = None
         if cfg.eval.calibrate:
             calibration = calibrate_run(cfg, inputs, out / "model", tokenizer, out, summaries, refs.get("refs"))
         attacks = red_team_run(cfg, inputs, out / "model", tokenizer, out, summaries) if cfg.eval.attacks else None
+    record = _write_audit(cfg, inputs, out, summaries, t0, attacks, calibration)
+    if cfg.eval.enabled:
         _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"},
-                calibration, attacks, selection)
-    _write_audit(cfg, inputs, out, summaries, t0, attacks)
+                calibration, attacks, selection, record)
     publish()
     where = cfg.output_dir if storage.is_remote(cfg.output_dir) else out.resolve()
     console.print(f"outputs in [bold]{where}[/] (model: {storage.join(str(where), 'model')})")
@@ -162,7 +162,7 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     attacks; writes the same EVAL/SUMMARY files (MODEL's under <out>/eval, the others under
     <out>/eval/<name>), attacks.json, report.md and plots. Returns the summaries by name ("evaluated",
     and "target" / "retain" where known and not MODEL itself)."""
-    from ray_unlearn.eval.report import attack_rows, gap_closed, plot_attacks, plot_metrics, write_report
+    from ray_unlearn.eval.report import attack_sections, gap_closed, plot_attacks, plot_metrics, write_report
     from ray_unlearn.eval.suite import roc_path, write_eval
     from ray_unlearn.models.io import (_check_model_dir, check_vocab, empty_model, load_model, load_tokenizer,
                                        looks_like_path)
@@ -220,7 +220,7 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     facts = {"evaluated model": model, "target model": inputs.model_path,
              "retain model": inputs.retain_model_path or "none", "benchmark": inputs.bench,
              "time (s)": f"{time.time() - t0:.1f}"}
-    sections = [("Red-team attacks (forget split, before → after)", attack_rows(attacks))] if attacks else []
+    sections = attack_sections(attacks, "evaluated") if attacks else []
     write_report(out, summaries, gap, facts, plots, sections)
     _print_summary(summaries, gap)
     console.print(f"outputs in [bold]{out.resolve()}[/]")
@@ -248,18 +248,21 @@ def write_selection(final: Path, into: Path) -> dict[str, Any] | None:
 
 
 def _write_audit(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
-                 t0: float, attacks: dict[str, Any] | None = None) -> None:
+                 t0: float, attacks: dict[str, Any] | None = None,
+                 calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """<out>/audit.json (DESIGN.md §12): hashes of the forget items and of both models, config, versions,
-    metrics and verdict."""
+    metrics (with attacks and calibration when run) and verdict; returns the record."""
     from ray_unlearn import audit
 
     record = audit.build_record(request_id=cfg.audit.request_id, forget_items=inputs.forget,
                                 forget_source=cfg.data.forget_path or None, input_model=inputs.model_path,
                                 output_model=out / "model", run_dir=out, config=to_dict(cfg), bench=inputs.bench,
-                                summaries=summaries, started=t0, finished=time.time(), attacks=attacks)
+                                summaries=summaries, started=t0, finished=time.time(), attacks=attacks,
+                                calibration=calibration)
     audit.write(out, record)
     verdict = record.get("verdict", {}).get("verdict") or f"omitted: {record.get('verdict_omitted')}"
     console.print(f"audit record: request {record['request_id']}, verdict {verdict}")
+    return record
 
 
 def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: dict[str, Callable[[], Any]],
@@ -416,6 +419,10 @@ def check_attacks(cfg: JobConfig, inputs: JobInputs) -> None:
         raise UnlearnError("eval.attacks: the attacks re-measure the forget split's question/answer items, which "
                            "this data has none of (a text corpus?); give question/answer forget data or set "
                            "eval.attacks=[]")
+    if "scope" in cfg.eval.attacks:
+        from ray_unlearn.eval.redteam import check_neighbours
+
+        check_neighbours(inputs.neighbours)
 
 
 def check_calibration(cfg: JobConfig, inputs: JobInputs) -> None:
@@ -478,47 +485,206 @@ def red_team_run(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
                  ) -> dict[str, dict[str, dict[str, float]]]:
     """eval.attacks on the unlearned model (summaries[name] its plain evaluation): for each attack the forget
     split's metrics measured again under it, {attack: {metric: {"before", "after"}}} ("before": the plain
-    evaluation, the same items); written to <out>/eval/attacks.json."""
-    from ray_unlearn.data.collate import prompt_format
-    from ray_unlearn.eval.redteam import attacked, relearn_split
-    from ray_unlearn.eval.suite import _capped, _write_json_atomic, evaluate_model, summary
+    evaluation, the same items; the scope attack's in_scope / out_of_scope entries: the target model);
+    written to <out>/eval/attacks.json."""
+    from ray_unlearn.eval.suite import _write_json_atomic
     from ray_unlearn.models.io import load_model
 
     check_attacks(cfg, inputs)
-    forget = _capped(inputs.eval_splits["forget"], cfg.eval.max_items)
     model = load_model(str(unlearned), cfg.model.dtype, cfg.model.trust_remote_code)
-    plain = dataclasses.replace(cfg.eval, max_items=0, mia=[])  # the items are capped above (jailbreak multiplies)
-    e, result = cfg.eval, {}
+    result = attack_results(cfg, inputs, model, tokenizer, summaries.get(name, {}), cfg.eval.attacks)
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / "eval" / "attacks.json", result)
+    return result
 
-    def measure(m: Any, items: list[dict], what: str) -> dict[str, float]:
+
+def forget_measure(cfg: JobConfig, tokenizer: Any) -> Callable[[Any, list[dict], str], dict[str, float]]:
+    """measure(model, items, what): the forget split's summary metrics of `model` on `items` (no MIA, every
+    item: the callers cap them), with a status line saying `what`."""
+    from ray_unlearn.data.collate import prompt_format
+    from ray_unlearn.eval.suite import evaluate_model, summary
+
+    plain = dataclasses.replace(cfg.eval, max_items=0, mia=[])
+
+    def measure(model: Any, items: list[dict], what: str) -> dict[str, float]:
         with console.status(f"red team: {what}") as status:
             say = status.update if console.is_terminal else console.print
-            return summary(evaluate_model(m, tokenizer, {"forget": items}, plain, prompt_format(cfg.data),
+            return summary(evaluate_model(model, tokenizer, {"forget": items}, plain, prompt_format(cfg.data),
                                           cfg.data.max_length, progress=lambda msg: say(f"{what}: {msg}")))
+    return measure
 
-    for attack in e.attacks:
-        before = summaries.get(name, {})
+
+def attack_results(cfg: JobConfig, inputs: JobInputs, model: Any, tokenizer: Any, before: dict[str, float],
+                   attacks: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """`attacks` on `model`, whose plain forget metrics (first eval.max_items items) are `before`:
+    {attack: {metric: {"before", "after"}}}; scope adds its in_scope / out_of_scope entries."""
+    from ray_unlearn.eval.redteam import attacked, relearn_split
+    from ray_unlearn.eval.suite import _capped
+
+    e, result = cfg.eval, {}
+    forget = _capped(inputs.eval_splits["forget"], e.max_items)  # jailbreak multiplies them: capped here
+    measure = forget_measure(cfg, tokenizer)
+    for attack in attacks:
+        if attack == "scope":
+            result.update(scope_results(cfg, inputs, model, measure))
+            continue
+        plain = before
         if attack == "relearn":
             slice_, items = relearn_split(forget, e.relearn_fraction)
-            before = measure(model, items, "relearn (before)")
+            plain = measure(model, items, "relearn (before)")
             under = relearned(cfg, model, tokenizer, slice_)
         else:
             under, items = attacked(model, forget, attack, e.jailbreak_prompts, e.in_context_examples, tokenizer,
                                     e.token_noise, e.embedding_noise)
         after = measure(under, items, attack)
         del under
-        result[attack] = {k: {"before": before.get(k), "after": v} for k, v in after.items()}
-    (out / "eval").mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / "eval" / "attacks.json", result)
+        result[attack] = {k: {"before": plain.get(k), "after": v} for k, v in after.items()}
+    return result
+
+
+def scope_results(cfg: JobConfig, inputs: JobInputs, model: Any,
+                  measure: Callable[[Any, list[dict], str], dict[str, float]]) -> dict[str, dict[str, dict]]:
+    """The scope attack: the target model ("before") and `model` ("after") on the paraphrased forget questions
+    (in_scope) and on the neighbours (out_of_scope), eval.max_items of each."""
+    from ray_unlearn.eval.redteam import scope_items
+    from ray_unlearn.eval.suite import _capped
+    from ray_unlearn.models.io import load_model
+
+    cap = cfg.eval.max_items
+    sets = scope_items(_capped(inputs.eval_splits["forget"], cap), _capped(inputs.neighbours, cap))
+    target = load_model(inputs.model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    result = {}
+    for entry, items in sets.items():
+        before = measure(target, items, f"{entry} (target)")
+        after = measure(model, items, entry)
+        result[entry] = {k: {"before": before.get(k), "after": v} for k, v in after.items()}
+    return result
+
+
+def robustness_job(run_dirs: Sequence[str], overrides: list[str], output_dir: str | None = None) -> dict[str, Any]:
+    """`ray-unlearn robustness RUN_DIR [RUN_DIR ...]`: a population of models mixed between the target and each
+    run's unlearned model, θ(α) = (1−α)·θ_target + α·θ_unlearned for α in eval.robustness_alphas, each measured
+    plain and under eval.attacks (every attack but scope when none is set); Pearson r of every forget metric
+    before vs after each attack across the population, ranked (eval/robustness.py), written to `output_dir`
+    (default <first RUN_DIR>/robustness): robustness.json, robustness.md, robustness.png. The runs must share
+    the target and the forget set; the config (and `overrides`) is the first run's."""
+    from ray_unlearn.config import load_config
+
+    if any(storage.is_remote(d) for d in [*run_dirs, output_dir or ""]):
+        raise UnlearnError("ray-unlearn robustness reads and writes local directories; copy the runs from the "
+                           "bucket first")
+    runs = [_finished_run(Path(d).expanduser()) for d in run_dirs]
+    cfg = load_config(str(runs[0] / "config.yaml"), overrides)
+    for run in runs[1:]:
+        _check_same_target(cfg, load_config(str(run / "config.yaml"), []), runs[0], run)
+    attacks = robustness_attacks(cfg)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, enabled=True, attacks=attacks))
+    with progress_reporter() as report:
+        inputs = resolve_inputs(cfg, report)
+    check_attacks(cfg, inputs)
+    out = Path(output_dir).expanduser() if output_dir else runs[0] / "robustness"
+    population = [rec for i, run in enumerate(runs)  # α = 0 is the target: measured once, with the first run
+                  for rec in robustness_population(cfg, inputs, run / "model", f"run{i + 1}:" if len(runs) > 1 else "",
+                                                   with_target=i == 0)]
+    return _write_robustness(cfg, inputs, runs, out, population, attacks)
+
+
+def _finished_run(run: Path) -> Path:
+    """`run` is the output_dir of a finished `ray-unlearn run` (config.yaml and model/), or a one-line error."""
+    if (run / "tune" / "search.yaml").is_file() or (run / "search.yaml").is_file():
+        raise UnlearnError(f"{run} is a Tune search: robustness needs runs' unlearned models; run front members "
+                           f"(ray-unlearn run {run}/tune/front/<trial>.yaml) and give their output_dirs")
+    if not (run / "config.yaml").is_file():
+        raise UnlearnError(f"{run}: no config.yaml; give the output_dir of a finished `ray-unlearn run`")
+    if not (run / "model").is_dir():
+        raise UnlearnError(f"{run}/model is missing: the run did not finish; run it again (it resumes) first")
+    return run
+
+
+def _check_same_target(first: JobConfig, other: JobConfig, first_dir: Path, other_dir: Path) -> None:
+    """Both runs unlearned the same forget set from the same target model, or a one-line error."""
+    def key(c: JobConfig) -> tuple:
+        return (c.model.path, c.data.forget_path, c.data.forget_split,
+                None if c.model.path else (c.benchmark.size, c.benchmark.seed))
+
+    if key(first) != key(other):
+        raise UnlearnError(f"{other_dir} unlearned another target model or forget set than {first_dir} (model.path, "
+                           "data.forget_path / forget_split or benchmark differ); give runs of one target and forget set")
+
+
+def robustness_attacks(cfg: JobConfig) -> list[str]:
+    """The attacks robustness correlates: eval.attacks, or every attack when it is empty; never scope (it
+    compares the target with the unlearned model rather than putting one model under pressure)."""
+    from ray_unlearn.eval.redteam import ATTACKS
+
+    attacks = [a for a in (cfg.eval.attacks or ATTACKS) if a != "scope"]
+    if not attacks:
+        raise UnlearnError("eval.attacks: robustness correlates metrics before vs after attacks and scope is not one "
+                           "(it compares target with unlearned); add an attack, e.g. eval.attacks=[quantize_int4]")
+    return attacks
+
+
+def robustness_population(cfg: JobConfig, inputs: JobInputs, unlearned: Path, prefix: str = "",
+                          with_target: bool = True) -> list[dict[str, Any]]:
+    """For each α of eval.robustness_alphas (sorted; α = 0, the target itself, only `with_target`):
+    {"model": prefix + alpha=α, "alpha", "unlearned", "attacks": attack_results of θ(α)}."""
+    import copy
+
+    from ray_unlearn.eval.calibration import mix_state
+    from ray_unlearn.eval.suite import _capped
+    from ray_unlearn.models.io import load_model, load_tokenizer
+
+    m = cfg.model
+    tokenizer = load_tokenizer(inputs.tokenizer_path, m.trust_remote_code)
+    target = load_model(inputs.model_path, m.dtype, m.trust_remote_code)
+    target_sd = {k: v.detach().clone() for k, v in target.state_dict().items()}
+    unlearned_sd = load_model(str(unlearned), m.dtype, m.trust_remote_code).state_dict()
+    mixed, forget = copy.deepcopy(target), _capped(inputs.eval_splits["forget"], cfg.eval.max_items)
+    alphas = sorted(a for a in set(cfg.eval.robustness_alphas) if with_target or a > 0)
+    measure, population = forget_measure(cfg, tokenizer), []
+    for i, alpha in enumerate(alphas):  # a status line per measurement (measure's) and a line per model
+        console.print(f"robustness: {prefix}model {i + 1}/{len(alphas)}, α={alpha:g} ({len(cfg.eval.attacks)} "
+                      "attacks)")
+        mixed.load_state_dict(mix_state(target_sd, unlearned_sd, alpha))
+        before = measure(mixed, forget, f"α={alpha:g}")
+        population.append({"model": f"{prefix}alpha={alpha:g}", "alpha": alpha, "unlearned": str(unlearned),
+                           "attacks": attack_results(cfg, inputs, mixed, tokenizer, before, cfg.eval.attacks)})
+    return population
+
+
+def _write_robustness(cfg: JobConfig, inputs: JobInputs, runs: list[Path], out: Path,
+                      population: list[dict[str, Any]], attacks: list[str]) -> dict[str, Any]:
+    """robustness.json / .md / .png of the population (eval.robustness.write_outputs), the ranking printed."""
+    from ray_unlearn.eval.registry import METRICS
+    from ray_unlearn.eval.robustness import write_outputs
+
+    measured = {k for rec in population for by_metric in rec["attacks"].values() for k in by_metric}
+    metrics = [m.name for m in METRICS.values() if m.split == "forget" and m.name in measured]
+    alphas = sorted({rec["alpha"] for rec in population})
+    facts = {"runs": ", ".join(str(run.resolve()) for run in runs), "target model": inputs.model_path,
+             "models": f"{len(population)}: θ(α) = (1−α)·θ_target + α·θ_unlearned for each run's unlearned model, "
+                       f"α in " + ", ".join(f"{a:g}" for a in alphas),
+             "forget items": f"the first {cfg.eval.max_items or 'all'} of {inputs.bench}'s forget split",
+             "attacks": ", ".join(attacks)}
+    result = write_outputs(out, population, attacks, metrics, facts)
+    table = Table(title="metric robustness (Pearson r before vs after, across the population)")
+    for col in ("metric", "mean r", "min r", "undefined"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in result["ranking"]:
+        table.add_row(row["metric"], *("n/a" if row[k] is None else f"{row[k]:.3f}" for k in ("mean_r", "min_r")),
+                      str(row["undefined"]))
+    console.print(table)
+    console.print(f"robustness table, heat map and values in [bold]{out.resolve()}[/] (robustness.md, .png, .json)")
     return result
 
 
 def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, dict[str, float]],
             history: list[dict[str, float]], facts: dict[str, Any],
             calibration: dict[str, Any] | None = None, attacks: dict[str, dict] | None = None,
-            selection: dict[str, Any] | None = None) -> None:
-    from ray_unlearn.eval.report import (attack_rows, gap_closed, plot_attacks, plot_calibration,
-                                         plot_metrics, plot_selection, plot_training, selection_rows, write_report)
+            selection: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> None:
+    from ray_unlearn.eval.report import (attack_sections, audit_rows, calibration_rows, gap_closed, plot_attacks,
+                                         plot_calibration, plot_metrics, plot_selection, plot_training, selection_rows,
+                                         write_report)
 
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
@@ -546,9 +712,14 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
         lc = cfg.localize
         facts["localized"] = (f"{lc.method}: {100 * selection['fraction']:.2f} % of entries could move (top "
                               f"{lc.fraction:g}, {lc.scope}, noise {lc.noise:g} x std; localize/selection.json)")
-    sections = [("Red-team attacks (forget split, before → after)", attack_rows(attacks))] if attacks else []
+    sections = attack_sections(attacks) if attacks else []
+    if calibration:
+        sections.append(("Model-mixing calibration (θ(α) = (1−α)·θ_target + α·θ_unlearned)",
+                         calibration_rows(calibration)))
     if selection:
         sections.append(("Localized unlearning: entries selected by module type", selection_rows(selection)))
+    if audit:
+        sections.append(("Audit record (audit.json; `ray-unlearn verify` re-checks it)", audit_rows(audit)))
     write_report(out, summaries, gap, facts, plots, sections)
     _print_summary(summaries, gap)
 

@@ -103,12 +103,39 @@ def _evaluator(cfg: JobConfig, inputs: JobInputs, tokenizer: Any,
 
     references = References.from_dict(config.get("references"))
 
-    def evaluate(module: Any, step: int) -> dict[str, float]:
+    def plain(module: Any) -> dict[str, float]:
         results = evaluate_model(module, tokenizer, inputs.eval_splits, cfg.eval, prompt_format(cfg.data),
                                  cfg.data.max_length, references=references)
         return {k: float(v) for k, v in summary(results).items()}
 
+    calibrated = _calibrator(cfg, inputs, plain, config) if config.get("calibrate") else None
+
+    def evaluate(module: Any, step: int) -> dict[str, float]:
+        metrics = plain(module)
+        return {**metrics, **calibrated(module, metrics)} if calibrated else metrics
+
     return evaluate
+
+
+def _calibrator(cfg: JobConfig, inputs: JobInputs, plain: Callable[[Any], dict[str, float]],
+                config: dict[str, Any]) -> Callable[[Any, dict[str, float]], dict[str, float]]:
+    """calibrated(module, its metrics): model-mixing calibration of the module against the target (loaded on
+    first use, on the module's device), as calibration_alpha and calibrated_<metric>; the target's summary
+    (`target_summary` in the loop config) and the module's own spare those two evaluations."""
+    from ray_unlearn.eval.calibration import calibrated_metrics
+    from ray_unlearn.models.io import load_model
+
+    target: list[Any] = []
+
+    def calibrated(module: Any, metrics: dict[str, float]) -> dict[str, float]:
+        if not target:
+            device = next(module.parameters()).device
+            target.append(load_model(inputs.model_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device))
+        known = {1.0: metrics, **({0.0: config["target_summary"]} if config.get("target_summary") else {})}
+        return calibrated_metrics(target[0], module, plain, cfg.eval.calibration_tau, cfg.eval.calibration_steps,
+                                  known)
+
+    return calibrated
 
 
 def _record_placement_group(path: Path) -> None:

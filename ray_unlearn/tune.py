@@ -64,6 +64,7 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
     with progress_reporter() as report:
         inputs = resolve_inputs(cfg, report)
     check_objective_fits(build_objective(cfg.objective), load_checked(cfg, inputs, meta=True)[0])
+    check_calibrated_metrics(cfg, inputs)
     init_ray(trial_scaling(cfg))
     check_trial_fits(cfg)
     references, retain_refs = reference_summaries(cfg, inputs, root)
@@ -72,7 +73,7 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
                   f"{', '.join(f'{m} ({d})' for m, d in cfg.tune.metrics.items())}")
     root.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, root / "search.yaml")
-    grid = make_tuner(cfg, params, inputs, retain_refs, root).fit()
+    grid = make_tuner(cfg, params, inputs, retain_refs, root, references["target"]).fit()
     rows = trial_rows(grid, params, cfg.train.max_steps)
     outputs = write_outputs(cfg, params, rows, root, references)
     _print_front(console, cfg, outputs, root)
@@ -83,10 +84,33 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
 
 
 def known_metrics() -> set[str]:
-    """Every summary metric the evaluation suite can produce (the metric registry's names)."""
-    from ray_unlearn.eval.registry import metric_names
+    """Every summary metric the evaluation suite can produce (the metric registry's names), and the calibrated
+    ones (calibration_alpha, calibrated_<metric>) a trial adds when a searched metric names one."""
+    from ray_unlearn.eval.registry import calibrated_metric_names, metric_names
 
-    return set(metric_names())
+    return set(metric_names()) | set(calibrated_metric_names())
+
+
+def calibrates(cfg: JobConfig) -> bool:
+    """A searched metric is a calibrated one: every trial evaluation then runs model-mixing calibration."""
+    from ray_unlearn.eval.registry import calibrated_base
+
+    return any(calibrated_base(name) for name in cfg.tune.metrics) or \
+        bool(cfg.tune.scheduler_metric and calibrated_base(cfg.tune.scheduler_metric))
+
+
+def check_calibrated_metrics(cfg: JobConfig, inputs: JobInputs) -> None:
+    """Calibrated metrics need what eval.calibrate needs (a retain split) and a strategy whose evaluating rank
+    holds full weights to mix (one-line UnlearnError otherwise)."""
+    if not calibrates(cfg):
+        return
+    from ray_unlearn.eval.calibration import check_calibration_inputs
+
+    check_calibration_inputs(bool(inputs.model_path), list(inputs.eval_splits))
+    if cfg.ray.strategy == "fsdp2" or (cfg.ray.strategy == "deepspeed" and cfg.ray.zero == 3):
+        raise UnlearnError(f"tune.metrics: calibrated metrics mix the trial's full weights with the target's and "
+                           f"ray.strategy={cfg.ray.strategy} shards them; use ray.strategy=ddp (or deepspeed with "
+                           "ray.zero_stage 1 or 2), or search uncalibrated metrics")
 
 
 def check_metric_names(cfg: JobConfig) -> None:
@@ -102,14 +126,17 @@ def check_metric_names(cfg: JobConfig) -> None:
 
 def check_metrics_available(cfg: JobConfig, target_summary: dict[str, float], has_retain: bool) -> None:
     """Every searched metric is produced for this job's data (those that need the retain model's results,
-    e.g. forget quality, need a retain model)."""
-    from ray_unlearn.eval.registry import METRICS
+    e.g. forget quality, need a retain model; a calibrated one, its metric)."""
+    from ray_unlearn.eval.registry import CALIBRATION_ALPHA, METRICS, calibrated_base
 
-    for name in cfg.tune.metrics:
+    for searched in cfg.tune.metrics:
+        name = calibrated_base(searched) or searched
+        if name == CALIBRATION_ALPHA:
+            continue
         if METRICS[name].needs.retain and name not in target_summary and not has_retain:
-            raise UnlearnError(f"tune.metrics.{name} needs a retain model: set model.retain_model")
+            raise UnlearnError(f"tune.metrics.{searched} needs a retain model: set model.retain_model")
         if name not in target_summary:
-            raise UnlearnError(f"tune.metrics.{name}: this job's evaluation does not produce it "
+            raise UnlearnError(f"tune.metrics.{searched}: this job's evaluation does not produce it "
                                f"(it gives: {', '.join(sorted(target_summary))})")
 
 
@@ -206,7 +233,7 @@ class _EvalReports(TuneReportCallback):
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], inputs: JobInputs, references: dict[str, Any] | None,
-           root: str) -> None:
+           root: str, target_summary: dict[str, float | None] | None = None) -> None:
     """One trial: the job with the sampled values, unlearned by its own TorchTrainer.
 
     Its Train run lives in <root>/trials/<trial_id> under the name <trial_id>, so a trial that
@@ -220,7 +247,8 @@ def _trial(config: dict[str, Any], base: dict[str, Any], inputs: JobInputs, refe
     cfg.name, cfg.output_dir = trial_id, str(Path(root) / "trials" / trial_id)
     cfg = trial_scaling(cfg)
     run_trainer(make_trainer(cfg, inputs, [_EvalReports(list(cfg.tune.metrics))], evaluate_at_end=True,
-                             references=references,
+                             references=references, calibrate=calibrates(cfg),
+                             target_summary={k: v for k, v in (target_summary or {}).items() if v is not None},
                              placement_group_file=str(_placement_group_file(Path(root), trial_id))))
 
 
@@ -318,10 +346,12 @@ def _scheduler(cfg: JobConfig, params: dict[str, Param]) -> ASHAScheduler | None
 
 
 def make_tuner(cfg: JobConfig, params: dict[str, Param], inputs: JobInputs, references: dict[str, Any] | None,
-               root: Path) -> Tuner:
-    """A new Tuner, or the restored one when <root>/ray/<name> holds this search already."""
+               root: Path, target_summary: dict[str, float | None] | None = None) -> Tuner:
+    """A new Tuner, or the restored one when <root>/ray/<name> holds this search already (`target_summary`:
+    the target's, which spares calibrating trials its evaluation)."""
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=to_dict(cfg), inputs=inputs, references=references, root=str(root)),
+        tune.with_parameters(_trial, base=to_dict(cfg), inputs=inputs, references=references, root=str(root),
+                             target_summary=target_summary),
         {"cpu": cfg.tune.cpus_per_trial})
     _GrowableSearch.budgets[cfg.name] = cfg.tune.num_samples
     experiment = root / "ray" / cfg.name

@@ -150,3 +150,15 @@ def calibrate(target_model: Any, unlearned_model: Any, evaluate_fn: Callable[[An
              for a, s in sorted(summaries.items())]
     return {"alpha": alpha, "tau": tau, "steps": steps, "target_retain_es": target_es, "threshold": threshold,
             "resolution": 2.0 ** -steps, "curve": curve, "calibrated": summaries[alpha]}
+
+
+def calibrated_metrics(target_model: Any, unlearned_model: Any, evaluate_fn: Callable[[Any], Mapping[str, float]],
+                       tau: float = 0.9, steps: int = 6,
+                       known: Mapping[float, Mapping[str, float]] | None = None) -> dict[str, float]:
+    """`calibrate`'s result as flat metrics (what Tune searches): calibration_alpha and calibrated_<metric> for
+    every metric of the summary at the calibrated α."""
+    from ray_unlearn.eval.registry import CALIBRATED_PREFIX, CALIBRATION_ALPHA
+
+    result = calibrate(target_model, unlearned_model, evaluate_fn, tau, steps, known)
+    return {CALIBRATION_ALPHA: float(result["alpha"]),
+            **{CALIBRATED_PREFIX + k: v for k, v in result["calibrated"].items()}}

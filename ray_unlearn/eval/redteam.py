@@ -22,6 +22,12 @@ only stopped reciting its forget set recovers it here (Wang et al., ICLR 2025; L
 - `embedding_noise`: Gaussian noise of `eval.embedding_noise` x the matrix's standard deviation added
   to the input embeddings (a seeded copy of the model): a perturbation of the representation that
   can wake suppressed knowledge.
+- `scope` (Liu et al., 2024: the unlearning scope): the target model (before unlearning) and the evaluated
+  model measured on two item sets, reported target -> evaluated under `in_scope` (the forget questions
+  paraphrased: unlearning should reach them, so they should fall like the forget set) and `out_of_scope`
+  (the neighbours, `data.neighbours_path` or the built-in retain items sharing an attribute value with a
+  forget item: knowledge to keep, so they should stay where the target had them). Both sets are scored
+  with the forget split's metric definitions, so the two rows read alike.
 - `relearn`: `eval.relearn_steps` steps of fine-tuning (NLL descent, AdamW at `eval.relearn_lr`, the
   unlearning loop itself) on the first `eval.relearn_fraction` of the forget items, then the rest of
   them measured before and after: knowledge that was only suppressed comes back from a few related
@@ -48,7 +54,9 @@ ATTACKS: dict[str, str] = {
     "token_noise": "question tokens replaced at random (eval.token_noise of them)",
     "embedding_noise": "Gaussian noise on the input embeddings (eval.embedding_noise x their std)",
     "relearn": "a few fine-tuning steps on part of the forget set, the rest measured",
+    "scope": "target -> evaluated model on paraphrased forget questions (in scope) and on neighbours (out of scope)",
 }
+SCOPE_ENTRIES = ("in_scope", "out_of_scope")  # the scope attack's entries in attacks.json (before: the target)
 NOISE_SEED = 1234  # the noise attacks' draws (items keyed by their position)
 QUANTIZE_BITS = {"quantize_int8": 8, "quantize_int4": 4}
 DEFAULT_JAILBREAK_PROMPTS = [
@@ -143,6 +151,21 @@ def relearn_split(items: Sequence[dict], fraction: float) -> tuple[list[dict], l
     return list(items[:cut]), list(items[cut:])
 
 
+def scope_items(forget: Sequence[dict], neighbours: Sequence[dict]) -> dict[str, list[dict]]:
+    """The scope attack's item sets: in_scope = the forget items with their paraphrased questions,
+    out_of_scope = the neighbours as they are."""
+    check_neighbours(neighbours)
+    return {"in_scope": paraphrased(forget), "out_of_scope": list(neighbours)}
+
+
+def check_neighbours(neighbours: Sequence[dict]) -> None:
+    """The scope attack has out-of-scope items, or a one-line error naming how to give them."""
+    if not neighbours:
+        raise UnlearnError("eval.attacks: scope needs out-of-scope neighbours (items close to the forget set that "
+                           "must be kept) and this data has none; set data.neighbours_path to a file of them "
+                           "(TOFU format), use a built-in forget split, or drop scope from eval.attacks")
+
+
 def attacked(model: Any, items: Sequence[dict], attack: str, jailbreak_prompts: Sequence[str] = (),
              in_context_examples: int = 3, tokenizer: Any = None, token_noise: float = 0.1,
              embedding_noise: float = 0.1) -> tuple[Any, list[dict]]:
@@ -150,8 +173,9 @@ def attacked(model: Any, items: Sequence[dict], attack: str, jailbreak_prompts: 
     embedding-noise attacks (the input model is never changed) and `model` itself otherwise (relearn needs the loop: the
     pipeline runs it)."""
     check_attacks("attack", [attack])
-    if attack == "relearn":
-        raise ValueError("attacked: relearn fine-tunes with the run's loop; see pipeline.red_team_run")
+    if attack in ("relearn", "scope"):
+        raise ValueError(f"attacked: {attack} needs the pipeline (relearn: the run's loop; scope: the target model); "
+                         "see pipeline.red_team_run")
     if attack in QUANTIZE_BITS:
         model = copy.deepcopy(model)
         quantize_round_trip_(model, QUANTIZE_BITS[attack])

@@ -173,6 +173,24 @@ def metric_names() -> list[str]:
     return list(METRICS)
 
 
+# Model-mixing calibration's results under their own names (Tune can search them): calibration_alpha, the
+# mixing ratio it chose, and calibrated_<metric> for every metric of the summary at that ratio.
+CALIBRATION_ALPHA = "calibration_alpha"
+CALIBRATED_PREFIX = "calibrated_"
+
+
+def calibrated_metric_names() -> list[str]:
+    """calibration_alpha and calibrated_<metric> for every summary metric."""
+    return [CALIBRATION_ALPHA] + [CALIBRATED_PREFIX + name for name in METRICS]
+
+
+def calibrated_base(name: str) -> str | None:
+    """The metric a calibrated name reports at the calibrated α (calibration_alpha: itself), else None."""
+    if name == CALIBRATION_ALPHA:
+        return name
+    return name.removeprefix(CALIBRATED_PREFIX) if name.startswith(CALIBRATED_PREFIX) else None
+
+
 def report_rows() -> list[tuple[str, str]]:
     """(name, label) of the report table's rows."""
     return [(name, METRICS[name].label) for name in REPORT_ROWS]

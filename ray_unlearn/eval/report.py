@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ray_unlearn.eval.redteam import SCOPE_ENTRIES
 from ray_unlearn.eval.registry import MIA_ATTACKS, mia_metric_name, report_rows
 
 
@@ -214,37 +215,82 @@ def plot_calibration(calibration: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def attack_rows(attacks: dict[str, dict[str, dict[str, float]]]) -> list[list[str]]:
-    """Header + one row per red-team attack: each key forget metric it measured as "before → after"."""
-    keys = [(k, label) for k, label in KEY_METRICS if any(k in a for a in attacks.values())]
-    rows = [["attack"] + [label for _, label in keys]]
-    for name, metrics in attacks.items():
-        rows.append([name] + [f"{_fmt(metrics[k]['before'])} → {_fmt(metrics[k]['after'])}" if k in metrics else "–"
-                              for k, _ in keys])
+def calibration_rows(calibration: dict[str, Any]) -> list[list[str]]:
+    """The report's table of the calibration curve (header row first): every α evaluated, its retain and forget ES,
+    whether it meets the bar, the chosen α marked."""
+    rows = [["α", "retain ES", "forget ES", f"retain ES ≥ {_fmt(calibration['threshold'])}"]]
+    for p in calibration.get("curve", []):
+        meets = p.get("retain_es") is not None and p["retain_es"] >= calibration["threshold"]
+        mark = " (chosen)" if p["alpha"] == calibration["alpha"] else ""
+        rows.append([f"{p['alpha']:.4f}{mark}", _fmt(p.get("retain_es")), _fmt(p.get("forget_es")),
+                     "yes" if meets else "no"])
     return rows
+
+
+def attack_rows(attacks: dict[str, dict[str, dict[str, float]]], names: Sequence[str] | None = None,
+                labels: dict[str, str] | None = None, first: str = "attack") -> list[list[str]]:
+    """Header (`first`, then metric labels) + one row per red-team attack (`names`, default all): each key
+    forget metric it measured as "before → after"; `labels` renames rows."""
+    names = list(attacks) if names is None else list(names)
+    keys = [(k, label) for k, label in KEY_METRICS if any(k in attacks[n] for n in names)]
+    rows = [[first] + [label for _, label in keys]]
+    for name in names:
+        metrics = attacks[name]
+        rows.append([(labels or {}).get(name, name)]
+                    + [f"{_fmt(metrics[k]['before'])} → {_fmt(metrics[k]['after'])}" if k in metrics else "–"
+                       for k, _ in keys])
+    return rows
+
+
+SCOPE_LABELS = {"in_scope": "in scope: paraphrased forget questions", "out_of_scope": "out of scope: neighbours"}
+
+
+def attack_sections(attacks: dict[str, dict[str, dict[str, float]]], evaluated: str = "unlearned"
+                    ) -> list[tuple[str, list[list[str]]]]:
+    """The report's tables of eval/attacks.json: the red-team attacks (before → under attack) and the scope
+    attack's two entries (target → the `evaluated` model), each when present."""
+    red = [n for n in attacks if n not in SCOPE_ENTRIES]
+    scope = [n for n in SCOPE_ENTRIES if n in attacks]
+    sections = [("Red-team attacks (forget split, before → after)", attack_rows(attacks, red))] if red else []
+    if scope:  # the forget metrics' definitions on other items: the labels lose "forget "
+        rows = attack_rows(attacks, scope, SCOPE_LABELS, "items")
+        rows[0] = [h.removeprefix("forget ") for h in rows[0]]
+        sections.append((f"Unlearning scope (target → {evaluated}; in scope should fall, out of scope stay)", rows))
+    return sections
 
 
 def plot_attacks(attacks: dict[str, dict[str, dict[str, float]]], path: Path, key: str = "extraction_strength"
                  ) -> Path | None:
-    """Forget ES (`key`) before and after each red-team attack, as paired bars."""
-    names = [n for n, m in attacks.items() if key in m and m[key]["before"] is not None]
-    if not names:
+    """Forget ES (`key`) before and after each red-team attack, as paired bars; the scope attack's entries
+    (target vs evaluated model, in scope and out of scope) in a panel of their own."""
+    def drawn(names: Sequence[str]) -> list[str]:
+        return [n for n in names if key in attacks[n] and attacks[n][key]["before"] is not None]
+
+    label = dict(KEY_METRICS).get(key, key)
+    panels = [(drawn([n for n in attacks if n not in SCOPE_ENTRIES]), ("before", "under attack"),
+               "forget set under red-team attacks", label),
+              (drawn([n for n in SCOPE_ENTRIES if n in attacks]), ("target", "evaluated model"), "unlearning scope",
+               label.removeprefix("forget "))]
+    panels = [p for p in panels if p[0]]
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = list(range(len(names)))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(names) + 1), 3.6))
-    ax.bar([i - 0.2 for i in x], [attacks[n][key]["before"] for n in names], 0.4, label="before")
-    ax.bar([i + 0.2 for i in x], [attacks[n][key]["after"] for n in names], 0.4, label="under attack")
-    ax.set_xticks(x, names, rotation=20, ha="right")
-    ax.set_ylabel(dict(KEY_METRICS).get(key, key))
-    ax.set_ylim(0, 1.05)
-    ax.set_title("forget set under red-team attacks")
-    ax.legend()
-    fig.tight_layout()
+    widths = [max(3.0, 1.3 * len(panel[0]) + 1) for panel in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 3.6), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, (names, (left, right), title, ylabel) in zip(axes[0], panels):
+        x = list(range(len(names)))
+        ax.bar([i - 0.2 for i in x], [attacks[n][key]["before"] for n in names], 0.4, label=left)
+        ax.bar([i + 0.2 for i in x], [attacks[n][key]["after"] for n in names], 0.4, label=right)
+        ax.set_xticks(x, names, rotation=20, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
@@ -276,3 +322,34 @@ def selection_rows(summary: dict[str, Any]) -> list[list[str]]:
     for name, g in summary["modules"].items():
         rows.append([name, f"{g['selected']:,}", f"{g['total']:,}", f"{100 * g['fraction']:.2f} %"])
     return rows
+
+
+def _files_summary(entry: dict[str, Any]) -> str:
+    """A model entry of audit.json in one cell: its path, how many files were hashed, the weight files' digests."""
+    files = entry.get("files")
+    if files is None:
+        return f"{entry['path']}: {entry.get('note', 'not hashed')}"
+    weights = [name for name in files if name.endswith((".safetensors", ".bin", ".pt", ".pth"))]
+    shown = ", ".join(f"`{name}` {files[name][:12]}…" for name in weights[:3])
+    more = f", +{len(weights) - 3} more" if len(weights) > 3 else ""
+    return f"{entry['path']}: {len(files)} files SHA-256 hashed; weights {shown}{more}"
+
+
+def audit_rows(record: dict[str, Any]) -> list[list[str]]:
+    """The report's summary of a run's audit record (header row first): request id, what was hashed, verdict."""
+    forget = record["forget"]
+    source = f"; from {forget['source']}" if forget.get("source") else ""
+    verdict = record.get("verdict")
+    if verdict:
+        rule = verdict["rule"]
+        said = (f"**{verdict['verdict']}**: {verdict['forgotten_items']} of {verdict['items']} forget items "
+                f"({100 * verdict['forgotten_fraction']:.0f} %) have ES ≤ {rule['es_threshold']:g} and probability ≤ "
+                f"{rule['prob_ratio']:g} × the target's; forgotten needs ≥ "
+                f"{100 * rule['min_forgotten_fraction']:.0f} %")
+    else:
+        said = f"omitted: {record.get('verdict_omitted', 'unknown')}"
+    return [["field", "value"], ["request id", f"`{record['request_id']}`"],
+            ["forget items", f"{forget['items']} items, SHA-256 {forget['sha256'][:16]}… (canonical JSON{source})"],
+            ["input model", _files_summary(record["input_model"])],
+            ["output model", _files_summary(record["output_model"])],
+            ["verdict", said], ["started / finished", f"{record['started_at']} / {record['finished_at']}"]]

@@ -86,6 +86,22 @@ def test_build_record(tmp_path):
     assert json.loads((run / "audit.json").read_text()) == rec
 
 
+def test_audit_rows_summarize_the_record(tmp_path):
+    from ray_unlearn.eval.report import audit_rows
+
+    run, src, rec = fake_run(tmp_path)
+    rows = dict(audit_rows(rec)[1:])
+    assert rows["request id"] == "`req-1`" and rows["verdict"].startswith("omitted: evaluation did not run")
+    assert rows["forget items"] == f"1 items, SHA-256 {rec['forget']['sha256'][:16]}… (canonical JSON; from " \
+                                   f"{rec['forget']['source']})"
+    digest = hashlib.sha256(bytes([1]) * 100).hexdigest()
+    assert rows["output model"] == f"model: 2 files SHA-256 hashed; weights `model.safetensors` {digest[:12]}…"
+    rec["verdict"] = {"verdict": "forgotten", "items": 10, "forgotten_items": 9, "forgotten_fraction": 0.9,
+                      "rule": {"es_threshold": 0.4, "prob_ratio": 0.5, "min_forgotten_fraction": 0.9}}
+    assert dict(audit_rows(rec)[1:])["verdict"] == ("**forgotten**: 9 of 10 forget items (90 %) have ES ≤ 0.4 and "
+                                                    "probability ≤ 0.5 × the target's; forgotten needs ≥ 90 %")
+
+
 def verify(capsys, run_dir):
     rc = main(["verify", str(run_dir)])
     cap = capsys.readouterr()
@@ -143,7 +159,8 @@ def test_run_writes_audit_json(capsys, micro_bench, tmp_path, fake_train, evalua
     forget = micro_bench.data_dir / "forget10.jsonl"
     args = ["run", f"model.path={micro_bench.target_dir}", f"data.forget_path={forget}",
             f"data.retain_path={micro_bench.data_dir / 'retain.jsonl'}", "ray.num_workers=0", f"output_dir={out}",
-            f"eval.enabled={str(evaluate).lower()}", "eval.max_items=4", "eval.mia=[]"]
+            f"eval.enabled={str(evaluate).lower()}", "eval.max_items=4", "eval.mia=[]",
+            f"eval.calibrate={str(evaluate).lower()}"]
     if not evaluate:
         args.append("audit.request_id=ticket-42")
     assert main(args) == 0
@@ -155,6 +172,17 @@ def test_run_writes_audit_json(capsys, micro_bench, tmp_path, fake_train, evalua
         assert set(rec["metrics"]) >= {"before", "after"}
         assert rec["metrics"]["before"]["extraction_strength"] == rec["metrics"]["after"]["extraction_strength"]
         assert rec["verdict"]["verdict"] == "not forgotten" and rec["verdict"]["items"] == 4  # weights unchanged
+        calibration = rec["metrics"]["calibration"]  # unchanged weights keep the retain bar at alpha = 1
+        assert calibration["alpha"] == 1.0 and "curve" not in calibration
+        assert calibration["calibrated"]["extraction_strength"] == rec["metrics"]["after"]["extraction_strength"]
+        report = (out / "report.md").read_text()
+        calibration_table = report.split("## Model-mixing calibration")[1].split("##")[0]
+        assert "| 0.0000 | " in calibration_table and "| 1.0000 (chosen) | " in calibration_table
+        section = report.split("## Audit record (audit.json; `ray-unlearn verify` re-checks it)")[1]
+        assert f"| request id | `{rec['request_id']}` |" in section
+        assert f"| forget items | {rec['forget']['items']} items, SHA-256 {rec['forget']['sha256'][:16]}…" in section
+        assert "| verdict | **not forgotten**: 0 of 4 forget items (0 %) have ES ≤ 0.4" in section
+        assert f"`model.safetensors` {rec['output_model']['files']['model.safetensors'][:12]}…" in section
     else:
         assert rec["request_id"] == "ticket-42" and "metrics" not in rec and "verdict_omitted" in rec
     assert rec["config"]["output_dir"] == str(out)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ray_unlearn.errors import UnlearnError
-from ray_unlearn.eval.redteam import (ATTACKS, attacked, in_context, jailbroken, paraphrased,
-                                      quantize_round_trip_)
+from ray_unlearn.eval.redteam import (ATTACKS, SCOPE_ENTRIES, attacked, in_context, jailbroken, paraphrased,
+                                      quantize_round_trip_, scope_items)
 
 ITEMS = [{"entity": "A", "question": "qa1", "answer": "aa1", "paraphrased_question": "pa1"},
          {"entity": "A", "question": "qa2", "answer": "aa2"},
@@ -105,13 +105,16 @@ def test_pipeline_writes_attacks_json_report_section_and_plot(micro_bench, micro
     attacks = red_team_run(cfg, inputs, micro_bench.target_dir, tokenizer, out, summaries)
     _report(cfg, inputs, out, summaries, [], {}, None, attacks)
     saved = json.loads((out / "eval" / "attacks.json").read_text())
-    assert list(saved) == list(ATTACKS)
+    assert list(saved) == [a for a in ATTACKS if a != "scope"] + list(SCOPE_ENTRIES)
     es = {name: saved[name]["extraction_strength"] for name in saved}
-    assert all(v["before"] == summaries["unlearned"]["extraction_strength"] for v in es.values())
+    assert all(v["before"] == summaries["unlearned"]["extraction_strength"] for n, v in es.items()
+               if n not in SCOPE_ENTRIES)
+    assert all(v["before"] == v["after"] for n, v in es.items() if n in SCOPE_ENTRIES)  # the target is both
     assert abs(es["quantize_int8"]["after"] - es["quantize_int8"]["before"]) < 0.05
     assert es["paraphrase"]["after"] != es["paraphrase"]["before"]
     report = (out / "report.md").read_text()
     assert "## Red-team attacks (forget split, before → after)" in report and "| quantize_int4 | " in report
+    assert "## Unlearning scope (target → unlearned" in report and "| out of scope: neighbours | " in report
     assert (out / "plots" / "attacks.png").is_file() and "attacks.png" in report
 
 
@@ -185,3 +188,78 @@ def test_embedding_noise_perturbs_only_a_copy_of_the_input_embeddings_by_the_sca
     delta = noisy.state_dict()[emb] - before[emb]
     assert float(delta.std()) == pytest.approx(0.5 * float(before[emb].std()), rel=0.1)
     assert all(torch.equal(v, noisy.state_dict()[k]) for k, v in before.items() if k != emb)
+
+
+def test_scope_items_are_the_paraphrased_forget_questions_and_the_neighbours():
+    neighbours = [{"question": "qn", "answer": "an", "paraphrased_question": "pn"}]
+    sets = scope_items(ITEMS, neighbours)
+    assert list(sets) == list(SCOPE_ENTRIES)
+    assert sets["in_scope"] == paraphrased(ITEMS) and sets["out_of_scope"] == neighbours  # neighbours as asked
+    with pytest.raises(UnlearnError, match=r"^eval.attacks: scope needs out-of-scope neighbours .*set "
+                                           r"data.neighbours_path .* or drop scope from eval.attacks$"):
+        scope_items(ITEMS, [])
+    with pytest.raises(ValueError, match="scope needs the pipeline"):
+        attacked(None, ITEMS, "scope")
+
+
+def test_builtin_neighbours_share_a_value_with_the_forget_split_and_are_retain_items(micro_bench, micro_config):
+    from ray_unlearn.data.benchmark import neighbour_items
+    from ray_unlearn.job import resolve_inputs
+
+    splits = micro_bench.splits()
+    inputs = resolve_inputs(micro_config())
+    assert inputs.neighbours == splits["neighbours"] and inputs.neighbours  # forget10: the built-in split itself
+    forget_entities = {it["entity"] for it in inputs.forget}
+    values = {(it["attribute"], it["value"]) for it in inputs.forget}
+    assert all(it["entity"] not in forget_entities and (it["attribute"], it["value"]) in values and it in inputs.retain
+               for it in inputs.neighbours)
+    small = resolve_inputs(micro_config("data.forget_split=forget01"))
+    assert small.neighbours == neighbour_items(small.retain, small.forget)  # that forget split's own neighbours
+
+
+def test_scope_without_neighbours_is_one_line_and_neighbours_path_gives_them(micro_bench, micro_config, tmp_path):
+    from ray_unlearn.job import resolve_inputs
+    from ray_unlearn.pipeline import check_attacks
+
+    splits = micro_bench.splits()
+
+    def jsonl(name, items):
+        (tmp_path / name).write_text("".join(json.dumps(it) + "\n" for it in items))
+        return str(tmp_path / name)
+
+    data = [f"model.path={micro_bench.target_dir}", f"data.forget_path={jsonl('f.jsonl', splits['forget10'][:4])}",
+            f"data.retain_path={jsonl('r.jsonl', splits['retain'][:6])}", "eval.attacks=[scope]"]
+    cfg = micro_config(*data)
+    inputs = resolve_inputs(cfg)
+    assert inputs.neighbours == []  # user data: no built-in neighbours
+    with pytest.raises(UnlearnError, match=r"^eval.attacks: scope needs out-of-scope neighbours .*data.neighbours_path"):
+        check_attacks(cfg, inputs)
+    cfg = micro_config(*data, f"data.neighbours_path={jsonl('n.jsonl', splits['neighbours'][:3])}")
+    inputs = resolve_inputs(cfg)
+    check_attacks(cfg, inputs)
+    assert [it["question"] for it in inputs.neighbours] == [it["question"] for it in splits["neighbours"][:3]]
+    with pytest.raises(UnlearnError, match=r"^data.neighbours_path: 1 item\(s\) are also forget items"):
+        resolve_inputs(micro_config(*data, f"data.neighbours_path={jsonl('m.jsonl', splits['forget10'][:1])}"))
+
+
+def test_scope_separates_forgetting_in_scope_from_keeping_neighbours(micro_bench, micro_config):
+    """The retain model is the ideal unlearned model: it never saw the forget entities, so their paraphrased
+    questions are far below the target's (in scope fell), but it trained on the neighbours, so they stay near the
+    target's (out of scope kept). Neither model is changed by the measurement."""
+    from ray_unlearn.job import resolve_inputs
+    from ray_unlearn.models.io import load_model, load_tokenizer
+    from ray_unlearn.pipeline import forget_measure, scope_results
+
+    cfg = micro_config("eval.max_items=8", "eval.batch_size=8", "eval.max_new_tokens=4", "eval.attacks=[scope]")
+    inputs = resolve_inputs(cfg)
+    model = load_model(inputs.retain_model_path)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    result = scope_results(cfg, inputs, model, forget_measure(cfg, load_tokenizer(inputs.tokenizer_path)))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    es, prob = ({entry: result[entry][key] for entry in SCOPE_ENTRIES} for key in ("extraction_strength",
+                                                                                    "forget_Q_A_Prob"))
+    # measured on micro, 8 items: in scope ES 0.50 -> 0.21, prob 0.24 -> 0.02; out of scope prob 0.94 -> 0.93
+    assert es["in_scope"]["before"] > es["in_scope"]["after"] + 0.2 and prob["in_scope"]["after"] < 0.2 * prob[
+        "in_scope"]["before"]
+    assert abs(prob["out_of_scope"]["after"] - prob["out_of_scope"]["before"]) < 0.05
+    assert es["out_of_scope"]["after"] > es["in_scope"]["after"] + 0.5

@@ -59,7 +59,11 @@ def test_tune_report_and_pareto_take_their_names_from_the_registry():
     from ray_unlearn.tune import known_metrics
     from ray_unlearn.tuning.pareto import MARKDOWN_METRICS
 
-    assert known_metrics() == set(METRICS)
+    assert known_metrics() == set(METRICS) | set(registry.calibrated_metric_names())
+    assert registry.calibrated_metric_names() == ["calibration_alpha"] + [f"calibrated_{m}" for m in METRICS]
+    assert registry.calibrated_base("calibrated_extraction_strength") == "extraction_strength"
+    assert registry.calibrated_base("calibration_alpha") == "calibration_alpha"
+    assert registry.calibrated_base("extraction_strength") is None
     assert {"mia_min_k", "mia_gradnorm", "privleak", "forget_quality"} <= known_metrics()
     assert KEY_METRICS == [(name, METRICS[name].label) for name in registry.REPORT_ROWS]
     assert all(label for _, label in KEY_METRICS)
