@@ -224,7 +224,7 @@ def evaluate_memorization(cfg: JobConfig, data: FinetuneData, tokenizer: Any,
     def write(name: str, results: dict) -> None:
         write_eval(Path(cfg.output_dir) / "eval" / paths[name].name, BENCH, results)
 
-    summaries, _ = evaluate_models(cfg, inputs, tokenizer, models, write)
+    summaries, _ = evaluate_models(cfg, inputs, tokenizer, models, write, {k: str(v) for k, v in paths.items()})
     return {name: summaries[name] for name in ("target", "retain")}
 
 
