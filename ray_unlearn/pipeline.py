@@ -23,6 +23,7 @@ from ray_unlearn import storage
 from ray_unlearn.config import AuditConfig, JobConfig, dump_config, to_dict
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs, load_checked, resolve_inputs
+from ray_unlearn.tracking import check_tracking
 
 if TYPE_CHECKING:
     from ray_unlearn.eval.suite import References
@@ -84,6 +85,7 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
     Train keeps the checkpoints in the bucket (unless ray.storage_path says elsewhere)."""
     t0 = time.time()
     validate(cfg)
+    check_tracking(cfg)
     if not cfg.audit.request_id:
         from ray_unlearn.audit import new_request_id
 
@@ -150,6 +152,7 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
     if cfg.eval.enabled:
         _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"},
                 calibration, attacks, selection, record)
+    track(cfg, out, cfg.name, history, summaries, {"request_id": record["request_id"]})
     publish()
     where = cfg.output_dir if storage.is_remote(cfg.output_dir) else out.resolve()
     console.print(f"outputs in [bold]{where}[/] (model: {storage.join(str(where), 'model')})")
@@ -171,6 +174,7 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     if looks_like_path(model):
         _check_model_dir(Path(model).expanduser())  # one line before anything is built or written
     validate(cfg)
+    check_tracking(cfg)
     with progress_reporter() as report:
         inputs = resolve_inputs(cfg, report)
     check_attacks(cfg, inputs)
@@ -223,8 +227,25 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     sections = attack_sections(attacks, "evaluated") if attacks else []
     write_report(out, summaries, gap, facts, plots, sections)
     _print_summary(summaries, gap)
+    track(cfg, out, f"eval {model}", [], summaries, {"evaluated_model": model})
     console.print(f"outputs in [bold]{out.resolve()}[/]")
     return summaries
+
+
+def track(cfg: JobConfig, out: Path, run_name: str, history: list[dict[str, float]],
+          summaries: dict[str, dict[str, float]], tags: dict[str, str]) -> None:
+    """The history and summaries to MLflow / TensorBoard as cfg.tracking asks (ray_unlearn.tracking), with a line
+    saying where they went."""
+    from ray_unlearn.tracking import TENSORBOARD_DIR, experiment_name, log_results, tracking_uri
+
+    if not (cfg.tracking.mlflow or cfg.tracking.tensorboard):
+        return
+    run_id = log_results(cfg, out, run_name, history, summaries, {"output_dir": str(cfg.output_dir), **tags})
+    if run_id:
+        console.print(f"MLflow: run {run_id} in experiment {experiment_name(cfg)!r} of {tracking_uri(cfg, out)} "
+                      f"(mlflow ui --backend-store-uri {tracking_uri(cfg, out)})")
+    if cfg.tracking.tensorboard:
+        console.print(f"TensorBoard: tensorboard --logdir {out.resolve() / TENSORBOARD_DIR}")
 
 
 def write_selection(final: Path, into: Path) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ from ray_unlearn import storage
 from ray_unlearn.config import JobConfig, dump_config, from_dict, load_config, to_dict
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs, resolve_inputs
+from ray_unlearn.tracking import allow_file_store, check_tracking, experiment_name, tracking_uri
 from ray_unlearn.tuning.pareto import SearchOutputs, TrialRow, write_outputs
 from ray_unlearn.tuning.space import Param, check_space, decode_point, optuna_space, parse_space, trial_job
 
@@ -53,6 +54,7 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
     from ray_unlearn.train import init_ray
 
     validate(cfg)
+    check_tracking(cfg)
     if storage.is_remote(cfg.output_dir):
         raise UnlearnError("ray-unlearn tune writes its search state and trial outputs to a local output_dir; "
                            "keep output_dir local and set ray.storage_path=s3://... (or gs://) to keep the "
@@ -361,7 +363,26 @@ def make_tuner(cfg: JobConfig, params: dict[str, Param], inputs: JobInputs, refe
                  tune_config=RayTuneConfig(search_alg=_search(cfg, params), scheduler=_scheduler(cfg, params),
                                            num_samples=cfg.tune.num_samples, trial_dirname_creator=_trial_dirname),
                  run_config=TuneRunConfig(name=cfg.name, storage_path=str(root / "ray"), verbose=1,
-                                          callbacks=[_FreeStoppedTrials(root)]))
+                                          callbacks=[_FreeStoppedTrials(root), *tracking_callbacks(cfg)]))
+
+
+def tracking_callbacks(cfg: JobConfig) -> list[Any]:
+    """Tune's own logger callbacks for the tracking section: MLflowLoggerCallback (one MLflow run per trial with
+    its sampled values and every evaluation report, logged by the Tune driver) and TBXLoggerCallback (event
+    files in each trial's directory; Tune adds it by default too, unless TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1)."""
+    from ray.tune.logger import TBXLoggerCallback
+
+    callbacks: list[Any] = []
+    if cfg.tracking.mlflow:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        uri = tracking_uri(cfg)
+        allow_file_store(uri)
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment_name(cfg),
+                                              tags={"search": cfg.name, "output_dir": str(cfg.output_dir)}))
+    if cfg.tracking.tensorboard:
+        callbacks.append(TBXLoggerCallback())
+    return callbacks
 
 
 # ---------------------------------------------------------------- reading the results
