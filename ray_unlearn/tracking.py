@@ -51,8 +51,9 @@ def check_tracking(cfg: JobConfig) -> None:
     uri = tracking_uri(cfg)
     scheme = store_scheme(uri)
     if scheme not in (*STORE_SCHEMES, ""):
-        raise UnlearnError(f"tracking.uri: {uri!r} is not an MLflow tracking URI (schemes: {', '.join(STORE_SCHEMES)}); "
-                           "e.g. sqlite:///runs/mlflow.db, or empty for sqlite:///<output_dir>/mlflow.db")
+        raise UnlearnError(f"tracking.uri: {uri!r} is not an MLflow tracking URI (schemes: "
+                           f"{', '.join(STORE_SCHEMES)}); e.g. sqlite:///runs/mlflow.db, or empty for "
+                           "sqlite:///<output_dir>/mlflow.db")
     default_in_bucket = not cfg.tracking.uri and uri.endswith(MLFLOW_DB) and is_remote(cfg.output_dir)
     if scheme in ("sqlite", "file", "") and not default_in_bucket:  # that one is uploaded with the run's files
         _check_local_store(uri, _local_path(uri, scheme))

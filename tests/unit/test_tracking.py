@@ -60,9 +60,10 @@ def test_run_logs_history_and_summaries_to_mlflow_and_tensorboard(capsys, bench_
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "out"
-    args = ["run", "benchmark.size=micro", f"benchmark.cache_dir={bench_cache}", "ray.num_workers=0", f"output_dir={out}",
-            "train.max_steps=2", "train.log_every=1", "train.batch_size=2", "eval.max_items=2", "eval.mia=[min_k]",
-            "tracking.mlflow=true", "tracking.tensorboard=true", "tracking.experiment=unlearning", "name=ticket-7"]
+    args = ["run", "benchmark.size=micro", f"benchmark.cache_dir={bench_cache}", "ray.num_workers=0",
+            f"output_dir={out}", "train.max_steps=2", "train.log_every=1", "train.batch_size=2", "eval.max_items=2",
+            "eval.mia=[min_k]", "tracking.mlflow=true", "tracking.tensorboard=true", "tracking.experiment=unlearning",
+            "name=ticket-7"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
