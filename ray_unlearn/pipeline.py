@@ -165,7 +165,8 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     attacks; writes the same EVAL/SUMMARY files (MODEL's under <out>/eval, the others under
     <out>/eval/<name>), attacks.json, report.md and plots. Returns the summaries by name ("evaluated",
     and "target" / "retain" where known and not MODEL itself)."""
-    from ray_unlearn.eval.report import attack_sections, gap_closed, plot_attacks, plot_metrics, write_report
+    from ray_unlearn.eval.report import (attack_sections, gap_closed, mia_section, plot_attacks, plot_metrics,
+                                         write_report)
     from ray_unlearn.eval.suite import roc_path, write_eval
     from ray_unlearn.models.io import (_check_model_dir, check_vocab, empty_model, load_model, load_tokenizer,
                                        looks_like_path)
@@ -218,18 +219,28 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
     roc = roc_path(out / "eval", inputs.bench)
-    plots = [p for p in (plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() else None,
+    mia = mia_section(summaries, roc_plots(out, inputs.bench, summaries, "evaluated"))  # the ROC plots are in it
+    plots = [p for p in (plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() and not mia else None,
                          plot_attacks(attacks, plots_dir / "attacks.png") if attacks else None) if p is not None]
     gap = gap_closed(summaries, "target", "evaluated", "retain")
     facts = {"evaluated model": model, "target model": inputs.model_path,
              "retain model": inputs.retain_model_path or "none", "benchmark": inputs.bench,
              "time (s)": f"{time.time() - t0:.1f}"}
-    sections = attack_sections(attacks, "evaluated") if attacks else []
+    sections = ([mia] if mia else []) + (attack_sections(attacks, "evaluated") if attacks else [])
     write_report(out, summaries, gap, facts, plots, sections)
     _print_summary(summaries, gap)
     track(cfg, out, f"eval {model}", [], summaries, {"evaluated_model": model})
     console.print(f"outputs in [bold]{out.resolve()}[/]")
     return summaries
+
+
+def roc_plots(out: Path, bench: str, summaries: dict[str, dict[str, float]], main: str) -> list[Path]:
+    """The ROC plots written with the models' EVAL files: `main`'s under <out>/eval, the others' under
+    <out>/eval/<name>."""
+    from ray_unlearn.eval.suite import roc_path
+
+    found = [roc_path(out / "eval" if name == main else out / "eval" / name, bench) for name in summaries]
+    return [p for p in found if p.is_file()]
 
 
 def track(cfg: JobConfig, out: Path, run_name: str, history: list[dict[str, float]],
@@ -703,17 +714,18 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
             history: list[dict[str, float]], facts: dict[str, Any],
             calibration: dict[str, Any] | None = None, attacks: dict[str, dict] | None = None,
             selection: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> None:
-    from ray_unlearn.eval.report import (attack_sections, audit_rows, calibration_rows, gap_closed, plot_attacks,
-                                         plot_calibration, plot_metrics, plot_selection, plot_training, selection_rows,
-                                         write_report)
+    from ray_unlearn.eval.report import (attack_sections, audit_rows, calibration_rows, gap_closed, mia_section,
+                                         plot_attacks, plot_calibration, plot_metrics, plot_selection, plot_training,
+                                         selection_rows, write_report)
 
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
     from ray_unlearn.eval.suite import roc_path
 
     roc = roc_path(out / "eval", inputs.bench)  # the unlearned model's, written with its EVAL files
+    mia = mia_section(summaries, roc_plots(out, inputs.bench, summaries, "unlearned"))  # the ROC plots are in it
     plots = [p for p in (plot_training(history, plots_dir / "training_curves.png"),
-                         plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() else None,
+                         plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() and not mia else None,
                          plot_calibration(calibration, plots_dir / "calibration.png") if calibration else None,
                          plot_attacks(attacks, plots_dir / "attacks.png") if attacks else None,
                          plot_selection(selection, plots_dir / "localize_selection.png") if selection else None)
@@ -733,7 +745,7 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
         lc = cfg.localize
         facts["localized"] = (f"{lc.method}: {100 * selection['fraction']:.2f} % of entries could move (top "
                               f"{lc.fraction:g}, {lc.scope}, noise {lc.noise:g} x std; localize/selection.json)")
-    sections = attack_sections(attacks) if attacks else []
+    sections = ([mia] if mia else []) + (attack_sections(attacks) if attacks else [])
     if calibration:
         sections.append(("Model-mixing calibration (θ(α) = (1−α)·θ_target + α·θ_unlearned)",
                          calibration_rows(calibration)))

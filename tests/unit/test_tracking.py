@@ -85,6 +85,15 @@ def test_run_logs_history_and_summaries_to_mlflow_and_tensorboard(capsys, bench_
             assert run.data.metrics[f"eval/{name}/{key}"] == pytest.approx(summary[key]), (name, key)
     assert run.data.metrics["eval/unlearned/privleak"] == pytest.approx(summaries["unlearned"]["privleak"])
 
+    mia = (out / "report.md").read_text().split("## Membership inference (forget = members, holdout = non-members)")[1]
+    mia = mia.split("\n## ")[0]
+    min_k_row = next(line for line in mia.splitlines() if line.startswith("| Min-K: "))
+    for name in ("unlearned", "target", "retain"):
+        assert f" {summaries[name]['mia_min_k']:.4f} |" in min_k_row, (name, min_k_row)
+    for name in ("", "target/", "retain/"):
+        roc = f"eval/{name}{next((out / 'eval').glob('*_MIA_ROC.png')).name}"
+        assert f"![{roc}]({roc})" in mia and (out / roc).is_file()
+
     events = read_events(out / "tensorboard")
     assert events["train/loss/total"] == [(h["step"], pytest.approx(h["loss/total"], rel=1e-6)) for h in history]
     assert events["eval/target/extraction_strength"] == [(2, pytest.approx(summaries["target"]["extraction_strength"],
