@@ -32,6 +32,7 @@ from ray.tune import RunConfig as TuneRunConfig
 from ray.tune import TuneConfig as RayTuneConfig
 from ray.tune import Tuner
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import TIMESTEPS_TOTAL
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
@@ -223,7 +224,8 @@ def _finite(summaries: dict[str, dict[str, float]]) -> dict[str, dict[str, float
 
 class _EvalReports(TuneReportCallback):
     """Forward to Tune only the Ray Train reports that carry the searched metrics (the evaluation
-    steps): Tune requires the searcher's and scheduler's metrics in every result it receives."""
+    steps): Tune requires the searcher's and scheduler's metrics in every result it receives. Each
+    gets the loop's step as `timesteps_total`, the step Tune's MLflow and TensorBoard loggers log at."""
 
     def __init__(self, metrics: list[str]):
         super().__init__()
@@ -231,7 +233,8 @@ class _EvalReports(TuneReportCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics and all(m in metrics[0] for m in self.metrics):
-            super().after_report(run_context, metrics, checkpoint)
+            first = {**metrics[0], TIMESTEPS_TOTAL: metrics[0]["step"]} if "step" in metrics[0] else metrics[0]
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], inputs: JobInputs, references: dict[str, Any] | None,

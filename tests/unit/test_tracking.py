@@ -10,6 +10,7 @@ import shutil
 import struct
 import sys
 import types
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,46 @@ def test_tune_wires_rays_logger_callbacks(tmp_path, monkeypatch):
     mlflow_cb, tbx_cb = tracking_callbacks(cfg)
     assert isinstance(mlflow_cb, MLflowLoggerCallback) and isinstance(tbx_cb, TBXLoggerCallback)
     assert mlflow_cb.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and mlflow_cb.experiment_name == "search1"
+
+
+def test_tunes_mlflow_callback_logs_a_run_per_trial(tmp_path, monkeypatch):
+    """Ray's MLflowLoggerCallback as tracking_callbacks wires it, driven as Tune drives it (a file: store here:
+    the sqlite one's first use costs seconds of migrations, covered by the run test)."""
+    from mlflow.tracking import MlflowClient
+
+    from ray_unlearn.tune import tracking_callbacks
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = (tmp_path / "mlruns").as_uri()
+    (callback,) = tracking_callbacks(load_config(None, ["tracking.mlflow=true", f"tracking.uri={uri}", "name=s1"]))
+    class Trial:  # what the callback reads of a Tune Trial
+        config = {"optim.lr": 1e-4}
+
+        def __str__(self) -> str:
+            return "trial_1"
+
+    trial = Trial()
+    callback.setup()
+    callback.log_trial_start(trial)
+    for i, (step, es) in enumerate([(10, 0.7), (20, 0.4)]):
+        callback.log_trial_result(i + 1, trial, {"training_iteration": i + 1, "timesteps_total": step,
+                                                 "extraction_strength": es})
+    callback.log_trial_end(trial)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("s1").experiment_id])
+    assert run.info.run_name == "trial_1" and run.info.status == "FINISHED"
+    assert run.data.params == {"optim.lr": "0.0001"}
+    history = client.get_metric_history(run.info.run_id, "extraction_strength")
+    assert [(m.step, m.value) for m in history] == [(10, 0.7), (20, 0.4)]
+
+
+def test_trial_reports_carry_the_loop_step_as_timesteps_total():
+    """Tune's MLflow/TBX loggers log a result at its timesteps_total: the trial's evaluations at their loop step."""
+    from ray_unlearn.tune import _EvalReports
+
+    queued = []
+    callback = object.__new__(_EvalReports)  # outside a Tune session: its queue stood in by a list
+    callback.metrics, callback._training_actor_item_queue = ["extraction_strength"], SimpleNamespace(put=queued.append)
+    callback.after_report(None, [{"step": 5, "loss/total": 1.0}], None)  # no evaluation in it: not forwarded
+    callback.after_report(None, [{"step": 10, "extraction_strength": 0.4}], None)
+    assert queued == [{"step": 10, "extraction_strength": 0.4, "timesteps_total": 10}]
