@@ -246,12 +246,18 @@ def roc_plots(out: Path, bench: str, summaries: dict[str, dict[str, float]], mai
 def track(cfg: JobConfig, out: Path, run_name: str, history: list[dict[str, float]],
           summaries: dict[str, dict[str, float]], tags: dict[str, str]) -> None:
     """The history and summaries to MLflow / TensorBoard as cfg.tracking asks (ray_unlearn.tracking), with a line
-    saying where they went."""
+    saying where they went. The store was checked before any work; should it fail now (a server gone), the
+    run's own outputs are complete: a warning line, not a failed run."""
     from ray_unlearn.tracking import TENSORBOARD_DIR, experiment_name, log_results, tracking_uri
 
     if not (cfg.tracking.mlflow or cfg.tracking.tensorboard):
         return
-    run_id = log_results(cfg, out, run_name, history, summaries, {"output_dir": str(cfg.output_dir), **tags})
+    try:
+        run_id = log_results(cfg, out, run_name, history, summaries, {"output_dir": str(cfg.output_dir), **tags})
+    except Exception as e:  # noqa: BLE001 - MLflow's store errors have no common type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        console.print(f"[yellow]warning:[/] experiment tracking failed ({first}); the run's files are complete")
+        return
     if run_id:
         console.print(f"MLflow: run {run_id} in experiment {experiment_name(cfg)!r} of {tracking_uri(cfg, out)} "
                       f"(mlflow ui --backend-store-uri {tracking_uri(cfg, out)})")
