@@ -556,6 +556,18 @@ class FinetuneConfig:
 
 
 @dataclass
+class TrackingConfig:
+    mlflow: bool = _f(False, "Log the run's training history (loss per logged step), its evaluation summaries (target, "
+                             "unlearned, retain), `ray-unlearn eval` summaries and Tune trials to MLflow.")
+    uri: str = _f("", "MLflow tracking URI: sqlite:///path.db, file:/dir (MLflow's maintenance-mode file store), "
+                      "http(s)://server, databricks, ...; empty = $MLFLOW_TRACKING_URI, else "
+                      "sqlite:///<output_dir>/mlflow.db.")
+    experiment: str = _f("", "MLflow experiment the runs go to (created when missing); empty = the job's name.")
+    tensorboard: bool = _f(False, "Write the same scalars as TensorBoard event files under <output_dir>/tensorboard "
+                                  "(Tune: each trial's directory, by Tune's TBX logger).")
+
+
+@dataclass
 class AuditConfig:
     request_id: str = _f("", "Id of this unlearning request, recorded in the run's audit.json; empty = a new "
                              "UUID4 per run (written into the run's config.yaml).")
@@ -578,6 +590,8 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation after unlearning."})
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "Ray Tune search (`ray-unlearn tune`)."})
     audit: AuditConfig = field(default_factory=AuditConfig, metadata={"help": "Audit record (audit.json)."})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig,
+                                     metadata={"help": "Experiment tracking: MLflow and TensorBoard (off unless set)."})
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig,
                                      metadata={"help": "`ray-unlearn finetune`: train the target and retain models "
                                                        "on your own data."})

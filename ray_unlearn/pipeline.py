@@ -23,6 +23,7 @@ from ray_unlearn import storage
 from ray_unlearn.config import AuditConfig, JobConfig, dump_config, to_dict
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs, load_checked, resolve_inputs
+from ray_unlearn.tracking import check_tracking
 
 if TYPE_CHECKING:
     from ray_unlearn.eval.suite import References
@@ -84,6 +85,7 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
     Train keeps the checkpoints in the bucket (unless ray.storage_path says elsewhere)."""
     t0 = time.time()
     validate(cfg)
+    check_tracking(cfg)
     if not cfg.audit.request_id:
         from ray_unlearn.audit import new_request_id
 
@@ -150,6 +152,7 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
     if cfg.eval.enabled:
         _report(cfg, inputs, out, summaries, history, {"time to unlearned model (s)": f"{train_s:.1f}"},
                 calibration, attacks, selection, record)
+    track(cfg, out, cfg.name, history, summaries, {"request_id": record["request_id"]})
     publish()
     where = cfg.output_dir if storage.is_remote(cfg.output_dir) else out.resolve()
     console.print(f"outputs in [bold]{where}[/] (model: {storage.join(str(where), 'model')})")
@@ -162,7 +165,8 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     attacks; writes the same EVAL/SUMMARY files (MODEL's under <out>/eval, the others under
     <out>/eval/<name>), attacks.json, report.md and plots. Returns the summaries by name ("evaluated",
     and "target" / "retain" where known and not MODEL itself)."""
-    from ray_unlearn.eval.report import attack_sections, gap_closed, plot_attacks, plot_metrics, write_report
+    from ray_unlearn.eval.report import (attack_sections, gap_closed, mia_section, plot_attacks, plot_metrics,
+                                         write_report)
     from ray_unlearn.eval.suite import roc_path, write_eval
     from ray_unlearn.models.io import (_check_model_dir, check_vocab, empty_model, load_model, load_tokenizer,
                                        looks_like_path)
@@ -171,6 +175,7 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     if looks_like_path(model):
         _check_model_dir(Path(model).expanduser())  # one line before anything is built or written
     validate(cfg)
+    check_tracking(cfg)
     with progress_reporter() as report:
         inputs = resolve_inputs(cfg, report)
     check_attacks(cfg, inputs)
@@ -214,17 +219,50 @@ def eval_job(cfg: JobConfig, model: str) -> dict[str, dict[str, float]]:
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
     roc = roc_path(out / "eval", inputs.bench)
-    plots = [p for p in (plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() else None,
+    mia = mia_section(summaries, roc_plots(out, inputs.bench, summaries, "evaluated"))  # the ROC plots are in it
+    plots = [p for p in (plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() and not mia else None,
                          plot_attacks(attacks, plots_dir / "attacks.png") if attacks else None) if p is not None]
     gap = gap_closed(summaries, "target", "evaluated", "retain")
     facts = {"evaluated model": model, "target model": inputs.model_path,
              "retain model": inputs.retain_model_path or "none", "benchmark": inputs.bench,
              "time (s)": f"{time.time() - t0:.1f}"}
-    sections = attack_sections(attacks, "evaluated") if attacks else []
+    sections = ([mia] if mia else []) + (attack_sections(attacks, "evaluated") if attacks else [])
     write_report(out, summaries, gap, facts, plots, sections)
     _print_summary(summaries, gap)
+    track(cfg, out, f"eval {model}", [], summaries, {"evaluated_model": model})
     console.print(f"outputs in [bold]{out.resolve()}[/]")
     return summaries
+
+
+def roc_plots(out: Path, bench: str, summaries: dict[str, dict[str, float]], main: str) -> list[Path]:
+    """The ROC plots written with the models' EVAL files: `main`'s under <out>/eval, the others' under
+    <out>/eval/<name>."""
+    from ray_unlearn.eval.suite import roc_path
+
+    found = [roc_path(out / "eval" if name == main else out / "eval" / name, bench) for name in summaries]
+    return [p for p in found if p.is_file()]
+
+
+def track(cfg: JobConfig, out: Path, run_name: str, history: list[dict[str, float]],
+          summaries: dict[str, dict[str, float]], tags: dict[str, str]) -> None:
+    """The history and summaries to MLflow / TensorBoard as cfg.tracking asks (ray_unlearn.tracking), with a line
+    saying where they went. The store was checked before any work; should it fail now (a server gone), the
+    run's own outputs are complete: a warning line, not a failed run."""
+    from ray_unlearn.tracking import TENSORBOARD_DIR, experiment_name, log_results, tracking_uri
+
+    if not (cfg.tracking.mlflow or cfg.tracking.tensorboard):
+        return
+    try:
+        run_id = log_results(cfg, out, run_name, history, summaries, {"output_dir": str(cfg.output_dir), **tags})
+    except Exception as e:  # noqa: BLE001 - MLflow's store errors have no common type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        console.print(f"[yellow]warning:[/] experiment tracking failed ({first}); the run's files are complete")
+        return
+    if run_id:
+        console.print(f"MLflow: run {run_id} in experiment {experiment_name(cfg)!r} of {tracking_uri(cfg, out)} "
+                      f"(mlflow ui --backend-store-uri {tracking_uri(cfg, out)})")
+    if cfg.tracking.tensorboard:
+        console.print(f"TensorBoard: tensorboard --logdir {out.resolve() / TENSORBOARD_DIR}")
 
 
 def write_selection(final: Path, into: Path) -> dict[str, Any] | None:
@@ -682,17 +720,18 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
             history: list[dict[str, float]], facts: dict[str, Any],
             calibration: dict[str, Any] | None = None, attacks: dict[str, dict] | None = None,
             selection: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> None:
-    from ray_unlearn.eval.report import (attack_sections, audit_rows, calibration_rows, gap_closed, plot_attacks,
-                                         plot_calibration, plot_metrics, plot_selection, plot_training, selection_rows,
-                                         write_report)
+    from ray_unlearn.eval.report import (attack_sections, audit_rows, calibration_rows, gap_closed, mia_section,
+                                         plot_attacks, plot_calibration, plot_metrics, plot_selection, plot_training,
+                                         selection_rows, write_report)
 
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
     from ray_unlearn.eval.suite import roc_path
 
     roc = roc_path(out / "eval", inputs.bench)  # the unlearned model's, written with its EVAL files
+    mia = mia_section(summaries, roc_plots(out, inputs.bench, summaries, "unlearned"))  # the ROC plots are in it
     plots = [p for p in (plot_training(history, plots_dir / "training_curves.png"),
-                         plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() else None,
+                         plot_metrics(summaries, plots_dir / "metrics.png"), roc if roc.is_file() and not mia else None,
                          plot_calibration(calibration, plots_dir / "calibration.png") if calibration else None,
                          plot_attacks(attacks, plots_dir / "attacks.png") if attacks else None,
                          plot_selection(selection, plots_dir / "localize_selection.png") if selection else None)
@@ -712,7 +751,7 @@ def _report(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[str, d
         lc = cfg.localize
         facts["localized"] = (f"{lc.method}: {100 * selection['fraction']:.2f} % of entries could move (top "
                               f"{lc.fraction:g}, {lc.scope}, noise {lc.noise:g} x std; localize/selection.json)")
-    sections = attack_sections(attacks) if attacks else []
+    sections = ([mia] if mia else []) + (attack_sections(attacks) if attacks else [])
     if calibration:
         sections.append(("Model-mixing calibration (θ(α) = (1−α)·θ_target + α·θ_unlearned)",
                          calibration_rows(calibration)))

@@ -49,9 +49,10 @@ from ray_unlearn.errors import UnlearnError
 from ray_unlearn.serving.auth import require_key
 from ray_unlearn.serving.config import (ServeConfig, is_loopback, load_serve_config, resolve_api_key,
                                         resolve_benchmarks, resolve_models, serve_config_from_dict)
-from ray_unlearn.serving.engine import (Delta, GenerationRequest, LoadedModel, VerdictRule, check_max_tokens,
-                                        check_prompt_length, encode_rows, render_chat, render_completion,
-                                        rule_description, sampling_params, score_items, verdict, verify_rows)
+from ray_unlearn.serving.engine import (Delta, GenerationRequest, LoadedModel, VerdictRule, audit_of,
+                                        check_max_tokens, check_prompt_length, encode_rows, render_chat,
+                                        render_completion, rule_description, sampling_params, score_items, verdict,
+                                        verify_rows)
 from ray_unlearn.serving.scheduler import Scheduler
 from ray_unlearn.serving.schemas import (APIError, ChatCompletionRequest, CompletionRequest, VerifyRequest,
                                          chat_chunk, chat_response, completion_chunk, completion_response,
@@ -395,14 +396,20 @@ class Gateway:
 
     @api.post("/v1/verify")
     async def verify(self, request: Request) -> JSONResponse:
-        """Score items with the model and the base model; verdict forgotten / not forgotten (see engine)."""
+        """Score items with the model and the base model; verdict forgotten / not forgotten (see engine). With
+        `audit: true`, the record of the run that wrote the model, its hashes re-checked (engine.audit_of)."""
         req = validate(VerifyRequest, await self._body(request))
         model_id, base_id = self._model_id(req.model), self.cfg.base_model
+        body: dict[str, Any] = {"object": "verification", "model": req.model}
+        if req.audit:  # re-hashing reads every weight file: off the event loop
+            body["audit"] = await asyncio.to_thread(audit_of, model_id, self.models[model_id])
+        if not req.scores():
+            return JSONResponse(body)
         rows, source = verify_rows(req, self.benchmarks, self.cfg.limits.max_verify_items)
         model_items, base_items = self._encode_rows(model_id, rows), self._encode_rows(base_id, rows)
         scores = await self._remote(self._handle(model_id).verify.remote(model_items, base_items), model_id)
         report = verdict(scores["model"], scores["base"], self.rule, labels=rows)
-        return JSONResponse({"object": "verification", "model": req.model, "base_model": base_id, "source": source,
+        return JSONResponse({**body, "base_model": base_id, "source": source,
                              "rule": rule_description(self.rule, self.cfg.verify.mink_k), **report})
 
     def _encode_rows(self, model_id: str, rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:

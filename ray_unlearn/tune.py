@@ -32,6 +32,7 @@ from ray.tune import RunConfig as TuneRunConfig
 from ray.tune import TuneConfig as RayTuneConfig
 from ray.tune import Tuner
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import TIMESTEPS_TOTAL
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
@@ -40,6 +41,7 @@ from ray_unlearn import storage
 from ray_unlearn.config import JobConfig, dump_config, from_dict, load_config, to_dict
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import JobInputs, resolve_inputs
+from ray_unlearn.tracking import allow_file_store, check_tracking, experiment_name, tracking_uri
 from ray_unlearn.tuning.pareto import SearchOutputs, TrialRow, write_outputs
 from ray_unlearn.tuning.space import Param, check_space, decode_point, optuna_space, parse_space, trial_job
 
@@ -53,6 +55,7 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
     from ray_unlearn.train import init_ray
 
     validate(cfg)
+    check_tracking(cfg)
     if storage.is_remote(cfg.output_dir):
         raise UnlearnError("ray-unlearn tune writes its search state and trial outputs to a local output_dir; "
                            "keep output_dir local and set ray.storage_path=s3://... (or gs://) to keep the "
@@ -221,7 +224,8 @@ def _finite(summaries: dict[str, dict[str, float]]) -> dict[str, dict[str, float
 
 class _EvalReports(TuneReportCallback):
     """Forward to Tune only the Ray Train reports that carry the searched metrics (the evaluation
-    steps): Tune requires the searcher's and scheduler's metrics in every result it receives."""
+    steps): Tune requires the searcher's and scheduler's metrics in every result it receives. Each
+    gets the loop's step as `timesteps_total`, the step Tune's MLflow and TensorBoard loggers log at."""
 
     def __init__(self, metrics: list[str]):
         super().__init__()
@@ -229,7 +233,8 @@ class _EvalReports(TuneReportCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics and all(m in metrics[0] for m in self.metrics):
-            super().after_report(run_context, metrics, checkpoint)
+            first = {**metrics[0], TIMESTEPS_TOTAL: metrics[0]["step"]} if "step" in metrics[0] else metrics[0]
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], inputs: JobInputs, references: dict[str, Any] | None,
@@ -361,7 +366,26 @@ def make_tuner(cfg: JobConfig, params: dict[str, Param], inputs: JobInputs, refe
                  tune_config=RayTuneConfig(search_alg=_search(cfg, params), scheduler=_scheduler(cfg, params),
                                            num_samples=cfg.tune.num_samples, trial_dirname_creator=_trial_dirname),
                  run_config=TuneRunConfig(name=cfg.name, storage_path=str(root / "ray"), verbose=1,
-                                          callbacks=[_FreeStoppedTrials(root)]))
+                                          callbacks=[_FreeStoppedTrials(root), *tracking_callbacks(cfg)]))
+
+
+def tracking_callbacks(cfg: JobConfig) -> list[Any]:
+    """Tune's own logger callbacks for the tracking section: MLflowLoggerCallback (one MLflow run per trial with
+    its sampled values and every evaluation report, logged by the Tune driver) and TBXLoggerCallback (event
+    files in each trial's directory; Tune adds it by default too, unless TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1)."""
+    from ray.tune.logger import TBXLoggerCallback
+
+    callbacks: list[Any] = []
+    if cfg.tracking.mlflow:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        uri = tracking_uri(cfg)
+        allow_file_store(uri)
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment_name(cfg),
+                                              tags={"search": cfg.name, "output_dir": str(cfg.output_dir)}))
+    if cfg.tracking.tensorboard:
+        callbacks.append(TBXLoggerCallback())
+    return callbacks
 
 
 # ---------------------------------------------------------------- reading the results

@@ -48,20 +48,38 @@ def comparison_rows(summaries: dict[str, dict[str, float]]) -> list[list[str]]:
     return rows
 
 
+def mia_section(summaries: dict[str, dict[str, float]], rocs: Sequence[Path] = ()) -> tuple | None:
+    """The membership-inference section: per attack that ran its AUC (forget items = members, holdout =
+    non-members) for every model, then privleak, with the models' ROC plots (`rocs`) below; None when no
+    attack ran."""
+    attacks = [a for a in MIA_ATTACKS if any(mia_metric_name(a) in s for s in summaries.values())]
+    if not attacks:
+        return None
+    rows = [["AUC per attack", *summaries]]
+    rows += [[f"{MIA_ATTACKS[a].label.removeprefix('MIA AUC ')}: {MIA_ATTACKS[a].score}",
+              *(_fmt(s.get(mia_metric_name(a))) for s in summaries.values())] for a in attacks]
+    if any("privleak" in s for s in summaries.values()):
+        rows.append(["privleak (Min-K AUC against the retain model's; 0 = as the retain model, -100 = fully "
+                     "memorized)", *(_fmt(s.get("privleak")) for s in summaries.values())])
+    title = "Membership inference (forget = members, holdout = non-members)"
+    return (title, rows, *rocs)
+
+
 def write_report(out_dir: Path, summaries: dict[str, dict[str, float]], gap: dict[str, float],
                  facts: dict[str, Any], plots: Sequence[Path],
-                 sections: Sequence[tuple[str, list[list[str]]]] = ()) -> Path:
+                 sections: Sequence[tuple] = ()) -> Path:
     """report.md: key metrics of every model side by side, the ES gap closed, more tables (`sections`:
-    (title, rows with a header row first)), run facts, plots."""
+    (title, rows with a header row first[, images shown below the table])), run facts, plots."""
     names = list(summaries)
     lines = ["# ray_unlearn report", "", "| metric | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     lines += ["| " + " | ".join(r) + " |" for r in comparison_rows(summaries)]
     lines += ["", "## Forgetting vs. retention", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in gap.items()]
-    for title, rows in sections:
+    for title, rows, *images in sections:
         lines += ["", f"## {title}", "", "| " + " | ".join(rows[0]) + " |", "|---|" + "---|" * (len(rows[0]) - 1)]
         lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        lines += [line for p in images for line in ("", f"![{p.relative_to(out_dir)}]({p.relative_to(out_dir)})")]
     lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in facts.items()]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir)})" for p in plots]
     path = out_dir / "report.md"

@@ -577,6 +577,36 @@ def verify_rows(req: VerifyRequest, benchmarks: Mapping[str, str], cap: int) -> 
     return rows, source
 
 
+def audit_of(model_id: str, model_path: str) -> dict[str, Any]:
+    """The audit record of the `ray-unlearn run` whose output model `model_path` is (<run>/model, beside
+    <run>/audit.json), re-checked by `audit.check` (forget items, both models' files, the verdict):
+    {"ok", "check" (its one line), "record"}. A 404 when the model is no run's output."""
+    import json
+    from pathlib import Path
+
+    from ray_unlearn import audit
+
+    model = Path(model_path).expanduser().resolve()
+    run_dir, missing = model.parent, dict(param="audit", code="audit_not_found")
+    record_file = run_dir / audit.AUDIT_FILE
+    if not record_file.is_file():
+        raise APIError(404, f"model {model_id!r} has no audit record: {run_dir} holds no {audit.AUDIT_FILE} (only "
+                            "the model directory of a `ray-unlearn run` has one)", **missing)
+    try:
+        record = json.loads(record_file.read_text())
+        recorded = Path(record["output_model"]["path"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise APIError(404, f"{record_file} is not an audit record ({type(e).__name__}: {e})", **missing) from None
+    if (run_dir / recorded).resolve() != model:  # an absolute path stays itself under run_dir / it
+        raise APIError(404, f"{record_file} records the model {run_dir / recorded}, not {model_id!r} ({model})",
+                       **missing)
+    try:
+        result = audit.check(run_dir)
+    except UnlearnError as e:
+        raise APIError(404, str(e), **missing) from None
+    return {"ok": result.ok, "check": result.line, "record": record}
+
+
 def encode_rows(tokenizer: Any, rows: Sequence[dict], max_length: int, fmt: PromptFormat | str,
                 max_item_tokens: int) -> list[dict[str, list[int]]]:
     """Token ids and answer labels of each row (`encode_qa` with `fmt` / `encode_text`); 400 for an

@@ -196,9 +196,10 @@ class VerifyQA(BaseModel):
 
 
 class VerifyRequest(BaseModel):
-    """Score `items` (question/answer pairs), `texts` (raw documents), or `split` of `benchmark`.
+    """Score `items` (question/answer pairs), `texts` (raw documents), or `split` of `benchmark`; with `audit`,
+    also (or only) return the audit record of the run that wrote the model, its hashes re-checked.
 
-    Exactly one source. `max_items` keeps the first N items of a benchmark split.
+    Exactly one source, or none with `audit`. `max_items` keeps the first N items of a benchmark split.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -209,17 +210,22 @@ class VerifyRequest(BaseModel):
     benchmark: str | None = None
     split: str | None = None
     max_items: int | None = Field(None, ge=1)
+    audit: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "VerifyRequest":
         sources = [self.items is not None, self.texts is not None, self.benchmark is not None]
-        if sum(sources) != 1:
-            raise ValueError("give exactly one of items, texts, or benchmark + split")
+        if sum(sources) > 1 or (sum(sources) == 0 and not self.audit):
+            raise ValueError("give exactly one of items, texts, or benchmark + split (or audit: true alone)")
         if (self.benchmark is None) != (self.split is None):
             raise ValueError("benchmark and split go together")
         if (self.items is not None and not self.items) or (self.texts is not None and not self.texts):
             raise ValueError("items/texts: give at least one")
         return self
+
+    def scores(self) -> bool:
+        """The request names items to score (else it asks for the audit record only)."""
+        return self.items is not None or self.texts is not None or self.benchmark is not None
 
 
 # ---------------------------------------------------------------- responses
