@@ -20,6 +20,10 @@ gradients over global batches, selects the entries whose ratio is in the top fra
 and from then on zeroes the other entries' gradients before clipping and puts them back after every step,
 so they end bit-identical to the input model; the masks are in every checkpoint.
 
+LoRA (`model.lora.r > 0`, `ray_unlearn.models.lora`): `load_run` wraps the model with peft adapters, the only
+parameters that train; the reference model is the same model run with its adapters disabled (no frozen copy).
+The strategies' weight writers turn the peft state into the adapter files and the merged model's weights.
+
 Dropout is off while unlearning (the model's rates set to 0 in memory; its saved config keeps them, so
 GPT-2's 0.1 is still there for whoever fine-tunes the result): forward passes are then deterministic,
 so runs are the same at every scale and on resume (per-rank dropout masks are not), and NPO's and
