@@ -243,7 +243,7 @@ class Unlearner:
         if cfg.localize.method == "grin" and not data.retain:
             raise UnlearnError("localize.method=grin weighs each entry's forget gradient against its retain gradient "
                                "but there is no retain data; give retain items (data.retain_path) or drop localize")
-        self.ref_is_base = self.ref_streams and is_lora(model)  # LoRA: the reference is the adapter-free base
+        self.ref_is_base = bool(self.ref_streams) and is_lora(model)  # LoRA: the reference is the adapter-free base
         if self.ref_streams and ref_model is None and not self.ref_is_base:
             raise UnlearnError("objective needs a reference model but none was given")
         self.layers = objective_layers(self.terms)  # decoder layers whose outputs some term reads

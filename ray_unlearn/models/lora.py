@@ -51,7 +51,8 @@ def check_lora_targets(target_modules: list[str], model: torch.nn.Module) -> Non
 
 def apply_lora(model: torch.nn.Module, lora: Any, seed: int) -> torch.nn.Module:
     """`model` wrapped by peft with LoRA adapters as `lora` (config.LoraConfig) says; only the adapters
-    train. A is drawn from `seed` (B starts at 0, so the wrapped model computes what `model` did)."""
+    train, in the model's dtype (one dtype per FSDP2 unit; bf16 weights train bf16 adapters). A is drawn from
+    `seed` (B starts at 0, so the wrapped model computes what `model` did)."""
     from peft import LoraConfig, get_peft_model
 
     check_lora_targets(lora.target_modules, model)
@@ -60,7 +61,7 @@ def apply_lora(model: torch.nn.Module, lora: Any, seed: int) -> torch.nn.Module:
                         target_modules=targets, task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
 def base_name(key: str) -> str:
