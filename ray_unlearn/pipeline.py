@@ -138,9 +138,9 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
         train_s = time.time() - t0
         publish_model(final, tokenizer, out / "model")
         if cfg.model.lora.enabled:  # the adapter beside the merged model
-            from ray_unlearn.models.lora import ADAPTER_FILES
+            from ray_unlearn.models.lora import ADAPTER_DIR, ADAPTER_FILES
 
-            publish_model(final, tokenizer, out / "adapter", ADAPTER_FILES)
+            publish_model(Path(final) / ADAPTER_DIR, tokenizer, out / "adapter", ADAPTER_FILES)
         selection = write_selection(Path(final), out / "localize")
     _write_json(out / "history.json", history)
     summaries: dict[str, dict[str, float]] = {}

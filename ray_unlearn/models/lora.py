@@ -22,6 +22,8 @@ from ray_unlearn.errors import UnlearnError
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+# where a checkpoint keeps them: beside the merged weights, from_pretrained(checkpoint) would apply them twice
+ADAPTER_DIR = "adapter"
 PEFT_PREFIX = "base_model.model."  # what a PeftModel puts before the base model's parameter names
 ADAPTER = "default"  # the adapter's name inside the peft model
 
@@ -87,10 +89,12 @@ def merged_state(module: torch.nn.Module, state: dict[str, Tensor]) -> dict[str,
 
 
 def write_adapter(out: Path, module: torch.nn.Module, state: dict[str, Tensor]) -> None:
-    """Write the adapter directory's two files into `out` from `state` (a full state dict of `module`)."""
+    """Write the adapter directory (its two files) as `out`/adapter from `state` (a full state dict of `module`)."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    out = Path(out) / ADAPTER_DIR
+    out.mkdir(exist_ok=True)
     adapter = get_peft_model_state_dict(module, state_dict=state, adapter_name=ADAPTER, save_embedding_layers=False)
     save_file({k: v.contiguous() for k, v in adapter.items()}, str(Path(out) / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
@@ -98,16 +102,16 @@ def write_adapter(out: Path, module: torch.nn.Module, state: dict[str, Tensor]) 
 
 
 def load_adapter(module: torch.nn.Module, path: Path) -> None:
-    """Load the adapter `write_adapter` wrote into the peft model `module` (its base weights are the
-    input model's, frozen); every adapter tensor must be there."""
+    """Load the adapter `write_adapter` wrote into `path` into the peft model `module` (its base weights are
+    the input model's, frozen); every adapter tensor must be there."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    file = Path(path) / ADAPTER_WEIGHTS
+    file = Path(path) / ADAPTER_DIR / ADAPTER_WEIGHTS
     if not file.is_file():
         raise UnlearnError(f"{path} holds no {ADAPTER_WEIGHTS}: it was not written by a model.lora run; resume it "
                            "with model.lora.r=0, or start fresh with a new name/output_dir")
-    saved = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    saved = json.loads((Path(path) / ADAPTER_DIR / ADAPTER_CONFIG).read_text())
     ours = module.peft_config[ADAPTER]
     if saved.get("r") != ours.r or saved.get("lora_alpha") != ours.lora_alpha:
         raise UnlearnError(f"{path} holds an adapter of r={saved.get('r')}, alpha={saved.get('lora_alpha')}; this run "

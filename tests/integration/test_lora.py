@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ray_unlearn.job import resolve_inputs
-from ray_unlearn.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ray_unlearn.models.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
 from ray_unlearn.parallel.local import run_local
 
 pytestmark = pytest.mark.slow
@@ -29,12 +29,12 @@ def test_ddp_and_fsdp2_train_the_same_adapter(micro_bench, bench_cache, tmp_path
                                  "model.lora.r=4", "model.lora.target_modules=[q_proj, v_proj, down_proj]"])
         finals[strategy] = run_local(cfg, resolve_inputs(cfg), 2, tmp_path / strategy)
     target = load_file(str(micro_bench.target_dir / "model.safetensors"))
-    for name in (ADAPTER_WEIGHTS, "model.safetensors"):
+    for name in (f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}", "model.safetensors"):
         ddp, fsdp2 = (load_file(str(finals[s] / name)) for s in ("ddp", "fsdp2"))
         assert set(ddp) == set(fsdp2)
         for key in ddp:
             torch.testing.assert_close(fsdp2[key], ddp[key], atol=1e-5, rtol=0)
-    assert len(ddp) == len(target) and (finals["fsdp2"] / ADAPTER_CONFIG).is_file()
+    assert len(ddp) == len(target) and (finals["fsdp2"] / ADAPTER_DIR / ADAPTER_CONFIG).is_file()
     moved = (ddp["model.layers.0.self_attn.q_proj.weight"] - target["model.layers.0.self_attn.q_proj.weight"]).abs()
     assert moved.max() > 1e-3
     assert torch.equal(ddp["model.layers.0.self_attn.k_proj.weight"], target["model.layers.0.self_attn.k_proj.weight"])

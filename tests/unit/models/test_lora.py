@@ -17,7 +17,7 @@ from ray_unlearn.config import load_config
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.job import resolve_inputs
 from ray_unlearn.loop import LoopEnv, Unlearner, load_run
-from ray_unlearn.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_name
+from ray_unlearn.models.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, base_name
 
 R, ALPHA = 4, 8.0
 LORA = ["ray.num_workers=0", "train.max_steps=8", "train.batch_size=4", "train.log_every=1",
@@ -60,7 +60,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(lora_run, micro_be
 def test_merged_model_is_base_plus_scaled_b_a(lora_run, micro_bench):
     _, _, _, root = lora_run
     final = root / "step-000008"
-    merged, adapter = load_file(str(final / "model.safetensors")), load_file(str(final / ADAPTER_WEIGHTS))
+    merged, adapter = load_file(str(final / "model.safetensors")), load_file(str(final / ADAPTER_DIR / ADAPTER_WEIGHTS))
     target = load_file(str(micro_bench.target_dir / "model.safetensors"))
     prefix = "base_model.model.model.layers.1.self_attn.v_proj"
     a, b = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]  # [r, in], [out, r]
@@ -78,14 +78,15 @@ def test_peft_loads_the_adapter_and_merges_to_the_same_model(lora_run, micro_ben
 
     _, unlearner, _, root = lora_run
     final = root / "step-000008"
-    assert (final / ADAPTER_CONFIG).is_file()
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(micro_bench.target_dir), final)
+    assert (final / ADAPTER_DIR / ADAPTER_CONFIG).is_file() and not (final / ADAPTER_CONFIG).exists()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(micro_bench.target_dir),
+                                           final / ADAPTER_DIR)
     ids = torch.tensor([[5, 17, 42, 9, 3]])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, unlearner.module(input_ids=ids).logits)
-    ours = load_file(str(final / "model.safetensors"))  # (from_pretrained(final) would load the adapter beside it)
+    ours = AutoModelForCausalLM.from_pretrained(final).state_dict()  # the checkpoint is the merged model's HF dir
     theirs = peft_model.merge_and_unload().state_dict()
-    assert set(theirs) - set(ours) == {"lm_head.weight"}  # tied to the embeddings: not saved twice
+    assert set(theirs) == set(ours)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=0)
 
