@@ -249,6 +249,8 @@ def fit(cfg: JobConfig, inputs: JobInputs, into: Path) -> ray.train.Result:
     into.mkdir(parents=True, exist_ok=True)
     for info in fs.get_file_info(pyarrow.fs.FileSelector(path)):
         if any(fnmatch.fnmatch(info.base_name, pattern) for pattern in kept):
+            if info.type == pyarrow.fs.FileType.Directory:
+                (into / info.base_name).mkdir(exist_ok=True)  # copy_files writes into it, creating no parent
             pyarrow.fs.copy_files(info.path, str(into / info.base_name), source_filesystem=fs,
                                   destination_filesystem=pyarrow.fs.LocalFileSystem())
     return result
