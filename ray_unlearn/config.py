@@ -566,13 +566,17 @@ class JobConfig:
             self._check_lora()
 
     def _check_lora(self) -> None:
-        """Where LoRA adapters train: ddp and fsdp2 (and the plain process), not DeepSpeed or GRIN."""
+        """Where LoRA adapters train: ddp and fsdp2 (and the plain process), not DeepSpeed, GRIN or RMU's own
+        choice of trained weights."""
         if self.ray.strategy == "deepspeed":
             raise UnlearnError("model.lora trains adapters with ray.strategy=ddp or fsdp2 (DeepSpeed is not "
                                "supported); set one of them or model.lora.r=0")
         if self.localize.method != "none":
             raise UnlearnError(f"localize.method={self.localize.method} selects entries of the full weights, which "
                                "model.lora freezes; drop localize or set model.lora.r=0")
+        if self.objective.rmu.trainable_params and self.objective.terms.get("rmu"):
+            raise UnlearnError("objective.rmu.trainable_params names full weights, which model.lora freezes; choose "
+                               "the adapted modules with model.lora.target_modules instead")
 
     def _check_hutchinson(self) -> None:
         """Where Sophia-H's H*u can run: a double backward needs whole parameters (ddp), a difference of

@@ -120,10 +120,12 @@ def test_fsdp2_finds_the_decoder_blocks_inside_the_peft_model(lora_run):
                                "supported); set one of them or model.lora.r=0"),
     ("localize.method=grin", "localize.method=grin selects entries of the full weights, which model.lora "
                              "freezes; drop localize or set model.lora.r=0"),
+    ("objective.rmu.trainable_params=model\\.layers\\.1\\..*", "objective.rmu.trainable_params names full "
+     "weights, which model.lora freezes; choose the adapted modules with model.lora.target_modules instead"),
 ])
 def test_bad_settings_are_one_line_errors(override, message):
     with pytest.raises(UnlearnError) as err:
-        load_config(None, ["model.lora.r=4", override])
+        load_config(None, ["model.lora.r=4", "objective.terms={rmu: 1.0}", override])
     assert str(err.value) == message
 
 
