@@ -92,6 +92,30 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = _f(0, "LoRA rank: > 0 trains low-rank adapters (peft) instead of the full weights; 0 = off. The run's "
+                   "output holds the adapter (adapter/) and the merged model (model/).")
+    alpha: float = _f(16.0, "LoRA alpha: the update B@A is scaled by alpha / r.")
+    dropout: float = _f(0.0, "LoRA dropout, in [0, 1): written to adapter_config.json for whoever trains the "
+                             "adapter further; off while unlearning, as the model's own dropout is (runs stay "
+                             "deterministic: resume and every worker count give the same weights).")
+    target_modules: list[str] = _f([], "Names of the Linear modules that get adapters (the last part of a module's "
+                                       "name, e.g. [q_proj, v_proj]); [] = every Linear but the output head "
+                                       "(peft's all-linear).")
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise UnlearnError(f"model.lora.r: must be > 0 to train adapters, or 0 for off; got {self.r}")
+        _positive("model.lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise UnlearnError(f"model.lora.dropout: needs a value in [0, 1), got {self.dropout}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclass
 class ModelConfig:
     path: str = _f("", "HF model directory or hub id to unlearn; empty = the built-in benchmark's target model.")
     tokenizer: str = _f("", "Tokenizer directory or hub id; empty = same as model.path.")
@@ -100,6 +124,7 @@ class ModelConfig:
     dtype: str = _f("float32", "Parameter dtype: float32, bfloat16, float16.")
     max_shard_size: str = _f("5GB", "Largest safetensors file of a saved model (as save_pretrained's max_shard_size): "
                                     "bigger models are split into numbered shards with an index.")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (peft); off unless r > 0."})
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -618,6 +643,21 @@ class JobConfig:
                                "fsdp2")
         if self.optim.name == "sophia" and self.optim.hessian == "hutchinson" and not self.optim.soul_compat:
             self._check_hutchinson()
+        if self.model.lora.enabled:
+            self._check_lora()
+
+    def _check_lora(self) -> None:
+        """Where LoRA adapters train: ddp and fsdp2 (and the plain process), not DeepSpeed, GRIN or RMU's own
+        choice of trained weights."""
+        if self.ray.strategy == "deepspeed":
+            raise UnlearnError("model.lora trains adapters with ray.strategy=ddp or fsdp2 (DeepSpeed is not "
+                               "supported); set one of them or model.lora.r=0")
+        if self.localize.method != "none":
+            raise UnlearnError(f"localize.method={self.localize.method} selects entries of the full weights, which "
+                               "model.lora freezes; drop localize or set model.lora.r=0")
+        if self.objective.rmu.trainable_params and self.objective.terms.get("rmu"):
+            raise UnlearnError("objective.rmu.trainable_params names full weights, which model.lora freezes; choose "
+                               "the adapted modules with model.lora.target_modules instead")
 
     def _check_hutchinson(self) -> None:
         """Where Sophia-H's H*u can run: a double backward needs whole parameters (ddp), a difference of

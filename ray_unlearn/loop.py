@@ -22,6 +22,10 @@ gradients over global batches, selects the entries whose ratio is in the top fra
 and from then on zeroes the other entries' gradients before clipping and puts them back after every step,
 so they end bit-identical to the input model; the masks are in every checkpoint.
 
+LoRA (`model.lora.r > 0`, `ray_unlearn.models.lora`): `load_run` wraps the model with peft adapters, the only
+parameters that train; the reference model is the same model run with its adapters disabled (no frozen copy).
+The strategies' weight writers turn the peft state into the adapter files and the merged model's weights.
+
 Dropout is off while unlearning (the model's rates set to 0 in memory; its saved config keeps them, so
 GPT-2's 0.1 is still there for whoever fine-tunes the result): forward passes are then deterministic,
 so runs are the same at every scale and on resume (per-rank dropout masks are not), and NPO's and
@@ -35,6 +39,7 @@ samples keyed by (seed, step, item), so it too is the same for every such split.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -52,6 +57,7 @@ from ray_unlearn.data.collate import encode_qa, encode_text, pad_batch, prompt_f
 from ray_unlearn.errors import UnlearnError
 from ray_unlearn.logprobs import batch_nll
 from ray_unlearn.localize import LOCALIZE_FILE, MaskedUpdates, gradient_ratio, perturb, top_fraction
+from ray_unlearn.models.lora import is_lora
 from ray_unlearn.models.layers import capture_layer_outputs, decoder_layers, disable_dropout, params_through_layer
 from ray_unlearn.objectives import (StreamOutput, build_objective, check_model_fits, combined_loss, init_states,
                                     is_trainable, objective_layers, objective_reach, objective_ref_streams,
@@ -122,7 +128,8 @@ def load_run(cfg: JobConfig, inputs: Any, rank: int = 0, world_size: int = 1
 
     Sharded strategies on more than one rank load the weights on rank 0 only (on the CPU); every
     other model, the reference included, is built on the meta device and filled when sharded, so
-    no rank but 0 ever holds a full copy.
+    no rank but 0 ever holds a full copy. With `model.lora` the model comes wrapped by peft (only its
+    adapters train) and there is no reference copy: the loop runs the model with its adapters disabled.
     """
     from ray_unlearn.job import load_checked
     from ray_unlearn.models.io import empty_model
@@ -131,7 +138,11 @@ def load_run(cfg: JobConfig, inputs: Any, rank: int = 0, world_size: int = 1
     meta = world_size > 1 and STRATEGIES[cfg.ray.strategy].starts_on_meta(**strategy_options(cfg))
     model, tokenizer = load_checked(cfg, inputs, meta=meta and rank != 0)
     ref = None
-    if objective_ref_streams(build_objective(cfg.objective)):
+    if cfg.model.lora.enabled:  # the reference is the same model with its adapters disabled
+        from ray_unlearn.models.lora import apply_lora
+
+        model = apply_lora(model, cfg.model.lora, cfg.train.seed)
+    elif objective_ref_streams(build_objective(cfg.objective)):
         m = cfg.model
         ref = empty_model(inputs.model_path, m.dtype, m.trust_remote_code) if meta else copy.deepcopy(model)
     return model, ref, encode_data(cfg, tokenizer, inputs.forget, inputs.retain, inputs.kind,
@@ -241,7 +252,8 @@ class Unlearner:
         if cfg.localize.method == "grin" and not data.retain:
             raise UnlearnError("localize.method=grin weighs each entry's forget gradient against its retain gradient "
                                "but there is no retain data; give retain items (data.retain_path) or drop localize")
-        if self.ref_streams and ref_model is None:
+        self.ref_is_base = bool(self.ref_streams) and is_lora(model)  # LoRA: the reference is the adapter-free base
+        if self.ref_streams and ref_model is None and not self.ref_is_base:
             raise UnlearnError("objective needs a reference model but none was given")
         self.layers = objective_layers(self.terms)  # decoder layers whose outputs some term reads
         trained = check_objective_fits(self.terms, model)
@@ -297,9 +309,9 @@ class Unlearner:
         policy = _forward_streams(model, batch, self.pad_id, self.layers, self.strategy)
         ref = None
         if self.ref_streams:
-            with torch.no_grad():
-                ref = _forward_streams(self.ref, {s: batch[s] for s in self.ref_streams}, self.pad_id, self.layers,
-                                       self.strategy)
+            with torch.no_grad(), (self.module.disable_adapter() if self.ref_is_base else contextlib.nullcontext()):
+                ref = _forward_streams(model if self.ref_is_base else self.ref,
+                                       {s: batch[s] for s in self.ref_streams}, self.pad_id, self.layers, self.strategy)
         loss, logs = combined_loss(self.terms, policy, ref, batch, self.states)
         with torch.no_grad():
             for s in ("forget", "retain", "train"):

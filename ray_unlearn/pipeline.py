@@ -101,6 +101,10 @@ def run_job(cfg: JobConfig) -> dict[str, dict[str, float]]:
     from ray_unlearn.objectives import build_objective
 
     check_objective_fits(build_objective(cfg.objective), model)  # e.g. objective.rmu.layer within the model
+    if cfg.model.lora.enabled:
+        from ray_unlearn.models.lora import check_lora_targets
+
+        check_lora_targets(cfg.model.lora.target_modules, model)
     check_calibration(cfg, inputs)
     check_attacks(cfg, inputs)
     for key, location in (("output_dir", cfg.output_dir), ("ray.storage_path", cfg.ray.storage_path)):
@@ -138,6 +142,10 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
         history = checkpoint_history(Path(final))
         train_s = time.time() - t0
         publish_model(final, tokenizer, out / "model")
+        if cfg.model.lora.enabled:  # the adapter beside the merged model
+            from ray_unlearn.models.lora import ADAPTER_DIR, ADAPTER_FILES
+
+            publish_model(Path(final) / ADAPTER_DIR, tokenizer, out / "adapter", ADAPTER_FILES)
         selection = write_selection(Path(final), out / "localize")
     _write_json(out / "history.json", history)
     summaries: dict[str, dict[str, float]] = {}

@@ -262,12 +262,13 @@ def run_trainer(trainer: TorchTrainer) -> ray.train.Result:
 
 
 def fit(cfg: JobConfig, inputs: JobInputs, into: Path) -> ray.train.Result:
-    """Run the unlearning with Ray Train; copies the final checkpoint's HF model files, state.json and
-    localize masks (not its optimizer state) into `into`, and returns Ray's result.
+    """Run the unlearning with Ray Train; copies the final checkpoint's HF model files, state.json,
+    localize masks and LoRA adapter directory (not its optimizer state) into `into`, and returns Ray's result.
 
     Run again with the same `name` and `output_dir` to resume from the latest checkpoint.
     """
     from ray_unlearn.localize import LOCALIZE_FILE
+    from ray_unlearn.models.lora import ADAPTER_DIR
     from ray_unlearn.parallel import HF_FILES
 
     init_ray(cfg)
@@ -277,9 +278,12 @@ def fit(cfg: JobConfig, inputs: JobInputs, into: Path) -> ray.train.Result:
         for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
     fs, path = result.checkpoint.filesystem, result.checkpoint.path
+    kept = ("state.json", LOCALIZE_FILE, ADAPTER_DIR, *HF_FILES)  # ADAPTER_DIR: a directory, copied whole
     into.mkdir(parents=True, exist_ok=True)
     for info in fs.get_file_info(pyarrow.fs.FileSelector(path)):
-        if any(fnmatch.fnmatch(info.base_name, pattern) for pattern in ("state.json", LOCALIZE_FILE, *HF_FILES)):
+        if any(fnmatch.fnmatch(info.base_name, pattern) for pattern in kept):
+            if info.type == pyarrow.fs.FileType.Directory:
+                (into / info.base_name).mkdir(exist_ok=True)  # copy_files writes into it, creating no parent
             pyarrow.fs.copy_files(info.path, str(into / info.base_name), source_filesystem=fs,
                                   destination_filesystem=pyarrow.fs.LocalFileSystem())
     return result

@@ -11,7 +11,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -134,13 +134,15 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     return Path(out_dir)
 
 
-def publish_model(weights_dir: str | Path, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Copy an HF model directory's weight files (config, safetensors, shard index) from `weights_dir`
-    (a final checkpoint) to `out_dir` with the tokenizer, atomically; the weights are never loaded."""
+def publish_model(weights_dir: str | Path, tokenizer: Any, out_dir: str | Path,
+                  patterns: Sequence[str] | None = None) -> Path:
+    """Copy an HF model directory's weight files (config, safetensors, shard index; or the files matching
+    `patterns`) from `weights_dir` (a final checkpoint) to `out_dir` with the tokenizer, atomically; the
+    weights are never loaded."""
     from ray_unlearn.parallel import HF_FILES
 
     with atomic_write(out_dir) as tmp:
-        for pattern in HF_FILES:
+        for pattern in patterns or HF_FILES:
             for f in Path(weights_dir).glob(pattern):
                 shutil.copy2(f, tmp / f.name)
         if tokenizer is not None:

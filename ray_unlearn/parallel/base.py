@@ -85,10 +85,16 @@ def own_storage(t: Tensor) -> Tensor:
 def write_hf_weights(out: Path, module: torch.nn.Module, state: dict[str, Tensor], max_shard_size: str) -> None:
     """Write `state` (full tensors) as an HF model directory's weights: config.json (and
     generation_config.json), `model.safetensors` or, above `max_shard_size`, numbered shards plus
-    `model.safetensors.index.json`, as `save_pretrained` does."""
+    `model.safetensors.index.json`, as `save_pretrained` does. A LoRA model (peft) writes its adapter
+    directory's files and the merged model's weights under the base model's names."""
     from huggingface_hub import save_torch_state_dict
 
+    from ray_unlearn.models.lora import base_name, is_lora, merged_state, write_adapter
+
     tied = tied_names(module)
+    if is_lora(module):
+        write_adapter(out, module, state)
+        state, tied = merged_state(module, state), {base_name(name) for name in tied}
     save_torch_state_dict({k: own_storage(v) for k, v in state.items() if k not in tied}, out,
                           max_shard_size=max_shard_size, metadata={"format": "pt"})
     if getattr(module, "config", None) is not None:
@@ -98,9 +104,14 @@ def write_hf_weights(out: Path, module: torch.nn.Module, state: dict[str, Tensor
 
 
 def load_hf_weights(module: torch.nn.Module, path: Path) -> None:
-    """Load what `write_hf_weights` wrote (one file or shards) into `module`; every weight must be there."""
+    """Load what `write_hf_weights` wrote (one file or shards) into `module`; every weight must be there.
+    A LoRA model loads its adapter (its base weights are the input model's, frozen)."""
     from safetensors.torch import load_file
 
+    from ray_unlearn.models.lora import is_lora, load_adapter
+
+    if is_lora(module):
+        return load_adapter(module, path)
     path = Path(path)
     index = path / INDEX_FILE
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [MODEL_FILE]
