@@ -10,6 +10,7 @@ actors are killed by handle, their processes end with them).
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Iterator, Sequence
 
 import ray
@@ -91,6 +92,17 @@ class EvalPool:
         self.actors = []
 
 
+def _free(kind: str, wanted: int, wait_s: float = 10.0) -> float:
+    """The cluster's free `kind` resources, waiting up to `wait_s` for `wanted` (actors just killed, e.g. a
+    previous pool's, release theirs a moment later)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = ray.available_resources().get(kind, 0)
+        if free >= wanted or time.monotonic() > deadline:
+            return free
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def eval_pools(workers: int, **settings: Any) -> Iterator[Any]:
     """open(model_path) -> an EvalPool of `workers` actors for that model (the other settings fixed); every pool
@@ -98,7 +110,7 @@ def eval_pools(workers: int, **settings: Any) -> Iterator[Any]:
     if not ray.is_initialized():  # `ray-unlearn eval`; a run has joined its cluster already
         ray.init(configure_logging=False, log_to_driver=False)
     kind, have = ("GPU", "GPUs") if settings.get("use_gpu") else ("CPU", "CPUs")
-    free = ray.available_resources().get(kind, 0)
+    free = _free(kind, workers)
     if free < workers:
         raise UnlearnError(f"eval.num_workers={workers} needs {workers} free {have} (one per actor) but the cluster "
                            f"has {free:g} free; lower eval.num_workers or use 0 (the driver scores the items)")
