@@ -28,11 +28,11 @@ def _final(cfg) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def _close(a: dict, b: dict) -> None:
-    """Sophia's tolerance (see test_scale_equality): <= 1e-4 of coordinates differ by more than 1e-6."""
+def _close(a: dict, b: dict, bound: float = 1e-4) -> None:
+    """Sophia's tolerance (see test_scale_equality): <= `bound` of coordinates differ by more than 1e-6."""
     assert a.keys() == b.keys()
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    assert float((diff > 1e-6).double().mean()) <= 1e-4
+    assert float((diff > 1e-6).double().mean()) <= bound, float((diff > 1e-6).double().mean())
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_deepspeed_zero3_resumed_by_one_worker_equals_ddp_through_ray_train(micr
     run_job(resumed)
     history = json.loads((Path(resumed.output_dir) / "history.json").read_text())
     assert [h["step"] for h in history] == [2, 4]
-    _close(ddp_final, _final(resumed))
+    _close(ddp_final, _final(resumed), 2e-4)  # ZeRO 3 against ddp: test_scale_equality.ZERO3_VS_DDP and why
 
 
 def test_fsdp2_resume_with_one_worker_equals_two(fsdp2_run, micro_config, ray_session):
