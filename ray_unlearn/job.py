@@ -81,13 +81,8 @@ def _holdout(cfg: JobConfig, splits: dict[str, list[dict]], forget: list[dict]) 
 
     if not cfg.data.holdout_path:
         return list(splits.get("holdout", [])) if not cfg.data.forget_path else []
-    holdout = load_qa(cfg.data.holdout_path, cfg.data.hub_split)
-    trained = {(it.get("question"), it.get("answer")) for it in forget}
-    shared = sum((it["question"], it["answer"]) in trained for it in holdout)
-    if shared:
-        raise UnlearnError(f"data.holdout_path: {shared} item(s) are also forget items; holdout items must be "
-                           "non-members (never trained on): remove them")
-    return holdout
+    return _apart_from_forget(load_qa(cfg.data.holdout_path, cfg.data.hub_split), forget, "data.holdout_path",
+                              "holdout items must be non-members (never trained on)")
 
 
 def _neighbours(cfg: JobConfig, forget: list[dict], retain: list[dict]) -> list[dict]:
@@ -100,13 +95,17 @@ def _neighbours(cfg: JobConfig, forget: list[dict], retain: list[dict]) -> list[
         if cfg.data.forget_path:
             return []
         return neighbour_items([it for it in retain if "attribute" in it and "value" in it], forget)
-    neighbours = load_qa(cfg.data.neighbours_path, cfg.data.hub_split)
+    return _apart_from_forget(load_qa(cfg.data.neighbours_path, cfg.data.hub_split), forget,
+                              "data.neighbours_path", "neighbours are the out-of-scope knowledge to keep")
+
+
+def _apart_from_forget(items: list[dict], forget: list[dict], key: str, why: str) -> list[dict]:
+    """`items`, or a one-line error naming `key` when some (question, answer) pair is also a forget item."""
     forgotten = {(it.get("question"), it.get("answer")) for it in forget}
-    shared = sum((it["question"], it["answer"]) in forgotten for it in neighbours)
+    shared = sum((it["question"], it["answer"]) in forgotten for it in items)
     if shared:
-        raise UnlearnError(f"data.neighbours_path: {shared} item(s) are also forget items; neighbours are the "
-                           "out-of-scope knowledge to keep: remove them")
-    return neighbours
+        raise UnlearnError(f"{key}: {shared} item(s) are also forget items; {why}: remove them")
+    return items
 
 
 def load_checked(cfg: JobConfig, inputs: JobInputs, meta: bool = False) -> tuple[Any, Any]:
