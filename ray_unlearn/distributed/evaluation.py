@@ -69,22 +69,24 @@ class EvalPool:
                                                             fmt, max_length, batch_size, max_new_tokens, use_gpu)
                        for _ in range(workers)]
 
-    def teacher_forced(self, pairs: Sequence, token_stats: bool = False, vocab_stats: bool = False,
-                       keywords: Sequence | None = None) -> dict:
-        spans = batch_spans(len(pairs), self.batch_size, len(self.actors)) or [(0, 0)]
-        refs = [actor.teacher_forced.remote(list(pairs[a:b]), token_stats, vocab_stats, kw)
-                for actor, (a, b), kw in zip(self.actors, spans, cut(keywords, spans))]
+    def _spread(self, method: str, items: Sequence[Any], *args: Any, per_item: Sequence[Any] | None = None) -> Any:
+        """Every worker's `method` on its span of whole batches of `items` (and of `per_item`), joined in order."""
+        spans = batch_spans(len(items), self.batch_size, len(self.actors)) or [(0, 0)]
+        refs = [getattr(actor, method).remote(list(items[a:b]), *args, *(() if per_item is None else (extra,)))
+                for actor, (a, b), extra in zip(self.actors, spans, cut(per_item, spans))]
         return merge_outputs(ray.get(refs))
 
+    def teacher_forced(self, pairs: Sequence, token_stats: bool = False, vocab_stats: bool = False,
+                       keywords: Sequence | None = None) -> dict:
+        if keywords is None:
+            return self._spread("teacher_forced", pairs, token_stats, vocab_stats, None)
+        return self._spread("teacher_forced", pairs, token_stats, vocab_stats, per_item=keywords)
+
     def generate(self, items: Sequence[dict]) -> list[str]:
-        spans = batch_spans(len(items), self.batch_size, len(self.actors)) or [(0, 0)]
-        return merge_outputs(ray.get([actor.generate.remote(list(items[a:b]))
-                                      for actor, (a, b) in zip(self.actors, spans)]))
+        return self._spread("generate", items)
 
     def gradnorms(self, encoded: Sequence[dict]) -> Any:
-        spans = batch_spans(len(encoded), self.batch_size, len(self.actors)) or [(0, 0)]
-        return merge_outputs(ray.get([actor.gradnorms.remote(list(encoded[a:b]))
-                                      for actor, (a, b) in zip(self.actors, spans)]))
+        return self._spread("gradnorms", encoded)
 
     def close(self) -> None:
         for actor in self.actors:
