@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(fn=cmd_tune)
     submit = sub.add_parser("submit", help="run a job on a Ray cluster (Jobs API): ships the working directory, "
                                            "streams the logs, exits with the job's status")
-    submit.add_argument("args", nargs="+", help="JOB.yaml [key=value ...] (the job file inside --working-dir)")
+    submit.add_argument("args", nargs="+", help="[run|tune|finetune] JOB.yaml [key=value ...]: the command the job "
+                                                "runs (default run) and its job file (inside --working-dir)")
     submit.add_argument("--address", help="the head's jobs API, e.g. http://<head>:8265 (default: RAY_ADDRESS, "
                                           "else http://127.0.0.1:8265)")
     submit.add_argument("--working-dir", default=".", help="directory shipped with the job (default: .)")

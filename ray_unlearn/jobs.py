@@ -1,4 +1,4 @@
-"""Ray Jobs glue for `ray-unlearn submit`: run `ray-unlearn run JOB.yaml [k=v ...]` on a cluster.
+"""Ray Jobs glue for `ray-unlearn submit`: run `ray-unlearn run|tune|finetune JOB.yaml [k=v ...]` on a cluster.
 
 The working directory travels with the job (Ray's runtime env `working_dir`, minus Ray's default
 excludes, `EXCLUDES`, .gitignore and .rayignore), the job's logs stream back, and the exit status is the job's:
@@ -32,7 +32,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 from ray_unlearn import storage
-from ray_unlearn.config import load_config
+from ray_unlearn.config import JobConfig, load_config
 from ray_unlearn.errors import UnlearnError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -43,6 +43,7 @@ EXCLUDES = ["runs", "*.egg-info", ".pytest_cache", ".mypy_cache"]
 RAY_PACKAGING_LOGGERS = ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
                          "ray.dashboard.modules.dashboard_sdk")
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+COMMANDS = ("run", "tune", "finetune")  # what a submitted job can run; `run` when none is named
 
 
 @dataclass(frozen=True)
@@ -138,19 +139,37 @@ def _shipped(path: Path, working_dir: Path) -> bool:
     return not any(exclude(p) for exclude in excluded for p in chain)
 
 
-def prepare(args: Sequence[str], working_dir: str) -> Submission:
-    """Check the job file and its overrides here (the same checks `run` makes first) and build the entrypoint."""
-    from ray_unlearn.cli import _split_args
-    from ray_unlearn.pipeline import validate
+def check_command(command: str, cfg: JobConfig) -> None:
+    """The checks `command` makes first on its config alone (no data, models or cluster needed)."""
+    if command == "tune":
+        from ray_unlearn.tune import check_search
 
+        check_search(cfg)
+    elif command == "finetune":
+        from ray_unlearn.finetune import check_finetune
+
+        check_finetune(cfg)
+    else:
+        from ray_unlearn.pipeline import validate
+
+        validate(cfg)
+
+
+def prepare(args: Sequence[str], working_dir: str) -> Submission:
+    """Check the job file and its overrides here (the same checks the command makes first) and build the
+    entrypoint. `args` is [COMMAND] JOB.yaml [key=value ...], COMMAND one of COMMANDS (default run)."""
+    from ray_unlearn.cli import _split_args
+
+    command, args = (args[0], args[1:]) if args and args[0] in COMMANDS else ("run", args)
     job, overrides = _split_args(args)
     if job is None:
-        raise UnlearnError("submit needs a job file: ray-unlearn submit JOB.yaml [key=value ...] --address URL")
+        raise UnlearnError(f"submit needs a job file: ray-unlearn submit [{'|'.join(COMMANDS)}] JOB.yaml "
+                           "[key=value ...] --address URL")
     root = Path(working_dir).expanduser().resolve()
     if not root.is_dir():
         raise UnlearnError(f"--working-dir {working_dir} is not a directory; give the directory to ship")
     cfg = load_config(job, overrides)  # the job file exists and parses, the overrides name real fields and types
-    validate(cfg)
+    check_command(command, cfg)
     path = Path(job).resolve()
     if root not in path.parents:
         raise UnlearnError(f"job file {job} is outside the shipped directory {root}; move it there or give "
@@ -159,7 +178,7 @@ def prepare(args: Sequence[str], working_dir: str) -> Submission:
         raise UnlearnError(f"job file {job} is excluded from the upload (.git, .venv, venv, __pycache__, "
                            f"{', '.join(EXCLUDES)}, .gitignore or .rayignore); move it out of the excluded path")
     rel = path.relative_to(root).as_posix()
-    return Submission(shlex.join(["ray-unlearn", "run", rel, *overrides]), root, rel, cfg.output_dir)
+    return Submission(shlex.join(["ray-unlearn", command, rel, *overrides]), root, rel, cfg.output_dir)
 
 
 async def _stream(client: JobSubmissionClient, job_id: str) -> list[str]:

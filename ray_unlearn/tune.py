@@ -51,17 +51,11 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
     from ray_unlearn.job import load_checked
     from ray_unlearn.loop import check_objective_fits
     from ray_unlearn.objectives import build_objective
-    from ray_unlearn.pipeline import console, progress_reporter, validate
+    from ray_unlearn.pipeline import console, progress_reporter
     from ray_unlearn.train import init_ray
 
-    validate(cfg)
+    params = check_search(cfg)
     check_tracking(cfg)
-    if storage.is_remote(cfg.output_dir):
-        raise UnlearnError("ray-unlearn tune writes its search state and trial outputs to a local output_dir; "
-                           "keep output_dir local and set ray.storage_path=s3://... (or gs://) to keep the "
-                           "trials' checkpoints in a bucket")
-    params = check_space(cfg)
-    check_metric_names(cfg)
     root = Path(cfg.output_dir).resolve() / "tune"
     check_resume(cfg, root)
     with progress_reporter() as report:
@@ -84,6 +78,21 @@ def run_tune(cfg: JobConfig) -> SearchOutputs:
 
 
 # ---------------------------------------------------------------- checks before Ray starts
+
+
+def check_search(cfg: JobConfig) -> dict[str, Param]:
+    """What a search's config alone can get wrong (also checked by `submit` before a search is sent); returns
+    the search space's parameters."""
+    from ray_unlearn.pipeline import validate
+
+    validate(cfg)
+    if storage.is_remote(cfg.output_dir):
+        raise UnlearnError("ray-unlearn tune writes its search state and trial outputs to a local output_dir; "
+                           "keep output_dir local and set ray.storage_path=s3://... (or gs://) to keep the "
+                           "trials' checkpoints in a bucket")
+    params = check_space(cfg)
+    check_metric_names(cfg)
+    return params
 
 
 def known_metrics() -> set[str]:

@@ -140,3 +140,25 @@ def test_the_jobs_error_is_its_last_error_line_else_rays_message():
     assert error_line("Job entrypoint command failed with exit code 2", logs) == "ray.num_workers=4 needs 4 CPUs"
     assert error_line("Job entrypoint command failed with exit code 1, last logs:\nboom", "no error line") == \
         "Job entrypoint command failed with exit code 1, last logs:"
+
+
+@pytest.mark.parametrize("command", ["run", "tune", "finetune"])
+def test_the_entrypoint_runs_the_named_command_with_the_overrides(command):
+    from ray_unlearn.jobs import prepare
+
+    job = {"run": "jobs/micro_smoke.yaml", "tune": "jobs/tune_soul.yaml", "finetune": "jobs/finetune.yaml"}[command]
+    sub = prepare([command, job, "train.max_steps=3"], ".")
+    assert sub.entrypoint == f"ray-unlearn {command} {job} train.max_steps=3" and sub.job_file == job
+    assert prepare([job], ".").entrypoint == f"ray-unlearn run {job}"  # no command: run
+
+
+@pytest.mark.parametrize("args, match", [
+    (["tune", "jobs/micro_smoke.yaml"], "tune.space"),  # a job with no search space is not a search
+    (["tune", "jobs/tune_soul.yaml", "output_dir=s3://bucket/runs"], "keep output_dir local"),
+    (["finetune", "jobs/finetune.yaml", "output_dir=s3://bucket/runs"], "ray-unlearn finetune writes its models"),
+    (["tune"], "submit needs a job file"),
+])
+def test_each_command_checks_its_own_config_before_any_cluster_is_asked(capsys, args, match):
+    rc, err = submit(capsys, *args, "--address", f"http://127.0.0.1:{_closed_port()}")
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and match in err[0], err
