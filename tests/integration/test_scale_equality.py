@@ -298,10 +298,13 @@ def test_hutchinson_by_difference_under_every_strategy(runs, micro_bench):
     (1e-4), and once the weights differ by an ulp that rounding no longer matches between the runs. Measured
     on micro (fraction of coordinates off by > 1e-6, max abs): 1 x 4 4.9e-3 / 2.7e-5, ZeRO 1 3.4e-3 / 2.5e-5,
     ZeRO 2 1.0e-2 / 2.7e-5, ZeRO 3 5.7e-3 / 4.0e-5; the double backward's 1 x 4 vs 2 x 2 is 0 / 4.5e-7.
-    No coordinate diverges: a sign flipped by the noise would be off by 2 lr = 2e-3."""
+    A momentum within that noise of zero can flip its sign step (off by 2 lr = 2e-3), as the module docstring
+    says of every Sophia run: on a micro model built on another day, 1 x 4 flipped 1 of 156k coordinates
+    (576 off by > 1e-6). So at most 1e-4 of the coordinates may be off by more than 1e-4."""
     ddp, _ = runs("ddp", 2, HUTCHINSON)
     assert_moved(ddp, _target(micro_bench))
     assert_sophia_close(ddp, runs("fsdp2", 2, HUTCHINSON)[0])
     for other in (runs("fsdp2", 1, HUTCHINSON)[0], runs("deepspeed", 2, (*HUTCHINSON, *ZERO[3]))[0]):
         diff = torch.cat([(ddp[k] - other[k]).abs().flatten() for k in ddp])
-        assert float(diff.max()) <= 1e-4 and float((diff > 1e-6).double().mean()) <= 3e-2
+        off, flipped = float((diff > 1e-6).double().mean()), float((diff > 1e-4).double().mean())
+        assert off <= 3e-2 and flipped <= 1e-4, f"{off:.2e} off by > 1e-6, {flipped:.2e} by > 1e-4"
