@@ -31,9 +31,14 @@ RUN = ["ray.num_workers=[1,2]", "train.global_batch_size=8", "train.batch_size=2
 
 
 @pytest.fixture
-def cluster():
+def cluster(monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
+
+    # Ray Train decides the new group size as the failure arrives, before the GCS has declared the node dead,
+    # so it first asks for 2 workers again and waits for them until this timeout (default 60 s) before it
+    # settles for 1; Ray Train passes the variable from the driver to its controller
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
 
     assert not ray.is_initialized(), "run this module before (or without) the tests that share a Ray session"
     # the GCS declares a removed node dead after 2 missed 0.5 s health checks (default: 5 x 3 s)
