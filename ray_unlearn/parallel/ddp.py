@@ -1,7 +1,8 @@
 """DDP: every rank holds the full model, gradients are all-reduced (averaged) after backward.
 
 Checkpoints are full state written by rank 0 (weights as an HF directory's safetensors, optimizer
-state with torch.save), so any number of workers can resume them.
+state with torch.save), so any number of workers can resume them. A LoRA run's checkpoints hold its
+adapter (the base weights are the input model's, frozen), and the last one the merged weights too.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import ContextManager
 
 import torch
 
+from ray_unlearn.models.lora import is_lora, write_adapter
 from ray_unlearn.parallel.base import Strategy, load_hf_weights, write_hf_weights
 
 
@@ -36,8 +38,11 @@ class DDPStrategy(Strategy):
 
     def save_state(self, out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    final: bool = False) -> None:
-        if self.rank == 0:  # the full weights, final or not
-            self.save_full_weights(out, module)
+        if self.rank == 0:  # the full weights, final or not (LoRA: the adapter, and the merged weights when final)
+            if is_lora(module) and not final:
+                write_adapter(out, module, module.state_dict())
+            else:
+                self.save_full_weights(out, module)
             torch.save(optimizer.state_dict(), out / "optimizer.pt")
 
     def load_state(self, path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

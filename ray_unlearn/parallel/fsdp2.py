@@ -5,7 +5,8 @@ matrix is sharded, then the root, as torchtune's `shard_model` does; forward and
 gradients are reduce-scattered (averaged) into each rank's shard. Sophia's m and h are created
 from the sharded parameters, so they are sharded too. The frozen reference model is sharded the
 same way. Checkpoints are torch distributed checkpoints (DCP): every rank writes its shard, and
-a checkpoint can be loaded by any number of ranks (DCP reshards on load).
+a checkpoint can be loaded by any number of ranks (DCP reshards on load). A LoRA run's checkpoints
+hold only the adapter's shards and their optimizer state (the frozen base is the input model's).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, ContextManager, Iterator
 
 import torch
 
+from ray_unlearn.models.lora import is_lora
 from ray_unlearn.parallel.base import Strategy, local_tensor, write_hf_weights
 
 
@@ -112,18 +114,19 @@ class FSDP2Strategy(Strategy):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(module, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out))
+        dcp.save({"model": _trained(module, model_sd), "optim": optim_sd}, checkpoint_id=str(out))
         if final:
             self.save_full_weights(out, module)
 
     def load_state(self, path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(module, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": _trained(module, model_sd), "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=not is_lora(module)))
 
     def save_full_weights(self, out: Path, module: torch.nn.Module) -> None:
         """Gather the full weights to rank 0's CPU one tensor at a time and write them there."""
@@ -132,6 +135,15 @@ class FSDP2Strategy(Strategy):
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             write_hf_weights(out, module, full, self.max_shard_size)
+
+
+def _trained(module: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint keeps of the model's state: all of it, or for a LoRA model only its adapter (the
+    trainable entries: the frozen base is the input model's, which every resume loads first)."""
+    if not is_lora(module):
+        return model_sd
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in trainable}
 
 
 @contextlib.contextmanager

@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from ray_unlearn.job import resolve_inputs
 from ray_unlearn.models.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
-from ray_unlearn.parallel.local import run_local
+from ray_unlearn.parallel.local import merge_checkpoint, run_local
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +27,20 @@ def test_ddp_and_fsdp2_train_the_same_adapter(micro_bench, bench_cache, tmp_path
         cfg = load_config(None, [f"benchmark.size=micro", f"benchmark.cache_dir={bench_cache}", "ray.num_workers=2",
                                  f"ray.strategy={strategy}", "train.max_steps=3", "train.batch_size=2",
                                  "train.global_batch_size=8", "optim.name=adamw", "optim.lr=1e-3",
+                                 "train.checkpoint_every=2",
                                  "model.lora.r=4", "model.lora.target_modules=[q_proj, v_proj, down_proj]"])
         finals[strategy] = run_local(cfg, resolve_inputs(cfg), 2, tmp_path / strategy)
+    # fsdp2's checkpoint at step 2 holds the adapter's shards (and their optimizer state), not the frozen base;
+    # resumed on one worker, it ends where the uninterrupted run does
+    step2 = merge_checkpoint(tmp_path / "fsdp2", 2)
+    saved = FileSystemReader(str(step2)).read_metadata().state_dict_metadata
+    weights = [k for k in saved if k.startswith("model.")]
+    assert weights and all(".lora_" in k for k in weights), [k for k in weights if ".lora_" not in k][:3]
+    resumed = run_local(cfg, resolve_inputs(cfg), 1, tmp_path / "resumed", resume_from=step2)
+    for name in (f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}", "model.safetensors"):
+        a, b = load_file(str(resumed / name)), load_file(str(finals["fsdp2"] / name))
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     target = load_file(str(micro_bench.target_dir / "model.safetensors"))
     for name in (f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}", "model.safetensors"):
         ddp, fsdp2 = (load_file(str(finals[s] / name)) for s in ("ddp", "fsdp2"))

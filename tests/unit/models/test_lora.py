@@ -93,6 +93,10 @@ def test_peft_loads_the_adapter_and_merges_to_the_same_model(lora_run, micro_ben
 
 def test_resume_equals_an_uninterrupted_run(lora_run, tmp_path):
     cfg, unlearner, _, root = lora_run
+    # a checkpoint before the last holds the adapter, not a copy of the (frozen) base; the last one the merged model
+    assert not list((root / "step-000004").glob("*.safetensors"))
+    assert (root / "step-000004" / ADAPTER_DIR / ADAPTER_WEIGHTS).is_file()
+    assert (root / "step-000008" / "model.safetensors").is_file()
     resumed = _unlearner(cfg, tmp_path, resume_from=root / "step-000004")
     assert resumed.step == 4
     resumed.run()
