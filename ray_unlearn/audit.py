@@ -6,7 +6,8 @@ Every `ray-unlearn run` writes `<output_dir>/audit.json`:
 - `forget`: SHA-256 of the forget items in canonical JSON (`canonical_json`: sorted keys, no
   whitespace, UTF-8, the list in order), their count and, for `data.forget_path`, their source;
 - `input_model` / `output_model`: SHA-256 of every weight/config file (`MODEL_FILE_SUFFIXES`) of
-  the model directory, relative path -> hex digest (files are streamed in 1 MiB chunks);
+  the model directory, relative path -> hex digest (files are streamed in 1 MiB chunks); a LoRA run
+  adds `output_adapter`, the same for its `adapter/` directory;
 - `config`: the resolved config as dumped to config.yaml; `versions`: python and libraries;
 - `metrics`: the summaries before (target) and after (unlearned) when evaluation ran;
 - `verdict`: the `/v1/verify` rule (`serving.engine.item_forgotten`, default `VerdictRule`
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ray_unlearn.errors import UnlearnError
+from ray_unlearn.models.lora import ADAPTER_DIR
 
 AUDIT_FILE = "audit.json"
 FORMAT = 1
@@ -197,6 +199,8 @@ def build_record(*, request_id: str, forget_items: Sequence[Any], forget_source:
         "output_model": {"path": out_model.relative_to(run_dir).as_posix()
                          if out_model.is_relative_to(run_dir) else str(out_model),
                          "files": hash_model_dir(out_model)},
+        **({"output_adapter": {"path": ADAPTER_DIR, "files": hash_model_dir(Path(run_dir) / ADAPTER_DIR)}}
+           if (Path(run_dir) / ADAPTER_DIR).is_dir() else {}),
         "benchmark": bench,
         "config": config,
         "versions": versions(),
@@ -279,6 +283,12 @@ def check(run_dir: str | os.PathLike) -> CheckResult:
     if problem:
         return CheckResult(False, f"MISMATCH: {problem}")
     checked.append(f"{len(out_model['files'] or {})} output model files")
+    if "output_adapter" in rec:
+        problem = _compare_files("output adapter", run_dir / rec["output_adapter"]["path"],
+                                 rec["output_adapter"]["files"])
+        if problem:
+            return CheckResult(False, f"MISMATCH: {problem}")
+        checked.append(f"{len(rec['output_adapter']['files'])} adapter files")
 
     in_model = rec.get("input_model") or {}
     if in_model.get("files") is not None and Path(in_model["path"]).is_dir():

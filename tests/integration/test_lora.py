@@ -71,3 +71,5 @@ def test_run_writes_the_adapter_and_the_merged_model(ray_session, micro_bench, b
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=0)
     audit = json.loads((out / "audit.json").read_text())["output_model"]  # the audit hashes the merged model
     assert audit["path"] == "model" and "model.safetensors" in audit["files"]
+    adapter = json.loads((out / "audit.json").read_text())["output_adapter"]  # and the adapter beside it
+    assert adapter["path"] == "adapter" and ADAPTER_WEIGHTS in adapter["files"]

@@ -127,6 +127,25 @@ def test_verify_one_byte_change_exits_1_naming_the_file(capsys, tmp_path, which)
     assert out[0].startswith("MISMATCH:") and str(weights) in out[0]
 
 
+def test_a_lora_runs_adapter_is_recorded_and_verified(capsys, tmp_path):
+    run, src, _ = fake_run(tmp_path)
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text('{"r": 4}')
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\x02" * 50)
+    rec = audit.build_record(request_id="req-1", forget_items=ITEMS[:1], forget_source=None, input_model=str(src),
+                             output_model=run / "model", run_dir=run, config={}, bench="CUSTOM", summaries=None,
+                             started=0.0, finished=1.0)
+    assert rec["output_adapter"] == {"path": "adapter", "files": {
+        "adapter_config.json": hashlib.sha256(b'{"r": 4}').hexdigest(),
+        "adapter_model.safetensors": hashlib.sha256(b"\x02" * 50).hexdigest()}}
+    audit.write(run, rec)
+    rc, out, _ = verify(capsys, run)
+    assert rc == 0 and "2 adapter files" in out[0], out
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\x03" * 50)
+    rc, out, _ = verify(capsys, run)
+    assert rc == 1 and out[0].startswith("MISMATCH: output adapter file") and "adapter_model.safetensors" in out[0]
+
+
 def test_verify_changed_forget_items_exits_1(capsys, tmp_path):
     run, _, _ = fake_run(tmp_path)
     (tmp_path / "forget.jsonl").write_text(json.dumps({"question": "other", "answer": "b"}) + "\n")
