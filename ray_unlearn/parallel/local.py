@@ -43,6 +43,10 @@ def _rank_main(rank: int, world_size: int, port: int, cfg_dict: dict[str, Any], 
         env = LoopEnv(rank=rank, world_size=world_size, checkpoint_dir=Path(root) / f"rank{rank}",
                       resume_from=Path(resume_from) if resume_from else None)
         Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env).run()
+        # Leave together: rank 0 hosts the rendezvous store, and a rank still in a collective or
+        # in the store when rank 0 tears it down aborts in C++ ("terminate called without an
+        # active exception", seen once in CI on the scale-equality test).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
