@@ -54,16 +54,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def private_serve(port: int | None = None) -> Iterator[int]:
+def private_serve(port: int | None = None, dashboard: bool = False) -> Iterator[int]:
     """A private Ray instance (never a cluster already running) with Serve's HTTP proxy on 127.0.0.1:port
-    (a free port when None); yields the port, shuts Serve and Ray down on exit."""
+    (a free port when None); yields the port, shuts Serve and Ray down on exit. `dashboard`: with the
+    dashboard's HTTP server on 127.0.0.1 (a free port), which Ray's state API (`ray.util.state`) queries."""
     import ray
     from ray import serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     port = port or free_port()
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    where = {"dashboard_host": HOST, "dashboard_port": free_port()} if dashboard else {}
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard, configure_logging=False,
+             log_to_driver=False, **where)
     try:
         serve.start(http_options={"host": HOST, "port": port})
         yield port

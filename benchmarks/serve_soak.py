@@ -222,21 +222,30 @@ class Load:
 # ---------------------------------------------------------------- Serve's processes
 
 
+ROLES = {"ModelServer": "model replica", "Gateway": "gateway", "ProxyActor": "proxy",
+         "ServeController": "controller"}  # the last part of a Serve actor's class name -> its role here
+
+
 def serve_processes() -> dict[str, int]:
     """Label -> PID of every alive Serve actor (model replicas, gateways, proxy, controller), from Ray's state
-    API. Labels: `model replica 1`, `gateway 1`, `proxy`, `controller` (numbered when there are several)."""
+    API (`list_actors`: class name and PID). Labels: `model replica 1`, `gateway 1`, `proxy`, `controller`
+    (numbered when there are several)."""
     from ray.util.state import list_actors
 
-    roles = {"ModelServer": "model replica", "Gateway": "gateway", "ProxyActor": "proxy",
-             "ServeController": "controller"}
     found: dict[str, list[int]] = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000):
-        role = roles.get(actor.class_name.rsplit(":", 1)[-1])
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False):
+        role = ROLES.get(actor.class_name.rsplit(":", 1)[-1])
         if role and actor.pid:
             found.setdefault(role, []).append(actor.pid)
+    return process_labels(found)
+
+
+def process_labels(found: dict[str, list[int]]) -> dict[str, int]:
+    """Role -> PIDs as label -> PID: `proxy` alone, `model replica 1`, `model replica 2`, ... (ordered by role)."""
     labels = {}
-    for role, pids in found.items():
-        for n, pid in enumerate(sorted(pids), 1):
+    for role in ROLES.values():
+        pids = sorted(found.get(role, []))
+        for n, pid in enumerate(pids, 1):
             labels[role if role in ("proxy", "controller") and len(pids) == 1 else f"{role} {n}"] = pid
     return labels
 
@@ -277,7 +286,7 @@ def minute_line(row: dict[str, Any], minutes: int, rss: dict[str, int]) -> str:
 
 def soak(args: argparse.Namespace, items: list[dict[str, str]]) -> dict[str, Any]:
     """Deploy, warm up, run the clients for --minutes minutes printing a line per minute; every figure."""
-    with private_serve() as port:
+    with private_serve(dashboard=True) as port:  # the state API needs the dashboard's server
         url = deploy(app(args, port))
         wait_ready(url)
         load = Load(url, args, items)
@@ -297,7 +306,10 @@ def soak(args: argparse.Namespace, items: list[dict[str, str]]) -> dict[str, Any
                 clients.join()  # the requests in flight at the end count in the last minute
             row = per_minute(load.snapshot(), args.minutes)[m - 1]
             print(minute_line(row, args.minutes, {k: v[-1] for k, v in rss.items()}), flush=True)
-        changed = sorted(k for k, v in serve_processes().items() if pids.get(k) != v)
+        try:
+            changed = sorted(k for k, v in serve_processes().items() if pids.get(k) != v)
+        except Exception as e:  # noqa: BLE001 - keep the figures measured so far
+            changed = [f"unknown ({type(e).__name__}: {e})"]
     return {"url": url, "pids": pids, "rss": rss, "outcomes": load.snapshot(), "warm_up_errors": warm_errors,
             "restarted": changed}
 
