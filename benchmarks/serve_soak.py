@@ -382,6 +382,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
                     label=label)
     ax_rss.set(xlabel="minute (end of)", ylabel="RSS (MiB)", title="RSS of Serve's processes", ylim=(0, None))
     ax_rss.legend(fontsize="small")
+    for ax in (ax_n, ax_lat, ax_rss):
+        ax.set_xticks([0] + minutes if ax is ax_rss else minutes)
     fig.suptitle(f"serve soak: {res['config']['model']}, {res['config']['clients']} clients")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
