@@ -22,7 +22,8 @@ What it prints. A line per minute: requests completed in that minute, errors, p5
 the whole response, a stream's included), and the resident set (RSS) of every Serve process at the
 minute's end: the model replica(s) and the gateway replica(s), and the HTTP proxy and the Serve
 controller. The processes are found through Ray's public state API
-(`ray.util.state.list_actors`: class name and PID of each alive actor), their RSS read with psutil.
+(`ray.util.state.list_actors`: class name and PID of each alive actor; it queries the dashboard's
+HTTP server, which this script starts on 127.0.0.1), their RSS read with psutil.
 RSS growth of a process = its largest RSS at the end of minutes 2..M over its RSS at the end of
 minute 1, minus 1 (the first minute includes allocator and cache warm-up). The last line is
 
