@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import json
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, reachable on loopback only
+from serve_common import Connection, app_config, deploy, healthz, percentile, private_serve, run_clients
+from serve_common import prompts as benchmark_prompts
 
 CONFIGS = ("continuous", "unbatched")
 
@@ -55,8 +55,7 @@ class Measured:
         return len(self.latencies) / self.wall if self.wall else 0.0
 
     def percentile(self, q: float) -> float:
-        xs = sorted(self.latencies)
-        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+        return percentile(self.latencies, q)
 
 
 def parse_args() -> argparse.Namespace:
@@ -74,75 +73,43 @@ def parse_args() -> argparse.Namespace:
 
 
 def prompts(args: argparse.Namespace) -> list[str]:
-    from ray_unlearn.config import BenchmarkConfig
-    from ray_unlearn.models.build import ensure_benchmark
-
-    splits = ensure_benchmark(BenchmarkConfig(size=args.size, cache_dir=args.cache_dir)).splits()
-    return [f"Question: {it['question']}\nAnswer:" for it in splits["forget10"] + splits["retain"]]
+    return benchmark_prompts(args.size, args.cache_dir)
 
 
 # ---------------------------------------------------------------- over HTTP, in Ray Serve
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deploy(args: argparse.Namespace, port: int) -> dict[str, str]:
-    """Start Serve on 127.0.0.1:port with the continuous and unbatched applications; name -> base URL."""
-    from ray import serve
-
-    from ray_unlearn.serve import build_app
-    from ray_unlearn.serving.config import serve_config_from_dict
-
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def deploy_both(args: argparse.Namespace, port: int) -> dict[str, str]:
+    """The continuous and unbatched applications on the running Serve instance; name -> base URL."""
     urls = {}
     for name in CONFIGS:
-        cfg = serve_config_from_dict({
-            "name": name, "models": {"base": f"builtin:{args.size}:target"},
-            "benchmark": {"cache_dir": args.cache_dir}, "http": {"port": port, "route_prefix": f"/{name}"},
-            "batching": {"enabled": name == "continuous", "max_batch_size": args.clients,
-                         "max_queued_requests": 2 * args.clients},
-            "limits": {"max_tokens": max(args.max_tokens, 64)},
-            "deployment": {"num_cpus": args.num_cpus, "max_ongoing_requests": 2 * args.clients}})
-        serve.run(build_app(cfg, api_key=""), name=name, route_prefix=f"/{name}", blocking=False)
-        urls[name] = f"http://127.0.0.1:{port}/{name}"
+        urls[name] = deploy(app_config(
+            name, {"base": f"builtin:{args.size}:target"}, args.cache_dir, port,
+            batching={"enabled": name == "continuous", "max_batch_size": args.clients,
+                      "max_queued_requests": 2 * args.clients},
+            limits={"max_tokens": max(args.max_tokens, 64)},
+            deployment={"num_cpus": args.num_cpus, "max_ongoing_requests": 2 * args.clients}))
     return urls
 
 
 def http_round(url: str, texts: list[str], args: argparse.Namespace, out: Measured) -> None:
-    """args.clients threads send requests until args.requests are done or args.max_seconds pass. Each thread
-    keeps one HTTP/1.1 connection (`http.client`: the load generator shares the cores with the server, so
-    it should cost little)."""
-    import http.client
-    import json
-    from urllib.parse import urlsplit
-
+    """args.clients threads send requests until args.requests are done or args.max_seconds pass, each on
+    its own keep-alive connection."""
     lock, counter = threading.Lock(), [0]
     deadline = time.monotonic() + args.max_seconds
-    where = urlsplit(url)
 
-    def client() -> None:
-        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=args.max_seconds)
+    def client(_: int) -> None:
+        conn = Connection(url, timeout=args.max_seconds)
         while time.monotonic() < deadline:
             with lock:
                 if counter[0] >= args.requests:
-                    return
+                    break
                 i = counter[0]
                 counter[0] += 1
             body = json.dumps({"model": "base", "prompt": texts[i % len(texts)], "temperature": 0,
                                "max_tokens": args.max_tokens})
             t0 = time.perf_counter()
-            try:
-                conn.request("POST", where.path + "/v1/completions", body, {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                response.read()
-                ok = response.status == 200
-            except (OSError, http.client.HTTPException):
-                conn.close()  # reconnects on the next request
-                ok = False
+            ok = conn.post("/v1/completions", body)[0] == 200
             with lock:
                 if ok:
                     out.latencies.append(time.perf_counter() - t0)
@@ -150,30 +117,16 @@ def http_round(url: str, texts: list[str], args: argparse.Namespace, out: Measur
                     out.errors += 1
         conn.close()
 
-    threads = [threading.Thread(target=client) for _ in range(args.clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out.wall += time.perf_counter() - start
+    out.wall += run_clients(args.clients, client)
 
 
 def batching_stats(url: str) -> dict[str, int]:
-    import requests
-
-    return requests.get(url + "/healthz", timeout=30).json()["batching"]
+    return healthz(url)["batching"]
 
 
 def run_serve(args: argparse.Namespace, texts: list[str]) -> tuple[dict[str, Measured], dict[str, int]]:
-    import ray
-    from ray import serve
-
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
-             log_to_driver=False)  # a private instance, never a cluster that is already running
-    try:
-        urls = deploy(args, free_port())
+    with private_serve() as port:
+        urls = deploy_both(args, port)
         for url in urls.values():  # warm-up: load the model, first steps
             http_round(url, texts, argparse.Namespace(**{**vars(args), "requests": args.clients}), Measured())
         before = batching_stats(urls["continuous"])
@@ -184,9 +137,6 @@ def run_serve(args: argparse.Namespace, texts: list[str]) -> tuple[dict[str, Mea
         after = batching_stats(urls["continuous"])
         return results, {k: after[k] - before[k] for k in ("steps", "row_steps", "requests")} | {
             "largest": after["largest"]}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 # ---------------------------------------------------------------- in process: the Scheduler alone
