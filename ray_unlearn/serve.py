@@ -9,8 +9,8 @@ Two deployments:
   replica. LoRA adapters (`adapters`) are model ids too, but not models of their own: every adapter is
   loaded by peft onto the base model's one copy in the replica (`serving.adapters.SharedBase`), the
   gateway routes their requests by the base model's id, and their rows decode in the base model's
-  batch, each through its own adapter. Generation is continuously batched by the replica's own `serving.scheduler.Scheduler`
-  (requests join the running batch of their model between decode steps and leave it when they
+  batch, each through its own adapter. Generation is continuously batched by the replica's own
+  `serving.scheduler.Scheduler` (requests join the running batch of their model between decode steps and leave it when they
   finish; a background task decodes, off the event loop); `/v1/verify` scores items with the
   model and the base model.
 

@@ -12,6 +12,8 @@ import asyncio
 import json
 import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -214,7 +216,8 @@ def test_rows_that_join_a_running_batch_keep_their_adapter(dirs, shared):
 def test_an_adapter_the_model_does_not_have_fails_that_request_alone(dirs, shared):
     results = generate(shared, NoEosTokenizer(), [_req(PROMPTS[0], "nope"), _req(PROMPTS[1], "a")])
     assert results[0].error.status == 404 and "'nope' is not loaded" in results[0].error.message
-    assert results[1].error is None and results[1].token_ids == _alone_tokens(dirs, [_req(PROMPTS[1], "a")])[0].token_ids
+    alone = _alone_tokens(dirs, [_req(PROMPTS[1], "a")])[0]
+    assert results[1].error is None and results[1].token_ids == alone.token_ids
     plain = generate(_base(dirs), NoEosTokenizer(), [_req(PROMPTS[0], "a")])[0]  # a model without adapters
     assert plain.error.status == 404
 
@@ -324,3 +327,93 @@ def test_shared_base_is_one_copy_of_the_base(dirs):
     assert any(p is weight for p in shared.parameters())  # the base's own tensors, not copies
     assert sum(p.numel() for n, p in shared.named_parameters() if ".lora_" not in n) == \
         sum(p.numel() for p in _base(dirs).parameters())
+
+
+# ---------------------------------------------------------------- the gateway's routing (in process, no Ray)
+
+
+class RecordingServer:
+    """Stands in for the ModelServer handle: records the multiplexed id each call was routed by and what it got."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+
+    def options(self, multiplexed_model_id: str, stream: bool = False) -> SimpleNamespace:
+        async def complete(request):
+            self.calls.append(("complete", multiplexed_model_id, request))
+            return Delta("text", "stop", 1)
+
+        async def stream_(request):
+            self.calls.append(("stream", multiplexed_model_id, request))
+            yield Delta("text", "stop", 1)
+
+        async def verify(model_items, base_items, adapter=None):
+            self.calls.append(("verify", multiplexed_model_id, adapter))
+            scores = {m: [0.5] * len(model_items) for m in ("es", "em", "probability", "mink", "loss")}
+            return {"model": scores, "base": scores}
+
+        return SimpleNamespace(complete=SimpleNamespace(remote=complete), stream=SimpleNamespace(remote=stream_),
+                               verify=SimpleNamespace(remote=verify))
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    """(ASGI app, Gateway, RecordingServer) of a Gateway serving "base" and "other", adapters "a" and "b"."""
+    import ray.serve
+
+    import ray_unlearn.serve as serve_module
+    from ray_unlearn.models.tiny import train_tokenizer
+    from ray_unlearn.serving.config import serve_config_from_dict
+
+    gateway_cls = next(c for c in serve_module.Gateway.func_or_class.__mro__[1:] if c.__name__ == "Gateway")
+    models = {"base": "unused", "other": "unused"}
+    cfg = serve_config_from_dict({"models": models, "base_model": "base", "adapters": {"a": "x", "b": "y"}})
+    server = RecordingServer()
+    gw = gateway_cls(server, cfg, models, {}, "", {"a": "/runs/a/adapter", "b": "/runs/b/adapter"})
+    tokenizer = train_tokenizer(["Question: what is the capital of France?\nAnswer: Paris."] * 20, 300)
+    gw.tokenizers.update(base=tokenizer, other=tokenizer)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ray.serve, "get_replica_context", lambda: SimpleNamespace(servable_object=gw))
+    yield serve_module.api, gw, server
+    patch.undo()
+
+
+def _post(app, path: str, body: dict) -> tuple[int, Any]:
+    from tests.unit.serving.test_serve_fuzz import asgi_post
+
+    status, raw = asyncio.run(asgi_post(app, path, json.dumps(body).encode()))
+    text = raw.decode()
+    return status, (json.loads(text) if text.startswith("{") else text)
+
+
+def test_models_list_the_adapters_with_their_parent(gateway):
+    _, gw, _ = gateway
+    body = json.loads(asyncio.run(gw.list_models(SimpleNamespace(headers={}))).body)
+    assert [(m["id"], m.get("parent")) for m in body["data"]] == [("base", None), ("other", None), ("a", "base"),
+                                                                 ("b", "base")]
+    one = json.loads(asyncio.run(gw.get_model("b", SimpleNamespace(headers={}))).body)
+    assert one["id"] == "b" and one["parent"] == "base"
+
+
+@pytest.mark.parametrize("model, routed, adapter", [("a", "base", "a"), ("base", "base", None),
+                                                    ("other", "other", None)])
+def test_requests_for_an_adapter_are_routed_by_the_base_model(gateway, model, routed, adapter):
+    app, _, server = gateway
+    server.calls.clear()
+    status, body = _post(app, "/v1/completions", {"model": model, "prompt": "Question: what", "max_tokens": 2})
+    assert status == 200 and body["model"] == model
+    status, _ = _post(app, "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200
+    status, body = _post(app, "/v1/chat/completions", {"model": model, "stream": True,
+                                                       "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200 and "[DONE]" in body
+    status, body = _post(app, "/v1/verify", {"model": model, "texts": ["Paris is the capital"]})
+    assert status == 200 and body["model"] == model and body["base_model"] == "base"
+    calls = [(kind, by, r if kind == "verify" else (r.model_id, r.adapter)) for kind, by, r in server.calls]
+    assert calls == [("complete", routed, (routed, adapter)), ("complete", routed, (routed, adapter)),
+                     ("stream", routed, (routed, adapter)), ("verify", routed, adapter)]
+
+
+def test_an_unknown_id_lists_the_adapters_too(gateway):
+    status, body = _post(gateway[0], "/v1/completions", {"model": "c", "prompt": "x"})
+    assert status == 404 and "available: base, other, a, b" in body["error"]["message"]
