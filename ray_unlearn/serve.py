@@ -10,9 +10,9 @@ Two deployments:
   loaded by peft onto the base model's one copy in the replica (`serving.adapters.SharedBase`), the
   gateway routes their requests by the base model's id, and their rows decode in the base model's
   batch, each through its own adapter. Generation is continuously batched by the replica's own
-  `serving.scheduler.Scheduler` (requests join the running batch of their model between decode steps and leave it when they
-  finish; a background task decodes, off the event loop); `/v1/verify` scores items with the
-  model and the base model.
+  `serving.scheduler.Scheduler` (requests join the running batch of their model between decode
+  steps and leave it when they finish; a background task decodes, off the event loop);
+  `/v1/verify` scores items with the model (or adapter) and the base model.
 
 Endpoints: GET /healthz (readiness, no key), GET /v1/models[/{id}], POST /v1/completions,
 POST /v1/chat/completions (both with `stream` as server-sent events), POST /v1/verify. Chat
