@@ -175,6 +175,7 @@ def test_verify_audit_of_an_adapter(url, lora_run):
     """The run's audit record holds the adapter's hashes (output_adapter): re-checked for the adapter's id."""
     report = verify(url, model="lora", audit=True)
     assert report["audit"]["ok"] is True and report["audit"]["record"]["output_adapter"]["path"] == "adapter"
+    assert "adapter files" in report["audit"]["check"]
     assert verify(url, model="merged", audit=True)["audit"]["ok"] is True
     err = assert_error(post(url, "/v1/verify", {"model": "noisy", "audit": True}, headers=AUTH), 404,
                        "audit_not_found")
