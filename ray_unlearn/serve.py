@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray_unlearn.cli import quiet_libraries
 from ray_unlearn.data.collate import prompt_format, stop_token_ids, uses_chat_template
 from ray_unlearn.errors import UnlearnError
+from ray_unlearn.serving.adapters import SharedBase
 from ray_unlearn.serving.auth import require_key
 from ray_unlearn.serving.config import (ServeConfig, is_loopback, load_serve_config, resolve_adapters,
                                         resolve_api_key, resolve_benchmarks, resolve_models, serve_config_from_dict)
@@ -155,11 +156,12 @@ class ModelServer:
         """Load one registered model and its tokenizer (safetensors only; remote code only if configured); the
         base model with every adapter on it (`serving.adapters.load_adapters`)."""
         from ray_unlearn.models.io import load_model, load_tokenizer
-        from ray_unlearn.serving.adapters import load_adapters
 
         path = self.models[model_id]
         model = load_model(path, self.cfg.dtype, self.cfg.trust_remote_code)
         if model_id == self.cfg.base_model and self.adapters:
+            from ray_unlearn.serving.adapters import load_adapters
+
             model = load_adapters(model, self.adapters)
         model = model.to(self.device).eval()
         tokenizer = load_tokenizer(path, self.cfg.trust_remote_code)
@@ -191,7 +193,12 @@ class ModelServer:
     async def _score(self, model_id: str, items: list[dict], adapter: str | None = None) -> dict[str, list[float]]:
         loaded = await self._load(model_id)
         pad = loaded.tokenizer.pad_token_id or 0
-        model = loaded.model.bound(adapter) if hasattr(loaded.model, "bound") else loaded.model
+        model = loaded.model
+        if isinstance(model, SharedBase):
+            model = model.bound(adapter)
+        elif adapter is not None:
+            raise APIError(404, f"adapter {adapter!r} is not loaded on model {model_id!r}", param="model",
+                           code="model_not_found")
         return await asyncio.to_thread(score_items, model, pad, items, self.cfg.verify.batch_size,
                                        self.cfg.verify.mink_k)
 
