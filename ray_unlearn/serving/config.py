@@ -116,7 +116,8 @@ class DeploymentConfig:
     max_ongoing_requests: int = _f(32, "Requests one model replica accepts at a time (>= max_batch_size); "
                                        "generation requests beyond the running rows wait in its queue.")
     max_models_per_replica: int = _f(3, "Models one replica keeps loaded (LRU, @serve.multiplexed); >= 2, "
-                                        "since /v1/verify needs the model and the base model.")
+                                        "since /v1/verify needs the model and the base model. The base "
+                                        "model with every adapter on it counts once.")
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig,
                                            metadata={"help": "Autoscaling of the model deployment."})
 
