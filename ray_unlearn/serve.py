@@ -6,10 +6,13 @@ Two deployments:
   rendering and token counting (it holds tokenizers, not models), server-sent events.
 - `ModelServer`: holds the models. Each registered model id (the base model and any number of
   unlearned checkpoints) is loaded on first use by an `@serve.multiplexed` loader, LRU per
-  replica; generation is continuously batched by the replica's own `serving.scheduler.Scheduler`
-  (requests join the running batch of their model between decode steps and leave it when they
-  finish; a background task decodes, off the event loop); `/v1/verify` scores items with the
-  model and the base model.
+  replica. LoRA adapters (`adapters`) are model ids too, but not models of their own: every adapter is
+  loaded by peft onto the base model's one copy in the replica (`serving.adapters.SharedBase`), the
+  gateway routes their requests by the base model's id, and their rows decode in the base model's
+  batch, each through its own adapter. Generation is continuously batched by the replica's own
+  `serving.scheduler.Scheduler` (requests join the running batch of their model between decode
+  steps and leave it when they finish; a background task decodes, off the event loop);
+  `/v1/verify` scores items with the model (or adapter) and the base model.
 
 Endpoints: GET /healthz (readiness, no key), GET /v1/models[/{id}], POST /v1/completions,
 POST /v1/chat/completions (both with `stream` as server-sent events), POST /v1/verify. Chat
@@ -46,9 +49,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray_unlearn.cli import quiet_libraries
 from ray_unlearn.data.collate import prompt_format, stop_token_ids, uses_chat_template
 from ray_unlearn.errors import UnlearnError
+from ray_unlearn.serving.adapters import SharedBase
 from ray_unlearn.serving.auth import require_key
-from ray_unlearn.serving.config import (ServeConfig, is_loopback, load_serve_config, resolve_api_key,
-                                        resolve_benchmarks, resolve_models, serve_config_from_dict)
+from ray_unlearn.serving.config import (ServeConfig, is_loopback, load_serve_config, resolve_adapters,
+                                        resolve_api_key, resolve_benchmarks, resolve_models, serve_config_from_dict)
 from ray_unlearn.serving.engine import (Delta, GenerationRequest, LoadedModel, VerdictRule, audit_of,
                                         check_max_tokens, check_prompt_length, encode_rows, render_chat,
                                         render_completion, rule_description, sampling_params, score_items, verdict,
@@ -133,9 +137,9 @@ class ModelServer:
     """Holds the models (multiplexed by id), decodes generation requests continuously batched, scores
     verification items."""
 
-    def __init__(self, cfg: ServeConfig, models: dict[str, str]) -> None:
+    def __init__(self, cfg: ServeConfig, models: dict[str, str], adapters: dict[str, str] | None = None) -> None:
         quiet_libraries()
-        self.cfg, self.models = cfg, models
+        self.cfg, self.models, self.adapters = cfg, models, adapters or {}
         gpu = cfg.deployment.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if gpu else "cpu")
         torch.set_num_threads(max(1, int(cfg.deployment.num_cpus)))
@@ -149,11 +153,17 @@ class ModelServer:
         self.scheduler = Scheduler(b.effective_batch_size, b.max_queued_requests, b.batch_wait_timeout_s)
 
     def _load_sync(self, model_id: str) -> LoadedModel:
-        """Load one registered model and its tokenizer (safetensors only; remote code only if configured)."""
+        """Load one registered model and its tokenizer (safetensors only; remote code only if configured); the
+        base model with every adapter on it (`serving.adapters.load_adapters`)."""
         from ray_unlearn.models.io import load_model, load_tokenizer
 
         path = self.models[model_id]
-        model = load_model(path, self.cfg.dtype, self.cfg.trust_remote_code).to(self.device).eval()
+        model = load_model(path, self.cfg.dtype, self.cfg.trust_remote_code)
+        if model_id == self.cfg.base_model and self.adapters:
+            from ray_unlearn.serving.adapters import load_adapters
+
+            model = load_adapters(model, self.adapters)
+        model = model.to(self.device).eval()
         tokenizer = load_tokenizer(path, self.cfg.trust_remote_code)
         return LoadedModel(model, tokenizer, stop_token_ids(tokenizer, prompt_format(self.cfg, prefix="")))
 
@@ -172,17 +182,24 @@ class ModelServer:
             async for d in deltas:
                 yield d
 
-    async def verify(self, model_items: list[dict], base_items: list[dict]) -> dict[str, Any]:
-        """Per-item metrics of the request's model (its multiplexed id) and of the base model."""
+    async def verify(self, model_items: list[dict], base_items: list[dict], adapter: str | None = None) -> dict:
+        """Per-item metrics of the request's model (its multiplexed id; through `adapter` when one is given: the
+        id is then the base model's) and of the base model."""
         model_id, base_id = serve.get_multiplexed_model_id(), self.cfg.base_model
-        scores = await self._score(model_id, model_items)
-        base = scores if model_id == base_id else await self._score(base_id, base_items)
+        scores = await self._score(model_id, model_items, adapter)
+        base = scores if model_id == base_id and adapter is None else await self._score(base_id, base_items)
         return {"model": scores, "base": base}
 
-    async def _score(self, model_id: str, items: list[dict]) -> dict[str, list[float]]:
+    async def _score(self, model_id: str, items: list[dict], adapter: str | None = None) -> dict[str, list[float]]:
         loaded = await self._load(model_id)
         pad = loaded.tokenizer.pad_token_id or 0
-        return await asyncio.to_thread(score_items, loaded.model, pad, items, self.cfg.verify.batch_size,
+        model = loaded.model
+        if isinstance(model, SharedBase):
+            model = model.bound(adapter)
+        elif adapter is not None:
+            raise APIError(404, f"adapter {adapter!r} is not loaded on model {model_id!r}", param="model",
+                           code="model_not_found")
+        return await asyncio.to_thread(score_items, model, pad, items, self.cfg.verify.batch_size,
                                        self.cfg.verify.mink_k)
 
     async def health(self) -> dict[str, Any]:
@@ -200,9 +217,11 @@ class Gateway:
     """OpenAI-style HTTP API plus /v1/verify and /healthz, in front of ModelServer."""
 
     def __init__(self, server: DeploymentHandle, cfg: ServeConfig, models: dict[str, str],
-                 benchmarks: dict[str, str], api_key: str) -> None:
+                 benchmarks: dict[str, str], api_key: str, adapters: dict[str, str] | None = None) -> None:
         quiet_libraries()
         self.server, self.cfg, self.models, self.benchmarks = server, cfg, models, benchmarks
+        self.adapters = adapters or {}
+        self.parents = {adapter_id: cfg.base_model for adapter_id in self.adapters}
         self.api_key = api_key
         self.tokenizers: dict[str, Any] = {}
         self.handles: dict[tuple[str, bool], DeploymentHandle] = {}
@@ -226,11 +245,19 @@ class Gateway:
                 raise _too_large(len(body), limit)
         return parse_json(bytes(body))
 
-    def _model_id(self, name: str) -> str:
-        if name not in self.models:
-            raise APIError(404, f"model {name!r} does not exist; available: {', '.join(self.models)}",
-                           param="model", code="model_not_found")
-        return name
+    def _route(self, name: str) -> tuple[str, str | None]:
+        """(the model that runs a request for `name`, the adapter on it or None): an adapter runs on the base
+        model; a 404 for an unknown name."""
+        if name in self.models:
+            return name, None
+        if name in self.adapters:
+            return self.cfg.base_model, name
+        raise APIError(404, f"model {name!r} does not exist; available: {', '.join(self._ids())}",
+                       param="model", code="model_not_found")
+
+    def _ids(self) -> list[str]:
+        """Every servable id: the models, then the adapters."""
+        return [*self.models, *self.adapters]
 
     def _tokenizer(self, model_id: str) -> Any:
         if model_id not in self.tokenizers:
@@ -310,23 +337,24 @@ class Gateway:
             info = await asyncio.wait_for(self.server.health.remote(), timeout=10)
         except Exception as e:  # noqa: BLE001
             return JSONResponse({"status": "unavailable", "ready": False, "error": _root_message(e)}, 503)
-        return JSONResponse({"status": "ok", "ready": True, "models": list(self.models),
+        return JSONResponse({"status": "ok", "ready": True, "models": self._ids(),
                              "base_model": self.cfg.base_model, **info})
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
         require_key(self.api_key, request.headers.get("authorization"))
-        return JSONResponse(model_list(list(self.models), self.created))
+        return JSONResponse(model_list(self._ids(), self.created, self.parents))
 
     @api.get("/v1/models/{model}")
     async def get_model(self, model: str, request: Request) -> JSONResponse:
         require_key(self.api_key, request.headers.get("authorization"))
-        return JSONResponse(model_list([self._model_id(model)], self.created)["data"][0])
+        self._route(model)
+        return JSONResponse(model_list([model], self.created, self.parents)["data"][0])
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         req = validate(CompletionRequest, await self._body(request))
-        model_id = self._model_id(req.model)
+        model_id, adapter = self._route(req.model)
         prompts = req.prompts()
         if len(prompts) > self.cfg.limits.max_prompts:
             raise APIError(400, f"prompt has {len(prompts)} prompts, over the limit of "
@@ -338,11 +366,11 @@ class Gateway:
             ids = render_completion(tok, prompt)
             param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
             check_prompt_length(ids, self.cfg.limits.max_prompt_tokens, param)
-            gens.append(GenerationRequest(model_id, tuple(ids), params))
+            gens.append(GenerationRequest(model_id, tuple(ids), params, adapter))
         rid, n_prompt = new_id("cmpl"), sum(len(g.prompt_ids) for g in gens)
         if req.stream:
             return _event_stream(self._completion_events(rid, req, gens, n_prompt))
-        results = await asyncio.gather(*(self._remote(self._handle(model_id).complete.remote(g), model_id)
+        results = await asyncio.gather(*(self._remote(self._handle(model_id).complete.remote(g), req.model)
                                          for g in gens))
         return JSONResponse(completion_response(rid, req.model, [(r.text, r.finish_reason) for r in results],
                                                 n_prompt, sum(r.completion_tokens for r in results)))
@@ -364,7 +392,7 @@ class Gateway:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         req = validate(ChatCompletionRequest, await self._body(request))
-        model_id = self._model_id(req.model)
+        model_id, adapter = self._route(req.model)
         lim = self.cfg.limits
         if len(req.messages) > lim.max_messages:
             raise APIError(400, f"messages has {len(req.messages)} messages, over the limit of {lim.max_messages}",
@@ -372,10 +400,10 @@ class Gateway:
         params = self._gen_params(req, req.requested_max_tokens(), lim.default_max_tokens)
         ids = render_chat(self._tokenizer(model_id), req.messages, self.prompt_format)
         check_prompt_length(ids, lim.max_prompt_tokens, "messages")
-        gen, rid = GenerationRequest(model_id, tuple(ids), params), new_id("chatcmpl")
+        gen, rid = GenerationRequest(model_id, tuple(ids), params, adapter), new_id("chatcmpl")
         if req.stream:
             return _event_stream(self._chat_events(rid, req, gen))
-        r = await self._remote(self._handle(model_id).complete.remote(gen), model_id)
+        r = await self._remote(self._handle(model_id).complete.remote(gen), req.model)
         return JSONResponse(chat_response(rid, req.model, r.text, r.finish_reason, len(ids), r.completion_tokens))
 
     async def _chat_events(self, rid: str, req: ChatCompletionRequest, gen: GenerationRequest) -> AsyncIterator[str]:
@@ -399,15 +427,18 @@ class Gateway:
         """Score items with the model and the base model; verdict forgotten / not forgotten (see engine). With
         `audit: true`, the record of the run that wrote the model, its hashes re-checked (engine.audit_of)."""
         req = validate(VerifyRequest, await self._body(request))
-        model_id, base_id = self._model_id(req.model), self.cfg.base_model
+        (model_id, adapter), base_id = self._route(req.model), self.cfg.base_model
         body: dict[str, Any] = {"object": "verification", "model": req.model}
         if req.audit:  # re-hashing reads every weight file: off the event loop
-            body["audit"] = await asyncio.to_thread(audit_of, model_id, self.models[model_id])
+            body["audit"] = await asyncio.to_thread(
+                audit_of, req.model, *((self.adapters[adapter], "output_adapter") if adapter else
+                                       (self.models[model_id], "output_model")))
         if not req.scores():
             return JSONResponse(body)
         rows, source = verify_rows(req, self.benchmarks, self.cfg.limits.max_verify_items)
         model_items, base_items = self._encode_rows(model_id, rows), self._encode_rows(base_id, rows)
-        scores = await self._remote(self._handle(model_id).verify.remote(model_items, base_items), model_id)
+        scores = await self._remote(self._handle(model_id).verify.remote(model_items, base_items, adapter=adapter),
+                                    req.model)
         report = verdict(scores["model"], scores["base"], self.rule, labels=rows)
         return JSONResponse({**body, "base_model": base_id, "source": source,
                              "rule": rule_description(self.rule, self.cfg.verify.mink_k), **report})
@@ -429,6 +460,7 @@ def build_app(cfg: ServeConfig, api_key: str | None = None) -> Any:
     """
     key = resolve_api_key(cfg) if api_key is None else api_key
     models, benchmarks = resolve_models(cfg), resolve_benchmarks(cfg)
+    adapters = resolve_adapters(cfg, models)
     d = cfg.deployment
     scaling: dict[str, Any] = {"num_replicas": d.num_replicas}
     if d.autoscaling.enabled:
@@ -438,10 +470,10 @@ def build_app(cfg: ServeConfig, api_key: str | None = None) -> Any:
     server = ModelServer.options(max_ongoing_requests=d.max_ongoing_requests,
                                  max_queued_requests=cfg.batching.max_queued_requests,
                                  ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
-                                 **scaling).bind(cfg, models)
+                                 **scaling).bind(cfg, models, adapters)
     return Gateway.options(num_replicas=d.gateway_replicas, max_ongoing_requests=max(100, 4 * d.max_ongoing_requests),
                            ray_actor_options={"num_cpus": d.gateway_num_cpus}).bind(
-        server, cfg, models, benchmarks, key)
+        server, cfg, models, benchmarks, key, adapters)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -486,6 +518,7 @@ def run_serve(job: str | None, overrides: list[str]) -> int:
     cfg = load_serve_config(job, overrides)
     key = resolve_api_key(cfg)  # refuse to start before anything runs
     _check_port_free(cfg.http.host, cfg.http.port)
+    resolve_adapters(cfg)  # a bad adapter too (checked again, cheaply, when the application is built)
     own_ray = not ray.is_initialized()
     if own_ray:
         ray.init(address=cfg.ray_address or None, configure_logging=False, log_to_driver=False)
@@ -493,7 +526,7 @@ def run_serve(job: str | None, overrides: list[str]) -> int:
     try:
         base = start(cfg, key)
         auth = "API key required" if key else "no API key (loopback only)"
-        print(f"serving {', '.join(cfg.models)} (base: {cfg.base_model}) at {base}/v1 - {auth}; "
+        print(f"serving {', '.join([*cfg.models, *cfg.adapters])} (base: {cfg.base_model}) at {base}/v1 - {auth}; "
               f"health: {base}/healthz; Ctrl-C to stop", flush=True)
         if not is_loopback(cfg.http.host):
             print(f"warning: bound to {cfg.http.host}, reachable beyond this machine", file=sys.stderr)

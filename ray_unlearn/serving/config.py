@@ -2,8 +2,9 @@
 
 The same machinery as the job config (`ray_unlearn.config`): complete YAML sections, every
 field with a help string, unknown keys and wrong types rejected with a one-line error.
-The model registry maps a model id to an HF model directory (e.g. a run's `<output_dir>/model`)
-or to a built-in benchmark model, `builtin:<size>:target` / `builtin:<size>:retain`.
+The model registry maps a model id to an HF model directory (e.g. a run's `<output_dir>/model`: any
+number of full checkpoints) or to a built-in benchmark model, `builtin:<size>:target` /
+`builtin:<size>:retain`; `adapters` maps more ids to LoRA adapter directories served on the base model.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class DeploymentConfig:
     max_ongoing_requests: int = _f(32, "Requests one model replica accepts at a time (>= max_batch_size); "
                                        "generation requests beyond the running rows wait in its queue.")
     max_models_per_replica: int = _f(3, "Models one replica keeps loaded (LRU, @serve.multiplexed); >= 2, "
-                                        "since /v1/verify needs the model and the base model.")
+                                        "since /v1/verify needs the model and the base model. The base "
+                                        "model with every adapter on it counts once.")
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig,
                                            metadata={"help": "Autoscaling of the model deployment."})
 
@@ -159,6 +161,10 @@ class ServeConfig:
                                 "Model registry: id -> HF model directory (safetensors) or "
                                 "builtin:<size>:target|retain.")
     base_model: str = _f("base", "Id of the model before unlearning: /v1/verify compares against it.")
+    adapters: dict[str, str] = _f({}, "LoRA adapters served as model ids on the base model: id -> adapter "
+                                      "directory (peft format; a model.lora run writes <output_dir>/adapter). "
+                                      "They share one copy of the base model per replica, and requests for "
+                                      "different adapters (and the base) decode in one batch.")
     benchmarks: dict[str, str] = _f({}, "Benchmarks /v1/verify can read splits of: name -> directory of "
                                         "<split>.jsonl or builtin:<size>. Every builtin:<size> a model "
                                         "refers to is registered under that name too.")
@@ -198,6 +204,14 @@ class ServeConfig:
         if self.base_model not in self.models:
             raise UnlearnError(f"base_model: {self.base_model!r} is not a registered model id "
                                f"(registered: {', '.join(self.models)})")
+        for adapter_id, path in self.adapters.items():
+            _check_id("adapters", adapter_id)
+            if adapter_id in self.models:
+                raise UnlearnError(f"adapters.{adapter_id}: the id is also a model id under models; give the "
+                                   "adapter another id")
+            if not path:
+                raise UnlearnError(f"adapters.{adapter_id}: empty path; give a LoRA adapter directory "
+                                   "(<output_dir>/adapter of a model.lora run)")
         for name, path in self.benchmarks.items():
             if not path:
                 raise UnlearnError(f"benchmarks.{name}: empty path")
@@ -206,10 +220,15 @@ class ServeConfig:
                                "or the batch never fills")
 
 
+def _check_id(section: str, model_id: str) -> None:
+    """A model id is a plain name: non-empty, without spaces or '/'."""
+    if not model_id or any(c.isspace() for c in model_id) or "/" in model_id:
+        raise UnlearnError(f"{section}: id {model_id!r} must be non-empty, without spaces or '/'")
+
+
 def _check_model_ref(model_id: str, path: str) -> None:
     """A model id is a plain name; its path is non-empty and a builtin reference is well formed."""
-    if not model_id or any(c.isspace() for c in model_id) or "/" in model_id:
-        raise UnlearnError(f"models: id {model_id!r} must be non-empty, without spaces or '/'")
+    _check_id("models", model_id)
     if not path:
         raise UnlearnError(f"models.{model_id}: empty path; give an HF model directory or builtin:<size>:target")
     if path.startswith("builtin:"):
@@ -296,6 +315,24 @@ def resolve_models(cfg: ServeConfig) -> dict[str, str]:
         else:
             out[model_id] = ref  # a hub id, fetched by from_pretrained in the replica
     return out
+
+
+def resolve_adapters(cfg: ServeConfig, models: dict[str, str] | None = None) -> dict[str, str]:
+    """Adapter id -> absolute adapter directory, each checked (a one-line error otherwise): it exists and is
+    a LoRA adapter (checked first: it needs no model), then its base model has the served base's
+    architecture (`serving.adapters.check_adapter`). `models`: `resolve_models`'s result (resolved here when
+    None)."""
+    if not cfg.adapters:
+        return {}
+    from ray_unlearn.serving.adapters import check_adapter, read_adapter_config
+
+    paths = {adapter_id: Path(ref).expanduser().resolve() for adapter_id, ref in cfg.adapters.items()}
+    for adapter_id, path in paths.items():
+        read_adapter_config(adapter_id, path)
+    base = (models if models is not None else resolve_models(cfg))[cfg.base_model]
+    for adapter_id, path in paths.items():
+        check_adapter(adapter_id, path, base, cfg.base_model, cfg.trust_remote_code)
+    return {adapter_id: str(path) for adapter_id, path in paths.items()}
 
 
 def resolve_benchmarks(cfg: ServeConfig) -> dict[str, str]:

@@ -57,11 +57,13 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt (token ids) to continue with `model_id`."""
+    """One prompt (token ids) to continue with `model_id`; `adapter` (a LoRA adapter's model id, loaded on
+    `model_id` as its shared base: `serving.adapters`) applies to this row alone, None = the model itself."""
 
     model_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None
 
 
 @dataclass
@@ -280,10 +282,13 @@ def _generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
 
 
-def _start_row(request: GenerationRequest, context: float, tokenizer: Any,
-               eos_ids: set[int]) -> tuple[_Row, torch.Generator]:
-    """A request's decoding state and generator, or an error when the engine cannot take it (an empty
-    prompt, no room left in the model's context, a seed torch refuses)."""
+def _start_row(request: GenerationRequest, context: float, tokenizer: Any, eos_ids: set[int],
+               adapters: frozenset[str] = frozenset()) -> tuple[_Row, torch.Generator]:
+    """A request's decoding state and generator, or an error when the engine cannot take it (an adapter the
+    model has not loaded, an empty prompt, no room left in the model's context, a seed torch refuses)."""
+    if request.adapter is not None and request.adapter not in adapters:
+        raise APIError(404, f"adapter {request.adapter!r} is not loaded on model {request.model_id!r}",
+                       param="model", code="model_not_found")
     n = len(request.prompt_ids)
     if n == 0:
         raise APIError(400, "prompt is empty (0 tokens); send some text", param="prompt", code="invalid_value")
@@ -339,6 +344,7 @@ class _Slot:
     generator: torch.Generator
     params: SamplingParams
     prompt_ids: tuple[int, ...]
+    adapter: str | None = None
 
 
 def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -359,6 +365,12 @@ def _joinable(cache: Any) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
 
+def _adapter_kwargs(slots: Sequence[_Slot]) -> dict[str, Any]:
+    """The forward pass's per-row adapters when any row has one ({} otherwise: a plain model never sees the
+    argument, and a SharedBase runs rows without it on the base)."""
+    return {"adapters": [s.adapter for s in slots]} if any(s.adapter is not None for s in slots) else {}
+
+
 class DecodeBatch:
     """The running requests of one model, decoded together one token per row per `step()`. Requests join
     between steps (`join`: their prompts are prefilled in one forward pass, then they decode with the others)
@@ -374,6 +386,10 @@ class DecodeBatch:
     handling fails leaves; each answers a Delta with `error`. Only a forward pass is shared: if a prefill
     fails, the requests joining in it fail; if a decode step fails, every running request does (503).
 
+    Rows of a model that serves LoRA adapters (`serving.adapters.SharedBase`) may each use another adapter
+    (the request's `adapter`): every forward pass gets the adapter of each row, in row order, and peft applies
+    it to that row alone, so a row decodes as its adapter (or the base) would alone.
+
     Deltas are keyed by the caller's key of each request (`join`'s pairs). Not thread-safe: one caller.
     """
 
@@ -383,6 +399,7 @@ class DecodeBatch:
         self.eos = _eos_ids(model, tokenizer, stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.joinable: bool | None = None  # known after the first prefill
+        self.adapters: frozenset[str] = getattr(model, "adapter_ids", frozenset())
         self._reset()
 
     def _reset(self) -> None:
@@ -413,15 +430,15 @@ class DecodeBatch:
         slots = []
         for key, request in requests:
             try:
-                row, generator = _start_row(request, self.context, self.tokenizer, self.eos)
+                row, generator = _start_row(request, self.context, self.tokenizer, self.eos, self.adapters)
             except Exception as e:  # noqa: BLE001 - any failure of one request is that request's alone
                 out[key] = Delta("", error=_row_error(e, "setup"))
                 continue
-            slots.append(_Slot(key, row, generator, request.params, request.prompt_ids))
+            slots.append(_Slot(key, row, generator, request.params, request.prompt_ids, request.adapter))
         if not slots:
             return out
         try:
-            logits, cache, mask, positions = self._prefill([s.prompt_ids for s in slots])
+            logits, cache, mask, positions = self._prefill(slots)
         except Exception as e:  # noqa: BLE001 - the joining requests' pass: the running rows are untouched
             return {**out, **{s.key: Delta("", error=batch_error(e)) for s in slots}}
         deltas, tokens, keep = self._advance(slots, logits)
@@ -440,7 +457,7 @@ class DecodeBatch:
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         try:
             out = self.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=self.positions[:, None],
-                             past_key_values=self.cache, use_cache=True)
+                             past_key_values=self.cache, use_cache=True, **_adapter_kwargs(self.slots))
             logits = out.logits[:, -1, :].float().cpu()
         except Exception as e:  # noqa: BLE001 - a shared pass: every running request fails, the batch starts over
             failed = {s.key: Delta("", error=batch_error(e)) for s in self.slots}
@@ -457,13 +474,14 @@ class DecodeBatch:
         gone = set(keys)
         self._keep([j for j, s in enumerate(self.slots) if s.key not in gone])
 
-    def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-        """One forward pass over left-padded prompts: (next-token logits [B, V] float cpu, KV cache, mask [B, T],
-        next position id [B])."""
-        batch = pad_batch([{"input_ids": list(p)} for p in prompts], self.pad_id, left=True)
+    def _prefill(self, slots: Sequence[_Slot]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """One forward pass over the slots' left-padded prompts: (next-token logits [B, V] float cpu, KV cache,
+        mask [B, T], next position id [B])."""
+        batch = pad_batch([{"input_ids": list(s.prompt_ids)} for s in slots], self.pad_id, left=True)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **_adapter_kwargs(slots))
         if self.joinable is None:
             self.joinable = _joinable(out.past_key_values)
         return out.logits[:, -1, :].float().cpu(), out.past_key_values, mask, positions[:, -1] + 1
@@ -577,10 +595,11 @@ def verify_rows(req: VerifyRequest, benchmarks: Mapping[str, str], cap: int) -> 
     return rows, source
 
 
-def audit_of(model_id: str, model_path: str) -> dict[str, Any]:
+def audit_of(model_id: str, model_path: str, output: str = "output_model") -> dict[str, Any]:
     """The audit record of the `ray-unlearn run` whose output model `model_path` is (<run>/model, beside
     <run>/audit.json), re-checked by `audit.check` (forget items, both models' files, the verdict):
-    {"ok", "check" (its one line), "record"}. A 404 when the model is no run's output."""
+    {"ok", "check" (its one line), "record"}. A 404 when the model is no run's output. For a LoRA adapter,
+    `output` = "output_adapter" and `model_path` is the run's <run>/adapter."""
     import json
     from pathlib import Path
 
@@ -591,10 +610,13 @@ def audit_of(model_id: str, model_path: str) -> dict[str, Any]:
     record_file = run_dir / audit.AUDIT_FILE
     if not record_file.is_file():
         raise APIError(404, f"model {model_id!r} has no audit record: {run_dir} holds no {audit.AUDIT_FILE} (only "
-                            "the model directory of a `ray-unlearn run` has one)", **missing)
+                            "the model and adapter directories of a `ray-unlearn run` have one)", **missing)
     try:
         record = json.loads(record_file.read_text())
-        recorded = Path(record["output_model"]["path"])
+        if output not in record and "output_model" in record:
+            raise APIError(404, f"{record_file} records no {output.removeprefix('output_')}, so {model_id!r} "
+                                f"({model}) is not that run's output", **missing)
+        recorded = Path(record[output]["path"])
     except (ValueError, TypeError, KeyError) as e:
         raise APIError(404, f"{record_file} is not an audit record ({type(e).__name__}: {e})", **missing) from None
     if (run_dir / recorded).resolve() != model:  # an absolute path stays itself under run_dir / it

@@ -2,7 +2,9 @@
 
 Requests wait in a bounded FIFO queue. Between decode steps the scheduler admits as many of them as
 there are free rows (`max_running`, over every model of the process): their prompts are prefilled
-and they decode with the rows already running. A row that finishes, fails, or whose client went
+and they decode with the rows already running. A request for a LoRA adapter names its base model and
+carries its `adapter`: it joins the base model's batch, where each row decodes through its own
+adapter (`serving.adapters`). A row that finishes, fails, or whose client went
 away (its stream was closed or cancelled) leaves at once and frees its row for the next step.
 
 One background asyncio task owns decoding: each iteration it steps every model's batch, then lets

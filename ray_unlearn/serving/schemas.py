@@ -281,7 +281,10 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def model_list(ids: list[str], created: int) -> dict[str, Any]:
-    """OpenAI's /v1/models body."""
+def model_list(ids: list[str], created: int, parents: dict[str, str] | None = None) -> dict[str, Any]:
+    """OpenAI's /v1/models body; an id in `parents` (a LoRA adapter -> the model id it runs on) has a `parent`
+    field, as vLLM lists its LoRA adapters."""
+    parents = parents or {}
     return {"object": "list",
-            "data": [{"id": i, "object": "model", "created": created, "owned_by": "ray_unlearn"} for i in ids]}
+            "data": [{"id": i, "object": "model", "created": created, "owned_by": "ray_unlearn",
+                      **({"parent": parents[i]} if i in parents else {})} for i in ids]}

@@ -116,3 +116,17 @@ def test_deploy_file_is_a_serve_config_with_valid_args():
     cfg = serve_config_from_dict(app.args)
     assert cfg.http.host == schema.http_options.host and cfg.http.port == schema.http_options.port
     assert {d.name for d in app.deployments} == {"ModelServer", "Gateway"}
+
+
+def test_example_adapters_yaml_loads():
+    cfg = load_serve_config(ROOT / "jobs" / "serve_adapters.yaml")
+    assert cfg.adapters == {"lora_npo": "runs/lora_npo/adapter"} and cfg.base_model == "base"
+    assert load_serve_config(ROOT / "jobs" / "serve.yaml", ["adapters.a=/x"]).adapters == {"a": "/x"}
+
+
+@pytest.mark.parametrize("adapters, words", [({"base": "/x"}, "adapters.base: the id is also a model id"),
+                                             ({"a b": "/x"}, "adapters: id 'a b' must be non-empty"),
+                                             ({"a": ""}, "adapters.a: empty path")])
+def test_bad_adapter_entries_are_one_line_errors(adapters, words):
+    with pytest.raises(UnlearnError, match=words):
+        serve_config_from_dict({"models": {"base": "/m"}, "adapters": adapters})

@@ -29,7 +29,7 @@ class ScoringStub:
     def options(self, **_: Any) -> "ScoringStub":
         return self
 
-    async def _verify(self, model_items: list[dict], base_items: list[dict]) -> dict[str, Any]:
+    async def _verify(self, model_items: list[dict], base_items: list[dict], adapter: str | None = None) -> dict:
         self.calls.append((len(model_items), len(base_items)))
         model = {"es": [0.1, 0.9], "em": [0.0, 1.0], "probability": [0.01, 0.9], "mink": [-5.0, -0.1],
                  "loss": [4.6, 0.1]}
