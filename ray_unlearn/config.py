@@ -216,7 +216,7 @@ class PDUSettings:
 
 @dataclass
 class ObjectiveConfig:
-    terms: dict[str, float] = _f({"npo": 1.0, "retain_nll": 1.0},
+    terms: dict[str, float] = _f({"npo": 1.0, "retain_nll": 2.0},
                                  "Weighted objective terms, name -> weight (ga, retain_nll, retain_kl, npo, "
                                  "simnpo, idk_dpo, refusal, rmu, undial, wga, satimp, ce_u, pdu; nll "
                                  "fine-tunes and is for ray-unlearn finetune only).")
@@ -251,7 +251,7 @@ class OptimConfig:
     name: str = _f("sophia", "Optimizer: sophia (SOUL, second order), adamw (first order) or influence (influence "
                              "unlearning: steps preconditioned by the retain loss's diagonal Fisher, lr = eta; one "
                              "step over the whole forget set is the one-shot form).")
-    lr: float = _f(5e-5, "Peak learning rate.")
+    lr: float = _f(1e-4, "Peak learning rate.")
     weight_decay: float = _f(0.1, "Decoupled weight decay.")
     betas: list[float] = _f([0.9, 0.95], "(beta1, beta2): momentum and Hessian EMA (Sophia) / AdamW betas.")
     rho: float = _f(0.04, "Sophia clipping threshold rho.")
@@ -310,7 +310,7 @@ class LocalizeConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _f(60, "Optimizer steps of unlearning.")
+    max_steps: int = _f(110, "Optimizer steps of unlearning.")
     batch_size: int = _f(8, "Forget items per worker per micro-batch (retain batches are the same size).")
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step (when global_batch_size is 0).")
     global_batch_size: int = _f(0, "Forget items per optimizer step over all workers; accumulation follows as "

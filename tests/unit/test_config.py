@@ -30,10 +30,10 @@ def test_defaults_load():
     cfg = load_config()
     assert isinstance(cfg, JobConfig)
     assert cfg.optim.name == "sophia"
-    assert cfg.optim.lr == 5e-5
+    assert cfg.optim.lr == 1e-4
     assert cfg.optim.betas == [0.9, 0.95]
-    assert cfg.objective.terms == {"npo": 1.0, "retain_nll": 1.0}
-    assert cfg.train.max_steps == 60
+    assert cfg.objective.terms == {"npo": 1.0, "retain_nll": 2.0}
+    assert cfg.train.max_steps == 110
     assert cfg.ray.num_workers == 2
     assert cfg.model.trust_remote_code is False
 
@@ -42,9 +42,9 @@ def test_defaults_are_not_shared_between_instances():
     a, b = load_config(), load_config()
     a.objective.terms["ga"] = 1.0
     a.optim.betas[0] = 0.5
-    assert b.objective.terms == {"npo": 1.0, "retain_nll": 1.0}
+    assert b.objective.terms == {"npo": 1.0, "retain_nll": 2.0}
     assert b.optim.betas == [0.9, 0.95]
-    assert JobConfig().objective.terms == {"npo": 1.0, "retain_nll": 1.0}
+    assert JobConfig().objective.terms == {"npo": 1.0, "retain_nll": 2.0}
 
 
 def test_yaml_file_plus_overrides(tmp_path):
@@ -69,7 +69,7 @@ def test_yaml_string_number_in_file_becomes_float(tmp_path):
 
 def test_override_adds_a_term_to_the_default_terms():
     cfg = load_config(None, ["objective.terms.ga=1"])
-    assert cfg.objective.terms == {"npo": 1.0, "retain_nll": 1.0, "ga": 1.0}
+    assert cfg.objective.terms == {"npo": 1.0, "retain_nll": 2.0, "ga": 1.0}
     assert isinstance(cfg.objective.terms["ga"], float)
 
 
@@ -83,14 +83,14 @@ def test_file_terms_replace_the_defaults(tmp_path):
 def test_file_without_terms_keeps_default_terms(tmp_path):
     path = write_yaml(tmp_path, {"objective": {"npo_beta": 0.2}})
     cfg = load_config(path)
-    assert cfg.objective.terms == {"npo": 1.0, "retain_nll": 1.0}
+    assert cfg.objective.terms == {"npo": 1.0, "retain_nll": 2.0}
     assert cfg.objective.npo_beta == 0.2
 
 
 def test_empty_objective_section_behaves_like_a_missing_one(tmp_path):
     path = write_yaml(tmp_path, "objective:\ntrain:\n  max_steps: 4\n")
-    assert load_config(path).objective.terms == {"npo": 1.0, "retain_nll": 1.0}
-    assert load_config(path, ["objective.terms.ga=1"]).objective.terms == {"npo": 1.0, "retain_nll": 1.0, "ga": 1.0}
+    assert load_config(path).objective.terms == {"npo": 1.0, "retain_nll": 2.0}
+    assert load_config(path, ["objective.terms.ga=1"]).objective.terms == {"npo": 1.0, "retain_nll": 2.0, "ga": 1.0}
 
 
 def test_empty_file_gives_defaults(tmp_path):
@@ -304,7 +304,7 @@ def test_section_that_is_not_a_mapping(tmp_path):
 def test_whole_mapping_override_replaces_instead_of_merging():
     cfg = load_config(None, ["objective.terms={ga: 1, retain_nll: 2}"])
     assert cfg.objective.terms == {"ga": 1.0, "retain_nll": 2.0}
-    assert load_config(None, ["objective.terms.ga=1"]).objective.terms == {"npo": 1.0, "retain_nll": 1.0, "ga": 1.0}
+    assert load_config(None, ["objective.terms.ga=1"]).objective.terms == {"npo": 1.0, "retain_nll": 2.0, "ga": 1.0}
 
 
 def test_elastic_worker_range():
