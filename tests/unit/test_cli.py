@@ -230,7 +230,7 @@ def test_config_prints_yaml(capsys):
     assert rc == 0 and err == []
     printed = yaml.safe_load(out)
     assert printed["optim"]["lr"] == 3e-4
-    assert printed["objective"]["terms"] == {"npo": 1.0, "retain_nll": 1.0, "ga": 1.0}
+    assert printed["objective"]["terms"] == {"npo": 1.0, "retain_nll": 2.0, "ga": 1.0}
     assert set(printed) >= {"benchmark", "data", "model", "objective", "optim", "train", "ray", "eval"}
 
 

@@ -98,10 +98,12 @@ def test_history_is_logged(make, optim, extra):
     assert [h["step"] for h in history] == [2, 4]
     expected = {"step", "lr", "grad_norm", "loss/total", "loss/npo", "loss/retain_nll", "nll/forget",
                 "nll/retain"} | extra
+    w = u.cfg.objective.terms  # the logged terms are unweighted; the total weighs them
     for h in history:
         assert expected <= set(h), expected - set(h)
         assert all(math.isfinite(v) for v in h.values())
-        assert h["loss/total"] == pytest.approx(h["loss/npo"] + h["loss/retain_nll"], rel=1e-5)
+        assert h["loss/total"] == pytest.approx(w["npo"] * h["loss/npo"] + w["retain_nll"] * h["loss/retain_nll"],
+                                                rel=1e-5)
         assert h["loss/retain_nll"] == pytest.approx(h["nll/retain"], rel=1e-5)
         if "clip_rate" in extra:
             assert 0.0 <= h["clip_rate"] <= 1.0
