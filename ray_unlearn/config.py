@@ -321,8 +321,9 @@ class TrainConfig:
     log_every: int = _f(5, "Log (and report to Ray) every N steps.")
     checkpoint_every: int = _f(0, "Checkpoint every N steps; 0 = only at the end.")
     eval_every: int = _f(0, "Evaluate the model being unlearned every N steps and at the last step (eval section, "
-                            "on rank 0) and add the metrics to that step's report; 0 = off. Tune trials use it so "
-                            "that schedulers can stop bad trials early.")
+                            "on rank 0) and add the metrics to that step's report and history.json (forget quality "
+                            "and privleak against the retain model, evaluated once before training); 0 = off. "
+                            "Tune trials use it so that schedulers can stop bad trials early.")
     seed: int = _f(0, "Seed for data order and stochastic estimators.")
     activation_checkpointing: bool = _f(False, "Recompute each decoder block's activations in backward instead of "
                                                "keeping them: less memory for long sequences and big batches, "

@@ -137,8 +137,12 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
     console.print(f"unlearning {inputs.model_path} on {len(inputs.forget)} forget / {len(inputs.retain)} retain "
                   f"items with {cfg.optim.name} ({workers} Ray Train workers, {cfg.ray.strategy})")
 
+    retain_eval = None  # in-training evaluation measures forget quality and privleak against the retain model
+    if cfg.eval.enabled and cfg.train.eval_every > 0 and inputs.retain_model_path:
+        retain_eval = retain_references(cfg, inputs, tokenizer)
+    extras = {"references": retain_eval[1].to_dict()} if retain_eval else {}
     with tempfile.TemporaryDirectory(prefix="ray_unlearn_final_") as final:
-        fit(cfg, inputs, Path(final))  # the last checkpoint holds the full weights, gathered by the workers
+        fit(cfg, inputs, Path(final), **extras)  # the last checkpoint holds the full weights, gathered by the workers
         history = checkpoint_history(Path(final))
         train_s = time.time() - t0
         publish_model(final, tokenizer, out / "model")
@@ -152,7 +156,7 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
     attacks = calibration = None
     if cfg.eval.enabled:
         refs: dict[str, References] = {}
-        summaries = evaluate_all(cfg, inputs, out / "model", tokenizer, out, refs_out=refs)
+        summaries = evaluate_all(cfg, inputs, out / "model", tokenizer, out, refs_out=refs, retain_eval=retain_eval)
         if cfg.eval.calibrate:
             calibration = calibrate_run(cfg, inputs, out / "model", tokenizer, out, summaries, refs.get("refs"))
         attacks = red_team_run(cfg, inputs, out / "model", tokenizer, out, summaries) if cfg.eval.attacks else None
@@ -313,7 +317,8 @@ def _write_audit(cfg: JobConfig, inputs: JobInputs, out: Path, summaries: dict[s
 
 def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: dict[str, Callable[[], Any]],
                     on_result: Callable[[str, dict], None] | None = None, paths: dict[str, str] | None = None,
-                    tokenizer_path: str | None = None) -> tuple[dict[str, dict[str, float]], References]:
+                    tokenizer_path: str | None = None, known: dict[str, dict] | None = None,
+                    refs: References | None = None) -> tuple[dict[str, dict[str, float]], References]:
     """Evaluate each model (a "retain" entry first: its forget truth ratios and MIA AUCs give the
     others' forget quality and privleak); returns (summaries by name, what the retain model gives).
 
@@ -321,22 +326,26 @@ def evaluate_models(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, models: d
     scored once: the "retain" entry's model when that is the reference, else loaded for it. With
     eval.num_workers, a model whose directory `paths` names is scored by that many Ray actors instead
     (`ray_unlearn.distributed.EvalPool`, with `tokenizer`, loaded from `tokenizer_path`, default the job's), and
-    the driver does not load it."""
+    the driver does not load it. `known` holds results already computed (by name: not evaluated again) and
+    `refs` the References they were computed with."""
     from ray_unlearn.eval.suite import References, references_from, summary
 
     with _pools(cfg, tokenizer_path or inputs.tokenizer_path) as open_pool:
-        summaries, refs = {}, References()
+        summaries, refs = {}, refs or References()
         for name in sorted(models, key=lambda n: n != "retain"):
-            pool = open_pool((paths or {}).get(name))
-            model = models[name]() if pool is None else None
-            if refs.losses is None and _wants_reference_losses(cfg, inputs):
-                is_reference = name == "retain" and inputs.mia_reference_path == inputs.retain_model_path
-                refs = References(refs.forget_truth_ratios, refs.mia_auc, _reference_losses(
-                    cfg, inputs, tokenizer, model if is_reference else None, pool if is_reference else None))
-            results = _evaluate_one(cfg, inputs, tokenizer, name, model, refs, pool)
-            del model
-            if pool is not None:
-                pool.close()  # its actors' CPUs go to the next model's
+            if known and name in known:
+                results = known[name]
+            else:
+                pool = open_pool((paths or {}).get(name))
+                model = models[name]() if pool is None else None
+                if refs.losses is None and _wants_reference_losses(cfg, inputs):
+                    is_reference = name == "retain" and inputs.mia_reference_path == inputs.retain_model_path
+                    refs = References(refs.forget_truth_ratios, refs.mia_auc, _reference_losses(
+                        cfg, inputs, tokenizer, model if is_reference else None, pool if is_reference else None))
+                results = _evaluate_one(cfg, inputs, tokenizer, name, model, refs, pool)
+                del model
+                if pool is not None:
+                    pool.close()  # its actors' CPUs go to the next model's
             if name == "retain":
                 refs = references_from(results, refs.losses)
             if on_result is not None:
@@ -403,9 +412,11 @@ def _reference_losses(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, model: 
 
 
 def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: Any,
-                 out: Path, refs_out: dict | None = None) -> dict[str, dict[str, float]]:
+                 out: Path, refs_out: dict | None = None,
+                 retain_eval: tuple[dict, References] | None = None) -> dict[str, dict[str, float]]:
     """Evaluate retain (when known), target and unlearned (HF directory) models; write their EVAL/SUMMARY
-    files. `refs_out`, when given, receives the retain model's References under "refs"."""
+    files. `refs_out`, when given, receives the retain model's References under "refs"; `retain_eval`, the
+    retain model's results and References when they were computed already (`retain_references`)."""
     from ray_unlearn.eval.suite import write_eval
     from ray_unlearn.models.io import load_model
 
@@ -421,11 +432,28 @@ def evaluate_all(cfg: JobConfig, inputs: JobInputs, unlearned: Path, tokenizer: 
         write_eval(eval_dir, inputs.bench, results)
 
     paths = {"retain": inputs.retain_model_path, "target": inputs.model_path, "unlearned": str(unlearned)}
+    known, given = ({"retain": retain_eval[0]}, retain_eval[1]) if retain_eval else (None, None)
     summaries, refs = evaluate_models(cfg, inputs, tokenizer, models, write,
-                                      {k: v for k, v in paths.items() if k in models and _is_local_dir(v)})
+                                      {k: v for k, v in paths.items() if k in models and _is_local_dir(v)},
+                                      known=known, refs=given)
     if refs_out is not None:
         refs_out["refs"] = refs
     return {n: summaries[n] for n in ("target", "unlearned", "retain") if n in summaries}
+
+
+def retain_references(cfg: JobConfig, inputs: JobInputs, tokenizer: Any) -> tuple[dict, References]:
+    """The retain model's evaluation results and the References they give (forget truth ratios, MIA AUCs,
+    reference losses): what in-training evaluation needs for forget quality and privleak, computed before
+    training and reused by the final evaluation."""
+    from ray_unlearn.models.io import load_model
+
+    captured: dict[str, dict] = {}
+    path = inputs.retain_model_path
+    _, refs = evaluate_models(cfg, inputs, tokenizer,
+                              {"retain": lambda: load_model(path, cfg.model.dtype, cfg.model.trust_remote_code)},
+                              lambda name, results: captured.update({name: results}),
+                              {"retain": path} if _is_local_dir(path) else None)
+    return captured["retain"], refs
 
 
 def relearned(cfg: JobConfig, model: Any, tokenizer: Any, items: list[dict]) -> Any:

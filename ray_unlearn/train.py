@@ -261,9 +261,10 @@ def run_trainer(trainer: TorchTrainer) -> ray.train.Result:
     return result
 
 
-def fit(cfg: JobConfig, inputs: JobInputs, into: Path) -> ray.train.Result:
+def fit(cfg: JobConfig, inputs: JobInputs, into: Path, **loop_extras: Any) -> ray.train.Result:
     """Run the unlearning with Ray Train; copies the final checkpoint's HF model files, state.json,
     localize masks and LoRA adapter directory (not its optimizer state) into `into`, and returns Ray's result.
+    `loop_extras` go to the workers' loop config (`references`: see `make_trainer`).
 
     Run again with the same `name` and `output_dir` to resume from the latest checkpoint.
     """
@@ -273,7 +274,7 @@ def fit(cfg: JobConfig, inputs: JobInputs, into: Path) -> ray.train.Result:
 
     init_ray(cfg)
     out = Path(cfg.output_dir).resolve()
-    result = run_trainer(make_trainer(cfg, inputs))
+    result = run_trainer(make_trainer(cfg, inputs, **loop_extras))
     if cfg.ray.max_workers == 0:
         for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)

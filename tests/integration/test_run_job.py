@@ -86,6 +86,24 @@ def test_driver_mode_zero_workers(micro_config, ray_session):
     assert [h["step"] for h in json.loads((out / "history.json").read_text())] == [2, 4]
 
 
+def test_in_training_evaluation_measures_forget_quality_against_the_retain_model(micro_config, ray_session):
+    """train.eval_every in `ray-unlearn run`: the retain model is evaluated once before training, so every
+    in-training evaluation has forget quality and privleak, and the last one (the final weights, the same
+    references) equals the final evaluation's; the final evaluation reuses the retain model's results."""
+    from ray_unlearn.pipeline import run_job
+
+    cfg = micro_config("ray.num_workers=0", "train.max_steps=4", "train.log_every=2", "train.eval_every=2",
+                       "eval.max_items=8", "optim.hessian=empirical")
+    summaries = run_job(cfg)
+    history = json.loads((Path(cfg.output_dir) / "history.json").read_text())
+    evaluated = [h for h in history if "model_utility" in h]
+    assert [h["step"] for h in evaluated] == [2, 4]
+    assert all("forget_quality" in h and "privleak" in h for h in evaluated)
+    for key in ("forget_quality", "privleak", "extraction_strength", "model_utility"):
+        assert evaluated[-1][key] == pytest.approx(summaries["unlearned"][key], rel=1e-6, abs=1e-12), key
+    assert summaries["retain"]["extraction_strength"] < summaries["target"]["extraction_strength"]
+
+
 def test_grin_forgets_moving_only_its_selection(micro_bench, micro_config, ray_session):
     """localize.method=grin on 2 Ray Train workers: 5 % of the entries chosen, noise, 20 masked steps. It
     forgets (measured: 0.76 of the forget-ES gap closed, 0.98 x the target's utility), every entry outside
