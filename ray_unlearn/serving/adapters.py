@@ -142,13 +142,15 @@ def check_fits(adapter_id: str, shapes: Mapping[str, tuple[int, int]], base: tor
 
 
 def check_adapter(adapter_id: str, path: str | Path, base_source: str, base_id: str,
-                  trust_remote_code: bool = False) -> None:
-    """Every start-up check of one adapter against the served base (see the module docstring)."""
+                  trust_remote_code: bool = False, base: torch.nn.Module | None = None) -> None:
+    """Every start-up check of one adapter against the served base (see the module docstring). `base`: the
+    served base on the meta device when the caller built it already (one for all adapters)."""
     from ray_unlearn.models.io import empty_model
 
     path = Path(path).expanduser()
     config = read_adapter_config(adapter_id, path)
-    base = empty_model(base_source, "float32", trust_remote_code)  # the meta device: shapes, no memory
+    if base is None:
+        base = empty_model(base_source, "float32", trust_remote_code)  # the meta device: shapes, no memory
     trained_on = _local_config(config.get("base_model_name_or_path"))
     differ = config_differences(trained_on, base.config) if trained_on is not None else []
     if differ:

@@ -324,14 +324,16 @@ def resolve_adapters(cfg: ServeConfig, models: dict[str, str] | None = None) -> 
     None)."""
     if not cfg.adapters:
         return {}
+    from ray_unlearn.models.io import empty_model
     from ray_unlearn.serving.adapters import check_adapter, read_adapter_config
 
     paths = {adapter_id: Path(ref).expanduser().resolve() for adapter_id, ref in cfg.adapters.items()}
     for adapter_id, path in paths.items():
         read_adapter_config(adapter_id, path)
     base = (models if models is not None else resolve_models(cfg))[cfg.base_model]
+    skeleton = empty_model(base, "float32", cfg.trust_remote_code)  # the meta device, built once for every adapter
     for adapter_id, path in paths.items():
-        check_adapter(adapter_id, path, base, cfg.base_model, cfg.trust_remote_code)
+        check_adapter(adapter_id, path, base, cfg.base_model, cfg.trust_remote_code, skeleton)
     return {adapter_id: str(path) for adapter_id, path in paths.items()}
 
 
