@@ -12,11 +12,12 @@ import contextlib
 import http.client
 import logging
 import os
-import socket
 import threading
 import time
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
+
+from ray_unlearn.parallel.local import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, reachable on loopback only
 
@@ -45,12 +46,6 @@ def questions(size: str, cache_dir: str) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------- Ray and Serve
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
