@@ -16,6 +16,7 @@ line is `methods: N of M keep utility >= bar x target's; best forget quality: ME
 
     python benchmarks/methods.py --size small --steps 60 --workers 2
     python benchmarks/methods.py --size micro --steps 10 --methods "NPO (Sophia)" "GRIN (Sophia)"
+    python benchmarks/methods.py --workers 0 train.global_batch_size=16   # the driver alone, 2 workers' batch
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def run_one(method: str, lr: float, args: argparse.Namespace, out: Path) -> dict
     """One `ray-unlearn run` of `method` at `lr`; its summaries, gap, time, or the error it ended with."""
     job, extra = METHODS[method]
     overrides = [f"benchmark.size={args.size}", f"ray.num_workers={args.workers}", f"optim.lr={lr:g}",
-                 f"output_dir={out}", f"eval.max_items={args.max_items}", "eval.mia=[]", *extra]
+                 f"output_dir={out}", f"eval.max_items={args.max_items}", "eval.mia=[]", *extra,
+                 *args.overrides]
     if args.cache_dir:
         overrides.append(f"benchmark.cache_dir={args.cache_dir}")
     if method not in ONE_SHOT:
@@ -121,6 +123,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of: {', '.join(METHODS)}")
     p.add_argument("--cache-dir", default="", help="benchmark.cache_dir (default: the config's)")
     p.add_argument("--out", default="runs/methods")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides given to every run after the method's own, e.g. "
+                        "train.global_batch_size=16 (with --workers 0: the 2-worker runs' global batch)")
     args = p.parse_args()
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -139,7 +144,8 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "methods.json").write_text(json.dumps(runs, indent=2))
     rows = [(m, *choose([r for r in runs if r["method"] == m], args.utility_bar)) for m in args.methods]
-    header = (f"`{args.size}` forget10, {args.steps} steps ({args.workers} workers), lr of each method chosen "
+    extra = f"; overrides {' '.join(args.overrides)}" if args.overrides else ""
+    header = (f"`{args.size}` forget10, {args.steps} steps ({args.workers} workers{extra}), lr of each method chosen "
               f"from its job's x {', '.join(f'{f:.3g}' for f in args.lr_factors)} under utility >= "
               f"{args.utility_bar:g} x the target's; measured {time.strftime('%Y-%m-%d')}")
     text = header + "\n\n" + table(rows, args.utility_bar) + "\n"
