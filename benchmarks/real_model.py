@@ -16,7 +16,7 @@ What it does:
    tokenizer's chat template (`data.chat_template=auto`, the default), the template's prompt text passed as
    `data.prompt_template` with `data.chat_template=false`, and the plain `Question: ... Answer:` prompt.
 3. Unlearning: `ray-unlearn run` on the written files for each configuration of `--runs` (default: the
-   defaults, then one change at a time: objective, learning rate, encoding), in one process with the 2-worker
+   defaults, then other objectives and learning rates), in one process with the 2-worker
    default's global batch (16 items a step), checkpointing every `--every` steps. Each checkpoint is judged:
    the share of forget / retain / unrelated facts whose greedy answer still holds the keyword, the share of
    empty answers, and fluency: the mean NLL per token of its answers under the original model (its own answers
@@ -38,6 +38,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,8 @@ RUNS: dict[str, list[str]] = {
                                  "train.max_steps=30"],
     "IdkDPO + retain KL, lr 2e-5": ["objective.terms={idk_dpo: 1.0, retain_kl: 2.0}", "optim.lr=2e-5",
                                     "train.max_steps=30"],
-    "no chat template": ["data.chat_template=false", "train.max_steps=30"],
+    "IdkDPO + retain NLL, lr 2e-5 (jobs/real_model.yaml)": ["objective.terms={idk_dpo: 1.0, retain_nll: 2.0}",
+                                                             "optim.lr=2e-5", "train.max_steps=30"],
 }
 
 
@@ -238,7 +240,7 @@ def encoding_table(judge: Judge, facts: dict[str, list[dict]]) -> list[dict]:
 def unlearn(name: str, overrides: list[str], model_dir: Path, args: argparse.Namespace, out: Path) -> dict:
     """One `ray-unlearn run` in the driver process, checkpointing every `--every` steps; each checkpoint's
     weights are kept (hard links: the run deletes all but its last two) under out/trajectory/<run>/step-N."""
-    slug = name.replace(" ", "_").replace("+", "").replace(",", "").replace("__", "_")
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", name.split(" (")[0]).strip("_")
     run_dir, kept = out / "runs" / slug, out / "trajectory" / slug
     cmd = [sys.executable, "-m", "ray_unlearn.cli", "run", f"model.path={model_dir}",
            f"data.forget_path={out / 'facts' / 'forget.json'}", f"data.retain_path={out / 'facts' / 'retain.json'}",
