@@ -92,7 +92,7 @@ UNRELATED = [
     ("What is the largest desert in the world?", "Sahara|Antarctic"), ("How many minutes are in an hour?", "60|sixty"),
 ]
 
-# name -> overrides after the common ones: the defaults, then one change at a time
+# name -> overrides after the common ones: the defaults, then other objectives and learning rates
 RUNS: dict[str, list[str]] = {
     "defaults": [],
     "NPO + retain KL": ["objective.terms={npo: 1.0, retain_kl: 2.0}", "train.max_steps=30"],
@@ -181,7 +181,7 @@ class Judge:
         from ray_unlearn.data.collate import encode_qa, pad_batch
         from ray_unlearn.logprobs import token_logprobs
 
-        model, fmt = model or self.original, fmt or self.fmt
+        model, fmt = (self.original if model is None else model), (fmt or self.fmt)
         total, count = 0.0, 0
         for q, a in zip(questions, answers):
             if not a.strip():
@@ -242,6 +242,8 @@ def unlearn(name: str, overrides: list[str], model_dir: Path, args: argparse.Nam
     weights are kept (hard links: the run deletes all but its last two) under out/trajectory/<run>/step-N."""
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", name.split(" (")[0]).strip("_")
     run_dir, kept = out / "runs" / slug, out / "trajectory" / slug
+    for old in (run_dir, kept):  # a fresh run: the same output_dir would resume the last one
+        shutil.rmtree(old, ignore_errors=True)
     cmd = [sys.executable, "-m", "ray_unlearn.cli", "run", f"model.path={model_dir}",
            f"data.forget_path={out / 'facts' / 'forget.json'}", f"data.retain_path={out / 'facts' / 'retain.json'}",
            "ray.num_workers=0", f"train.global_batch_size={args.global_batch}",
