@@ -50,7 +50,7 @@ METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "GRIN (Sophia)": ("grin.yaml", ()),
     "influence (one step)": ("influence.yaml", ()),
 }
-ONE_SHOT = {"influence (one step)"}  # its step budget is its own (one step over the whole forget set)
+ONE_SHOT = {"influence (one step)"}  # its step budget and batches are its own (one step over the whole forget set)
 BENCH = "BUILTIN_{size}_forget10"
 
 
@@ -65,7 +65,7 @@ def run_one(method: str, lr: float, args: argparse.Namespace, out: Path) -> dict
     job, extra = METHODS[method]
     overrides = [f"benchmark.size={args.size}", f"ray.num_workers={args.workers}", f"optim.lr={lr:g}",
                  f"output_dir={out}", f"eval.max_items={args.max_items}", "eval.mia=[]", *extra,
-                 *args.overrides]
+                 *(o for o in args.overrides if method not in ONE_SHOT or not o.startswith("train."))]
     if args.cache_dir:
         overrides.append(f"benchmark.cache_dir={args.cache_dir}")
     if method not in ONE_SHOT:
@@ -124,8 +124,9 @@ def main() -> None:
     p.add_argument("--cache-dir", default="", help="benchmark.cache_dir (default: the config's)")
     p.add_argument("--out", default="runs/methods")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides given to every run after the method's own, e.g. "
-                        "train.global_batch_size=16 (with --workers 0: the 2-worker runs' global batch)")
+                   help="config overrides given to every run after the method's own (train.* ones not to "
+                        "influence, whose one step covers the whole forget set), e.g. train.global_batch_size=16 "
+                        "(with --workers 0: the 2-worker runs' global batch)")
     args = p.parse_args()
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
