@@ -174,23 +174,24 @@ class Judge:
             out += greedy_generate(model, self.tokenizer, prompts, max_new_tokens, stops)
         return out
 
-    def nll(self, questions: list[str], answers: list[str], fmt: Any = None, model: Any = None) -> float:
-        """Mean NLL per answer token (stop token included) of `answers` under `model` (default: the original)."""
+    def nll(self, questions: list[str], answers: list[str], fmt: Any = None, model: Any = None,
+            batch: int = 16) -> float:
+        """Mean NLL per answer token (stop token included) of the non-empty `answers` under `model` (default: the
+        original), scored `batch` items a forward pass."""
         import torch
 
         from ray_unlearn.data.collate import encode_qa, pad_batch
         from ray_unlearn.logprobs import token_logprobs
 
         model, fmt = (self.original if model is None else model), (fmt or self.fmt)
+        items = [encode_qa(self.tokenizer, q, a, 256, fmt) for q, a in zip(questions, answers) if a.strip()]
         total, count = 0.0, 0
-        for q, a in zip(questions, answers):
-            if not a.strip():
-                continue
-            batch = pad_batch([encode_qa(self.tokenizer, q, a, 256, fmt)], self.tokenizer.pad_token_id or 0)
+        for i in range(0, len(items), batch):
+            padded = pad_batch(items[i:i + batch], self.tokenizer.pad_token_id or 0)
             with torch.no_grad():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logp, mask = token_logprobs(logits.float(), batch["labels"])
-            total -= float((logp * mask).sum())
+                logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+            logp, mask = token_logprobs(logits, padded["labels"])  # logp is 0 where masked
+            total -= float(logp.sum())
             count += int(mask.sum())
         return total / max(count, 1)
 
