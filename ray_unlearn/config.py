@@ -8,6 +8,7 @@ with a one-line message naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
@@ -599,9 +600,29 @@ class AuditConfig:
                              "UUID4 per run (written into the run's config.yaml).")
 
 
+# What objective.terms, optim.lr and train.max_steps default to where a job leaves them out (`recipe`).
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    # the built-in benchmark's models and others trained from scratch at that size (tuned on `small` forget10)
+    "benchmark": {"objective": {"terms": {"npo": 1.0, "retain_nll": 2.0}}, "optim": {"lr": 1e-4},
+                  "train": {"max_steps": 110}},
+    # models pretrained at scale, where NPO's ascent breaks every answer within a few steps (measured on
+    # SmolLM2-135M-Instruct by benchmarks/real_model.py; README "A real pretrained model")
+    "pretrained": {"objective": {"terms": {"idk_dpo": 1.0, "retain_nll": 2.0}}, "optim": {"lr": 2e-5},
+                   "train": {"max_steps": 30}},
+}
+PRETRAINED_WIDTH = 512  # recipe=auto: a model directory at least this wide (hidden size) counts as pretrained
+MODEL_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim")  # where HF configs keep the hidden size
+
+
 @dataclass
 class JobConfig:
     name: str = _f("unlearn", "Run name: resuming reuses it with the same output_dir.")
+    recipe: str = _f("auto", "Where a job leaves objective.terms, optim.lr or train.max_steps out, they come from: "
+                             "benchmark (NPO + 2 x retain NLL, lr 1e-4, 110 steps: the built-in benchmark's models), "
+                             "pretrained (IdkDPO + 2 x retain NLL, lr 2e-5, 30 steps: models pretrained at scale, "
+                             "which NPO breaks), or auto: pretrained for a hub id or a model directory with a hidden "
+                             f"size of {PRETRAINED_WIDTH} or more, benchmark otherwise. A loaded config holds the "
+                             "one chosen.")
     output_dir: str = _f("runs/unlearn", "Where checkpoints, the final model, eval and report go: a local "
                                          "directory or an s3:// or gs:// URI (see ray.storage_path).")
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig, metadata={"help": "Built-in benchmark."})
@@ -625,6 +646,7 @@ class JobConfig:
     def __post_init__(self) -> None:
         from ray_unlearn.storage import check_location, is_remote
 
+        _choice("recipe", self.recipe, ("auto", *RECIPES))
         check_location("output_dir", self.output_dir)
         if self.train.mixed_precision != "none" and self.model.dtype != "float32":
             raise UnlearnError(f"train.mixed_precision={self.train.mixed_precision} keeps float32 parameters and "
@@ -785,15 +807,47 @@ def read_yaml_mapping(path: str | Path | None, what: str = "job file") -> dict[s
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Load a job YAML (or the defaults when `path` is None) and apply dotted overrides."""
+    """Load a job YAML (or the defaults when `path` is None) and apply dotted overrides; objective.terms,
+    optim.lr and train.max_steps that neither sets come from the job's `recipe` (see RECIPES)."""
     data = read_yaml_mapping(path, "job file")
-    if data.get("objective") is None:  # absent, or an empty `objective:` section
-        data["objective"] = {}
-    objective = data["objective"]
-    if isinstance(objective, dict) and "terms" not in objective:
-        objective["terms"] = dict(ObjectiveConfig().terms)  # overrides then add to the default terms
-    data = merge(data, parse_overrides(overrides or []))
-    return from_dict(JobConfig, data)
+    over = parse_overrides(overrides or [])
+    recipe = choose_recipe(merge(data, over))
+    base = RECIPES[recipe]
+    for section in ("objective", "optim", "train"):
+        if data.get(section) is None:  # absent, or an empty section
+            data[section] = {}
+    if isinstance(data["objective"], dict) and "terms" not in data["objective"]:
+        data["objective"]["terms"] = dict(base["objective"]["terms"])  # overrides then add to the recipe's terms
+    data = merge(data, over)
+    for section, key in (("optim", "lr"), ("train", "max_steps")):
+        if isinstance(data[section], dict) and key not in data[section]:
+            data[section] = {**data[section], key: base[section][key]}
+    return from_dict(JobConfig, {**data, "recipe": recipe})
+
+
+def choose_recipe(data: dict[str, Any]) -> str:
+    """The RECIPES entry a job's settings (`data`, YAML and overrides merged) choose: its `recipe`, or for
+    auto, pretrained when model.path is a hub id or a model directory at least PRETRAINED_WIDTH wide."""
+    recipe = data.get("recipe", "auto")
+    if recipe != "auto":
+        if recipe not in RECIPES:
+            raise UnlearnError(f"recipe: {recipe!r} is not one of auto, {', '.join(RECIPES)}")
+        return recipe
+    model = data.get("model")
+    path = model.get("path", "") if isinstance(model, dict) else ""
+    if not path or not isinstance(path, str):
+        return "benchmark"  # the built-in benchmark's own target model
+    from ray_unlearn.models.io import looks_like_path
+
+    if not looks_like_path(path):
+        return "pretrained"  # a hub id
+    config = Path(path).expanduser() / "config.json"
+    try:
+        fields = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return "benchmark"  # no model there: loading it says so
+    width = next((fields[k] for k in MODEL_WIDTH_KEYS if isinstance(fields.get(k), int)), 0)
+    return "pretrained" if width >= PRETRAINED_WIDTH else "benchmark"
 
 
 def dump_config(cfg: JobConfig, path: str | Path) -> None:

@@ -136,6 +136,9 @@ def _unlearn(cfg: JobConfig, inputs: JobInputs, tokenizer: Any, out: Path, t0: f
     workers = f"{cfg.ray.min_workers}-{cfg.ray.max_workers} (elastic)" if cfg.ray.elastic else cfg.ray.num_workers
     console.print(f"unlearning {inputs.model_path} on {len(inputs.forget)} forget / {len(inputs.retain)} retain "
                   f"items with {cfg.optim.name} ({workers} Ray Train workers, {cfg.ray.strategy})")
+    terms = " + ".join(f"{w:g} x {name}" for name, w in cfg.objective.terms.items())
+    console.print(f"objective {terms}, lr {cfg.optim.lr:g}, {cfg.train.max_steps} steps (recipe: {cfg.recipe}; "
+                  "objective.terms, optim.lr and train.max_steps a job sets win)")
 
     retain_eval = None  # in-training evaluation measures forget quality and privleak against the retain model
     if cfg.eval.enabled and cfg.train.eval_every > 0 and inputs.retain_model_path:

@@ -1,11 +1,12 @@
 """Job configs: defaults, YAML files plus dotted overrides, and one-line errors naming the key."""
 
+import json
 import os
 
 import pytest
 import yaml
 
-from ray_unlearn.config import JobConfig, dump_config, load_config, parse_overrides, to_dict
+from ray_unlearn.config import RECIPES, JobConfig, dump_config, load_config, parse_overrides, to_dict
 from ray_unlearn.errors import UnlearnError
 
 
@@ -91,6 +92,61 @@ def test_empty_objective_section_behaves_like_a_missing_one(tmp_path):
     path = write_yaml(tmp_path, "objective:\ntrain:\n  max_steps: 4\n")
     assert load_config(path).objective.terms == {"npo": 1.0, "retain_nll": 2.0}
     assert load_config(path, ["objective.terms.ga=1"]).objective.terms == {"npo": 1.0, "retain_nll": 2.0, "ga": 1.0}
+
+
+def _model_dir(tmp_path, **fields):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(fields))
+    return d
+
+
+def test_the_dataclass_defaults_are_the_benchmark_recipe():
+    cfg = JobConfig()
+    assert (cfg.objective.terms, cfg.optim.lr, cfg.train.max_steps) == (
+        RECIPES["benchmark"]["objective"]["terms"], RECIPES["benchmark"]["optim"]["lr"],
+        RECIPES["benchmark"]["train"]["max_steps"])
+    assert load_config().recipe == "benchmark"  # no model.path: the built-in benchmark's target
+
+
+@pytest.mark.parametrize("fields, recipe", [({"hidden_size": 576}, "pretrained"), ({"n_embd": 768}, "pretrained"),
+                                            ({"hidden_size": 64}, "benchmark"), ({"hidden_size": 511}, "benchmark")])
+def test_auto_recipe_follows_the_model_width(tmp_path, fields, recipe):
+    cfg = load_config(None, [f"model.path={_model_dir(tmp_path, **fields)}"])
+    assert cfg.recipe == recipe
+    assert cfg.objective.terms == RECIPES[recipe]["objective"]["terms"]
+    assert (cfg.optim.lr, cfg.train.max_steps) == (RECIPES[recipe]["optim"]["lr"], RECIPES[recipe]["train"]["max_steps"])
+
+
+def test_a_hub_id_is_pretrained_and_a_missing_dir_is_left_to_the_loader():
+    assert load_config(None, ["model.path=HuggingFaceTB/SmolLM2-135M-Instruct"]).recipe == "pretrained"
+    assert load_config(None, ["model.path=/no/such/model"]).recipe == "benchmark"
+
+
+def test_what_a_job_sets_wins_over_its_recipe(tmp_path):
+    model = _model_dir(tmp_path, hidden_size=1024)
+    cfg = load_config(None, [f"model.path={model}", "optim.lr=3e-6", "objective.terms.retain_kl=1"])
+    assert cfg.recipe == "pretrained" and cfg.optim.lr == 3e-6 and cfg.train.max_steps == 30
+    assert cfg.objective.terms == {"idk_dpo": 1.0, "retain_nll": 2.0, "retain_kl": 1.0}  # added to the recipe's
+    path = write_yaml(tmp_path, {"model": {"path": str(model)}, "objective": {"terms": {"npo": 1.0}},
+                                 "train": {"max_steps": 7}})
+    cfg = load_config(path)
+    assert (cfg.objective.terms, cfg.optim.lr, cfg.train.max_steps) == ({"npo": 1.0}, 2e-5, 7)
+    explicit = load_config(None, [f"model.path={model}", "recipe=benchmark"])
+    assert (explicit.recipe, explicit.optim.lr) == ("benchmark", 1e-4)
+
+
+def test_a_dumped_config_reloads_to_the_same_values_whatever_the_model(tmp_path):
+    cfg = load_config(None, ["recipe=pretrained"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert to_dict(load_config(tmp_path / "config.yaml")) == to_dict(cfg)
+
+
+def test_an_unknown_recipe_is_a_one_line_error():
+    with pytest.raises(UnlearnError, match=r"^recipe: 'fast' is not one of auto, benchmark, pretrained$"):
+        load_config(None, ["recipe=fast"])
+    with pytest.raises(UnlearnError, match="recipe"):
+        JobConfig(recipe="fast")
 
 
 def test_empty_file_gives_defaults(tmp_path):
