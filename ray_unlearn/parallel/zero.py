@@ -15,7 +15,9 @@ client's step folds g*g into h instead of updating. The empirical estimator fold
 (clipped) gradient in a pre-step hook of the client optimizer.
 
 The reference model is a full copy per rank under ZeRO 1/2 (their parameters are not partitioned)
-and a ZeRO-3 inference engine (partitioned, no optimizer) under ZeRO 3. The final model is gathered to
+and a ZeRO-3 inference engine (partitioned, no optimizer) under ZeRO 3. Under ZeRO 3 each decoder block
+is a leaf module, gathered whole as an fsdp2 unit is: DeepSpeed's hooks inside a block would change the
+order in which the backward pass sums gradients (`_gather_per_block`). The final model is gathered to
 rank 0's CPU one parameter at a time.
 
 Checkpoints resume on any number of workers. DeepSpeed's own (`engine.save_checkpoint`) hold each
@@ -187,6 +189,7 @@ class DeepSpeedStrategy(DDPStrategy):
             buf.copy_(on_device)
         if getattr(model, "is_activation_checkpointing", False):
             built.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        _gather_per_block(built)
         model.to("meta")  # rank 0's full copy goes (the caller may still hold the module)
         return built.train(model.training)
 
@@ -402,6 +405,29 @@ class DeepSpeedStrategy(DDPStrategy):
             full.update({k: (v.float() if v.is_floating_point() else v).detach().cpu()
                          for k, v in module.state_dict().items() if k not in params})
             write_hf_weights(out, module, full, self.max_shard_size)
+
+
+def _gather_per_block(model: torch.nn.Module) -> None:
+    """Make each decoder block (the classes the model names in `_no_split_modules`, fsdp2's units) a ZeRO-3
+    leaf module, before `deepspeed.initialize` installs its hooks: the block's parameters are gathered
+    together, and no hook runs inside it.
+
+    ZeRO 3 otherwise hooks every submodule and passes each one's input tensors through an autograd function of
+    its own (to release parameters after its backward). Inside a block that regroups a gradient sum: the
+    residual stream feeds the residual add and the RMSNorm (its square and its product), three contributions
+    that ZeRO 3 then sums in another order than ddp and fsdp2, a rounding difference in most coordinates of
+    every parameter upstream (measured on micro: ~1 ulp from the first backward pass on; the last block's MLP
+    and the final norm, downstream of it, bit-identical). Sophia amplifies that (its sign steps, then a GNB
+    label sampled from logits that moved), so ZeRO 3 ended up to 0.8 % of the coordinates away from ddp on
+    some models. With leaf blocks its gradients are ddp's, bit for bit."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from ray_unlearn.models.layers import decoder_layers
+
+    classes = {type(block) for block in decoder_layers(model)}
+    if classes:
+        set_z3_leaf_modules(model, sorted(classes, key=lambda c: c.__name__))
+
 
 def _trained(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
     """(name, parameter) of every trained parameter, in the module's order (the same on every rank)."""

@@ -34,19 +34,20 @@ GLOBAL_ITEMS = 8  # forget items per optimizer step (and as many retain items)
 
 @pytest.fixture(scope="module")
 def runs(micro_bench, bench_cache, tmp_path_factory):
-    """runs(strategy, workers, optim, resume_from=None, every=0) -> (final weights, run root); cached."""
+    """runs(strategy, workers, optim, resume_from=None, every=0, items=GLOBAL_ITEMS) -> (final weights, run root);
+    cached."""
     from ray_unlearn.config import load_config
 
     done: dict[tuple, tuple[dict, Path]] = {}
 
     def run(strategy: str, workers: int, optim: tuple[str, ...] = tuple(SOPHIA), resume_from: Path | None = None,
-            every: int = 0):
-        key = (strategy, workers, optim, str(resume_from), every)
+            every: int = 0, items: int = GLOBAL_ITEMS):
+        key = (strategy, workers, optim, str(resume_from), every, items)
         if key not in done:
             cfg = load_config(None, [f"benchmark.size=micro", f"benchmark.cache_dir={bench_cache}",
                                      f"ray.strategy={strategy}", f"ray.num_workers={workers}", "train.max_steps=4",
                                      "train.batch_size=2",
-                                     f"train.global_batch_size={GLOBAL_ITEMS}", f"train.checkpoint_every={every}",
+                                     f"train.global_batch_size={items}", f"train.checkpoint_every={every}",
                                      "train.log_every=1", *optim])
             root = tmp_path_factory.mktemp(f"{strategy}-{workers}")
             final = run_local(cfg, resolve_inputs(cfg), workers, root, resume_from)
@@ -60,11 +61,12 @@ def _target(micro_bench) -> dict[str, torch.Tensor]:
     return load_file(str(micro_bench.target_dir / "model.safetensors"))
 
 
-# ZeRO 3 against ddp only: its reduce-scatter adds each micro-batch's reduced gradient into the partition
-# (ddp reduces the accumulated sum once), a rounding difference Sophia's unclipped coordinates carry further.
-# Measured on micro: 1.67e-4 of coordinates (25 of 150k, max 4.3e-5, far from a sign flip's 2e-3); ZeRO 1/2
-# match ddp exactly now that every strategy clips with the same float64 norm, and ZeRO 3 matches itself at
-# every worker count and across a resume within the 1e-4 bound.
+# ZeRO 3 against ddp only: with accumulation its reduce-scatter adds each micro-batch's reduced gradient into the
+# partition (ddp reduces the accumulated sum once), a rounding difference Sophia's unclipped coordinates carry
+# further (ZeRO 1/2 reduce per micro-batch too). Measured on micro at 2 workers x 2 micro-batches: ZeRO 3 1 of 156k
+# coordinates off by more than 1e-6 (max 3.8e-5), ZeRO 2 2 (max 6.6e-5). Without accumulation ZeRO 3 is ddp bit for
+# bit (test_zero3_without_accumulation_is_ddp_bit_for_bit); until its decoder blocks were made leaf modules its
+# hooks also regrouped a gradient sum inside every block (zero._gather_per_block): then 1.67e-4 here (25 of 150k).
 ZERO3_VS_DDP = 2e-4
 
 
@@ -127,6 +129,22 @@ def test_deepspeed_zero_agrees_with_ddp_at_two_workers(runs, micro_bench, stage)
     zero, _ = runs("deepspeed", 2, (*SOPHIA, *ZERO[stage]))
     assert_moved(zero, _target(micro_bench))
     assert_sophia_close(ddp, zero, ZERO3_VS_DDP if stage == 3 else 1e-4)
+
+
+def test_zero3_without_accumulation_is_ddp_bit_for_bit(runs):
+    """2 workers x 1 micro-batch: nothing is reduced in another order, and ZeRO 3's backward pass is ddp's (each
+    decoder block a ZeRO-3 leaf module: zero._gather_per_block), so it ends at ddp's weights bit for bit, and so
+    does its step-2 checkpoint resumed by 1 worker (the plain optimizer). Before the blocks were leaf modules
+    ZeRO 3's gradients were ~1 ulp off in most coordinates from the first backward pass on; Sophia amplified that
+    to 2 to 78 of 156k coordinates off by more than 1e-6 on the micro models of benchmark seeds 0-5, and to 0.78 %
+    in CI's Ray run (a sign step flipped in steps 1-2 moved the logits at step 2's GNB estimate by up to 7e-3 on
+    seed 5, within 23x of changing a sampled label; one changed label alone moves 1.3 % of the coordinates)."""
+    ddp, _ = runs("ddp", 2, items=4)
+    zero, root = runs("deepspeed", 2, (*SOPHIA, *ZERO[3]), every=2, items=4)
+    resumed, _ = runs("deepspeed", 1, (*SOPHIA, *ZERO[3]), resume_from=merge_checkpoint(root, 2), items=4)
+    for k in ddp:
+        assert torch.equal(zero[k], ddp[k]), k
+        assert torch.equal(resumed[k], ddp[k]), k
 
 
 @pytest.mark.parametrize("stage, workers", [(2, 1), (3, 4)])

@@ -224,3 +224,23 @@ def test_deepspeed_checkpoint_in_another_format_is_refused(tmp_path: Path):
     model = _tiny()
     with pytest.raises(UnlearnError, match=r"^checkpoint .* holds no per-parameter DeepSpeed state under deepspeed/"):
         build_strategy("deepspeed").load_state(tmp_path, model, torch.optim.AdamW(model.parameters()))
+
+
+def test_zero3_gathers_each_decoder_block_whole():
+    """ZeRO 3 installs no hook inside a decoder block (zero._gather_per_block): its per-module hooks put a block's
+    inner inputs through autograd functions of their own, which regroups the residual stream's gradient sum
+    (residual add + RMSNorm) and made ZeRO 3's gradients differ from ddp's by rounding (issue 6). The blocks are
+    leaf modules, nothing else is; a model that names no blocks is left as it is."""
+    from ray_unlearn.parallel.zero import _gather_per_block, _import_deepspeed
+
+    _import_deepspeed(torch.device("cpu"))
+    from deepspeed.utils import z3_leaf_module
+
+    model = _tiny()
+    _gather_per_block(model)
+    blocks = {id(m) for m in model.model.layers}
+    assert len(blocks) == 2 and all(z3_leaf_module(m) for m in model.model.layers)
+    assert not any(z3_leaf_module(m) for m in model.modules() if id(m) not in blocks)
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    _gather_per_block(plain)
+    assert not any(z3_leaf_module(m) for m in plain.modules())
