@@ -54,6 +54,8 @@ def resolve_inputs(cfg: JobConfig, report: Callable[[str, int, int], None] | Non
     retain = load_qa(cfg.data.retain_path, cfg.data.hub_split) if cfg.data.retain_path else splits["retain"]
     if not forget:
         raise UnlearnError("the forget set is empty; give data.forget_path with at least one item")
+    if kind == "text":
+        _check_text_objective(cfg)
     retain = resolve_overlap(forget, retain, cfg.data.overlap)
     model_path = cfg.model.path or str(built.target_dir)
     retain_model = cfg.model.retain_model or (str(built.retain_dir) if built is not None and not cfg.model.path
@@ -72,6 +74,18 @@ def resolve_inputs(cfg: JobConfig, report: Callable[[str, int, int], None] | Non
                      retain_model_path=retain_model, forget=forget, retain=retain, kind=kind,
                      eval_splits=eval_splits, build_figures=built.manifest if built is not None else None,
                      mia_reference_path=reference, neighbours=_neighbours(cfg, forget, retain))
+
+
+def _check_text_objective(cfg: JobConfig) -> None:
+    """A text corpus has no questions to pair with a refusal: terms on the refusal stream are a one-line error."""
+    from ray_unlearn.objectives import TERMS
+
+    refusing = [name for name in cfg.objective.terms if name in TERMS and "forget_idk" in TERMS[name].streams]
+    if refusing:
+        source = f" (the {cfg.recipe} recipe's)" if cfg.recipe == "pretrained" else ""
+        raise UnlearnError(f"objective.terms{source}: {', '.join(refusing)} trains refusals to forget questions, but "
+                           f"data.forget_path {cfg.data.forget_path} is a text corpus; set objective.terms for text, "
+                           "e.g. '{npo: 1.0, retain_nll: 2.0}'")
 
 
 def _holdout(cfg: JobConfig, splits: dict[str, list[dict]], forget: list[dict]) -> list[dict]:

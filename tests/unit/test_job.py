@@ -89,6 +89,19 @@ def test_text_forget_corpus(micro_bench, micro_config, tmp_path, no_build):
     assert set(inputs.eval_splits) == {"retain"}  # no questions to evaluate the forget set on
 
 
+def test_a_text_corpus_with_refusal_terms_is_a_one_line_error_naming_the_recipe(micro_bench, micro_config, tmp_path,
+                                                                                 no_build):
+    corpus = tmp_path / "forget.txt"
+    corpus.write_text("Zorvan Kettle wrote Silent River.\n")
+    retain = write_jsonl(tmp_path / "r.jsonl", micro_bench.splits()["retain"][:3])
+    data = [f"model.path={micro_bench.target_dir}", f"data.forget_path={corpus}", f"data.retain_path={retain}"]
+    with pytest.raises(UnlearnError, match=r"^objective.terms \(the pretrained recipe's\): idk_dpo trains refusals "
+                                           r"to forget questions, .* is a text corpus; set objective.terms for text"):
+        resolve_inputs(micro_config(*data, "recipe=pretrained"))
+    with pytest.raises(UnlearnError, match=r"^objective.terms: refusal trains refusals"):
+        resolve_inputs(micro_config(*data, "objective.terms={npo: 1.0, refusal: 1.0}"))
+
+
 def test_overlap_warn_drops_and_error_raises(micro_bench, micro_config, tmp_path, no_build):
     forget = micro_bench.splits()["forget10"][:5]
     retain = [{k: v for k, v in it.items() if k != "index"}
