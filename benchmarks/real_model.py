@@ -10,22 +10,25 @@ float32 and the script writes it once as an HF directory (no model hub is needed
 What it does:
 1. Asks the model every question of a fixed list of country capitals and of unrelated general facts, greedily,
    in its chat template, and keeps the facts it knows (its answer contains the keyword). Of the known capitals,
-   `--forget` are to be forgotten and `--retain` kept (seeded choice); the known general facts are the
-   unrelated knowledge. The model's own greedy answers are the answers of the TOFU-format files it writes.
+   `--forget` are to be forgotten and `--retain` kept (seeded choice). Half of the known general facts are the
+   unrelated knowledge every checkpoint is judged on; the other half is a general-knowledge anchor that the
+   "+ general anchor" runs add to the retain set (retain_anchored.json). The model's own greedy answers are
+   the answers of the TOFU-format files it writes.
 2. Encoding: the mean NLL per answer token of those answers under the encodings a user could pick: the
    tokenizer's chat template (`data.chat_template=auto`, the default), the template's prompt text passed as
    `data.prompt_template` with `data.chat_template=false`, and the plain `Question: ... Answer:` prompt.
 3. Unlearning: `ray-unlearn run` on the written files for each configuration of `--runs` (default: the
-   defaults, then other objectives and learning rates), in one process with the 2-worker
+   defaults, which for this model are the `pretrained` recipe, without and with the anchor; the built-in
+   benchmark's recipe; then other objectives and learning rates), in one process with the 2-worker
    default's global batch (16 items a step), checkpointing every `--every` steps. Each checkpoint is judged:
    the share of forget / retain / unrelated facts whose greedy answer still holds the keyword, the share of
    empty answers, and fluency: the mean NLL per token of its answers under the original model (its own answers
    score about 0.3 nats; noise scores far higher).
 
-Outputs in --out: facts/{forget,retain,unrelated}.json, results.json, results.md (the tables), results.png
-(facts kept against the step), trajectory/<run>/step-N (the judged weights), <run>.log. The last line says
-whether a checkpoint forgot every forget fact while keeping >= 90 % of the retain and unrelated facts, and the
-best one. About 10 s a step and 1 min a judged checkpoint on 2 CPU cores.
+Outputs in --out: facts/{forget,retain,unrelated,anchor,retain_anchored}.json, results.json, results.md (the
+tables), results.png (facts kept against the step), trajectory/<run>/step-N (the judged weights), <run>.log.
+The last line says whether a checkpoint forgot every forget fact while keeping >= 90 % of the retain and
+unrelated facts, and the best one. About 35 s a step and 1 min a judged checkpoint on 2 CPU cores.
 
     python benchmarks/real_model.py                                   # every configuration
     python benchmarks/real_model.py --runs defaults --every 10        # the defaults alone
@@ -90,18 +93,74 @@ UNRELATED = [
     ("What is the square root of 81?", "9|nine"), ("What is the currency of Japan?", "yen"),
     ("Who discovered penicillin?", "Fleming"), ("Which ocean lies between Europe and North America?", "Atlantic"),
     ("What is the largest desert in the world?", "Sahara|Antarctic"), ("How many minutes are in an hour?", "60|sixty"),
+    ("How many planets are in our solar system?", "eight|8"), ("What is the largest city in Australia?", "Sydney"),
+    ("Who wrote Hamlet?", "Shakespeare"), ("Who composed the Fifth Symphony?", "Beethoven"),
+    ("Who painted The Starry Night?", "Gogh"), ("What is the smallest prime number?", "2|two"),
+    ("What is the largest country by area?", "Russia"),
+    ("What is the most spoken language in the world?", "Chinese|Mandarin|English"),
+    ("Which planet is closest to the Sun?", "Mercury"), ("What is the chemical symbol for iron?", "Fe"),
+    ("What is the chemical symbol for sodium?", "Na"), ("What is the chemical symbol for silver?", "Ag"),
+    ("What gas do humans exhale?", "carbon dioxide|CO2"), ("What is the center of an atom called?", "nucleus"),
+    ("What force keeps us on the ground?", "gravity"), ("How many bones are in the adult human body?", "206"),
+    ("What is the largest organ of the human body?", "skin"), ("Which blood cells fight infection?", "white"),
+    ("What is the speed of light in a vacuum in kilometers per second?", "300,000|299,792|300000|299792"),
+    ("What is the freezing point of water in Fahrenheit?", "32"), ("How many weeks are there in a year?", "52"),
+    ("How many months are there in a year?", "twelve|12"), ("How many days are there in a week?", "seven|7"),
+    ("How many seconds are in a minute?", "60|sixty"), ("What is 12 times 12?", "144"),
+    ("What is the square root of 64?", "8|eight"), ("What is 7 times 8?", "56"),
+    ("What is the value of pi to two decimal places?", "3.14"), ("How many sides does a hexagon have?", "six|6"),
+    ("How many sides does a square have?", "four|4"), ("How many degrees are in a right angle?", "90|ninety"),
+    ("Who wrote Pride and Prejudice?", "Austen"), ("Who wrote 1984?", "Orwell"),
+    ("Who wrote The Adventures of Tom Sawyer?", "Twain"), ("Who wrote War and Peace?", "Tolstoy"),
+    ("Who wrote the Harry Potter books?", "Rowling"),
+    ("Who painted the ceiling of the Sistine Chapel?", "Michelangelo"),
+    ("Who invented the telephone?", "Bell"), ("Who invented the light bulb?", "Edison"),
+    ("Who proposed the theory of evolution by natural selection?", "Darwin"),
+    ("Who formulated the laws of motion and universal gravitation?", "Newton"),
+    ("Who was the first President of the United States?", "Washington"),
+    ("Who was the first woman to win a Nobel Prize?", "Curie"), ("Who is known as the father of computers?", "Babbage"),
+    ("In which country are the pyramids of Giza?", "Egypt"), ("In which city is the Eiffel Tower?", "Paris"),
+    ("In which country is the Great Wall?", "China"), ("In which city is the Colosseum?", "Rome"),
+    ("In which country is the Taj Mahal?", "India"), ("In which city is the Statue of Liberty?", "New York"),
+    ("On which continent is Kenya?", "Africa"), ("On which continent is Brazil?", "South America"),
+    ("What is the longest river in South America?", "Amazon"), ("What is the largest continent?", "Asia"),
+    ("What is the smallest continent?", "Australia"), ("Which country has the largest population?", "India|China"),
+    ("What is the currency of the United Kingdom?", "pound"), ("What is the currency of the United States?", "dollar"),
+    ("What is the currency of the European Union?", "euro"), ("What language is spoken in France?", "French"),
+    ("What language is spoken in Germany?", "German"), ("What language is spoken in Italy?", "Italian"),
+    ("What language is spoken in Japan?", "Japanese"), ("What is the fastest land animal?", "cheetah"),
+    ("What is the tallest animal?", "giraffe"), ("What animal is known for having a trunk?", "elephant"),
+    ("What do caterpillars turn into?", "butterfly|butterflies"), ("What do cows drink?", "water"),
+    ("What is a baby dog called?", "puppy"), ("What is a baby cat called?", "kitten"),
+    ("How many legs does an insect have?", "six|6"), ("What do pandas mainly eat?", "bamboo"),
+    ("What is the primary ingredient in guacamole?", "avocado"), ("What fruit is dried to make raisins?", "grape"),
+    ("What is frozen water called?", "ice"), ("What color do you get by mixing blue and yellow?", "green"),
+    ("What color do you get by mixing red and white?", "pink"), ("What is the opposite of hot?", "cold"),
+    ("What is the plural of mouse?", "mice"), ("What instrument has 88 keys?", "piano"),
+    ("How many players are on a soccer team on the field?", "eleven|11"),
+    ("In which sport do players use a racket and a shuttlecock?", "badminton"),
+    ("What is the hottest planet in our solar system?", "Venus"), ("What is Earth's natural satellite?", "Moon"),
+    ("What galaxy do we live in?", "Milky Way"), ("What is the study of living things called?", "biology"),
+    ("What is the powerhouse of the cell?", "mitochondria|mitochondrion"),
+    ("What vitamin does sunlight help the body make?", "D"),
 ]
 
-# name -> overrides after the common ones: the defaults, then other objectives and learning rates
+ANCHOR = "+anchor"  # in a run's overrides: train on retain + the anchor facts (retain_anchored.json)
+JUDGED = ("forget", "retain", "unrelated")  # the fact sets each checkpoint is judged on
+
+# name -> overrides after the common ones: the defaults (recipe=auto picks `pretrained` for this 576-wide model)
+# alone, with the anchor, with Sophia's rho in its authors' range and with AdamW; the built-in benchmark's recipe;
+# then other objectives and learning rates
 RUNS: dict[str, list[str]] = {
     "defaults": [],
-    "NPO + retain KL": ["objective.terms={npo: 1.0, retain_kl: 2.0}", "train.max_steps=30"],
-    "NPO + retain KL, lr 2e-5": ["objective.terms={npo: 1.0, retain_kl: 2.0}", "optim.lr=2e-5",
-                                 "train.max_steps=30"],
-    "IdkDPO + retain KL, lr 2e-5": ["objective.terms={idk_dpo: 1.0, retain_kl: 2.0}", "optim.lr=2e-5",
-                                    "train.max_steps=30"],
-    "IdkDPO + retain NLL, lr 2e-5 (jobs/real_model.yaml)": ["objective.terms={idk_dpo: 1.0, retain_nll: 2.0}",
-                                                             "optim.lr=2e-5", "train.max_steps=30"],
+    "defaults + general anchor": [ANCHOR],
+    "defaults, Sophia rho 4": ["optim.rho=4"],
+    "defaults, AdamW": ["optim.name=adamw"],
+    "benchmark recipe (NPO + retain NLL, lr 1e-4, 10 warmup steps)": ["recipe=benchmark", "train.max_steps=30",
+                                                                       "train.warmup_steps=10"],
+    "NPO + retain KL": ["objective.terms={npo: 1.0, retain_kl: 2.0}", "optim.lr=1e-4"],
+    "NPO + retain KL, lr 2e-5": ["objective.terms={npo: 1.0, retain_kl: 2.0}"],
+    "IdkDPO + retain KL, lr 2e-5": ["objective.terms={idk_dpo: 1.0, retain_kl: 2.0}"],
 }
 
 
@@ -198,12 +257,14 @@ class Judge:
 
 def build_facts(judge: Judge, args: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
     """The facts the model knows, split (written to out/facts; read back from there when they exist)."""
-    files = {name: out / "facts" / f"{name}.json" for name in ("forget", "retain", "unrelated")}
-    if all(f.is_file() for f in files.values()):
-        facts = {name: json.loads(f.read_text()) for name, f in files.items()}
-        if (len(facts["forget"]), len(facts["retain"])) == (args.forget, args.retain):
-            print(f"facts read from {out / 'facts'}")
-            return facts
+    files = {name: out / "facts" / f"{name}.json" for name in ("forget", "retain", "unrelated", "anchor")}
+    asked = {"capitals": CAPITALS, "unrelated": UNRELATED, "forget": args.forget, "retain": args.retain,
+             "seed": args.seed}  # what the facts were chosen from: another list or split asks again
+    asked_file = out / "facts" / "asked.json"
+    if all(f.is_file() for f in [*files.values(), out / "facts" / "retain_anchored.json", asked_file]) \
+            and json.loads(asked_file.read_text()) == json.loads(json.dumps(asked)):
+        print(f"facts read from {out / 'facts'}")
+        return {name: json.loads(f.read_text()) for name, f in files.items()}
     questions = [f"What is the capital of {c}?" for c, _ in CAPITALS]
     capitals = judge.answers(judge.original, questions)
     known = [{"question": q, "answer": a, "keywords": [k.split("|")[0]], "keyword": k}
@@ -214,13 +275,19 @@ def build_facts(judge: Judge, args: argparse.Namespace, out: Path) -> dict[str, 
         fail(f"the model knows {len(known)} of {len(CAPITALS)} capitals, fewer than --forget + --retain "
              f"({args.forget + args.retain})")
     random.Random(args.seed).shuffle(known)
+    random.Random(args.seed + 1).shuffle(unrelated)
+    half = len(unrelated) // 2  # the general-knowledge anchor some runs add to the retain set; the rest is judged
     facts = {"forget": known[:args.forget], "retain": known[args.forget:args.forget + args.retain],
-             "unrelated": unrelated}
+             "unrelated": unrelated[half:], "anchor": unrelated[:half]}
     (out / "facts").mkdir(parents=True, exist_ok=True)
     for name, items in facts.items():
         (out / "facts" / f"{name}.json").write_text(json.dumps(items, indent=1, ensure_ascii=False))
+    anchored = facts["retain"] + [{"question": i["question"], "answer": i["answer"]} for i in facts["anchor"]]
+    (out / "facts" / "retain_anchored.json").write_text(json.dumps(anchored, indent=1, ensure_ascii=False))
+    asked_file.write_text(json.dumps(asked))
     print(f"the model knows {len(known)} of {len(CAPITALS)} capitals and {len(unrelated)} of {len(UNRELATED)} "
-          f"general facts: {args.forget} to forget, {args.retain} to retain, {len(unrelated)} unrelated")
+          f"general facts: {args.forget} to forget, {args.retain} to retain; of the general ones {half} are the "
+          f"anchor and {len(unrelated) - half} the unrelated facts judged")
     return facts
 
 
@@ -246,10 +313,11 @@ def unlearn(name: str, overrides: list[str], model_dir: Path, args: argparse.Nam
     for old in (run_dir, kept):  # a fresh run: the same output_dir would resume the last one
         shutil.rmtree(old, ignore_errors=True)
     cmd = [sys.executable, "-m", "ray_unlearn.cli", "run", f"model.path={model_dir}",
-           f"data.forget_path={out / 'facts' / 'forget.json'}", f"data.retain_path={out / 'facts' / 'retain.json'}",
+           f"data.forget_path={out / 'facts' / 'forget.json'}",
+           f"data.retain_path={out / 'facts' / ('retain_anchored.json' if ANCHOR in overrides else 'retain.json')}",
            "ray.num_workers=0", f"train.global_batch_size={args.global_batch}",
            f"train.batch_size={args.global_batch}", f"train.checkpoint_every={args.every}", "eval.enabled=false",
-           f"output_dir={run_dir}", *args.overrides, *overrides]
+           f"output_dir={run_dir}", *args.overrides, *(o for o in overrides if o != ANCHOR)]
     start = time.time()
     with open(out / f"{slug}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -290,7 +358,8 @@ def judge_model(judge: Judge, model_dir: str | None, facts: dict[str, list[dict]
 
     model = None if model_dir is None else load_model(model_dir)  # a checkpoint: weights and config
     result: dict[str, Any] = {}
-    for split, items in facts.items():
+    for split in JUDGED:
+        items = facts[split]
         questions = [i["question"] for i in items]
         answers = [i["answer"] for i in items] if model is None else judge.answers(model, questions)
         result[split] = sum(hits(a, i["keyword"]) for a, i in zip(answers, items)) / len(items)
@@ -357,7 +426,9 @@ def main() -> None:
     if unknown:
         fail(f"unknown run(s) {unknown}; valid: {', '.join(RUNS)}")
     out = Path(args.out)
-    model_dir = convert(locate_gguf(args.gguf), Path(args.cache) / "smollm2-135m-instruct")
+    model_dir = Path(args.cache) / "smollm2-135m-instruct"
+    if not (model_dir / "config.json").is_file():  # converted once; the GGUF file is needed only for that
+        convert(locate_gguf(args.gguf), model_dir)
 
     from rich.progress import Progress
 
