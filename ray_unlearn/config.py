@@ -829,9 +829,8 @@ def choose_recipe(data: dict[str, Any]) -> str:
     """The RECIPES entry a job's settings (`data`, YAML and overrides merged) choose: its `recipe`, or for
     auto, pretrained when model.path is a hub id or a model directory at least PRETRAINED_WIDTH wide."""
     recipe = data.get("recipe", "auto")
+    _choice("recipe", recipe, ("auto", *RECIPES))  # before RECIPES is indexed with it
     if recipe != "auto":
-        if recipe not in RECIPES:
-            raise UnlearnError(f"recipe: {recipe!r} is not one of auto, {', '.join(RECIPES)}")
         return recipe
     model = data.get("model")
     path = model.get("path", "") if isinstance(model, dict) else ""
