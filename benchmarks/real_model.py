@@ -154,6 +154,7 @@ JUDGED = ("forget", "retain", "unrelated")  # the fact sets each checkpoint is j
 RUNS: dict[str, list[str]] = {
     "defaults": [],
     "defaults + general anchor": [ANCHOR],
+    "defaults + general anchor, 4 x retain NLL": [ANCHOR, "objective.terms={idk_dpo: 1.0, retain_nll: 4.0}"],
     "defaults, Sophia rho 4": ["optim.rho=4"],
     "defaults, AdamW": ["optim.name=adamw"],
     "benchmark recipe (NPO + retain NLL, lr 1e-4, 10 warmup steps)": ["recipe=benchmark", "train.max_steps=30",
