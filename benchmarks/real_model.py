@@ -393,7 +393,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     runs = list(dict.fromkeys(r["run"] for r in rows if "error" not in r and r["step"]))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, split in zip(axes, ("forget", "retain", "unrelated")):
+    for ax, split in zip(axes, JUDGED):
         for run in runs:
             points = [(0, 1.0)] + [(r["step"], r[split]) for r in rows if r["run"] == run and "error" not in r]
             ax.plot(*zip(*points), marker="o", ms=3, label=run)

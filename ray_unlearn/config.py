@@ -31,6 +31,20 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 STRATEGIES = ("ddp", "fsdp2", "deepspeed")  # the keys of ray_unlearn.parallel.STRATEGIES (a test keeps them equal)
 
+# What objective.terms, optim.lr and train.max_steps default to where a job leaves them out (`recipe`); the
+# dataclass defaults are the benchmark recipe's.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    # the built-in benchmark's models and others trained from scratch at that size (tuned on `small` forget10)
+    "benchmark": {"objective": {"terms": {"npo": 1.0, "retain_nll": 2.0}}, "optim": {"lr": 1e-4},
+                  "train": {"max_steps": 110}},
+    # models pretrained at scale, where NPO's ascent breaks every answer within a few steps (measured on
+    # SmolLM2-135M-Instruct by benchmarks/real_model.py; README "A real pretrained model")
+    "pretrained": {"objective": {"terms": {"idk_dpo": 1.0, "retain_nll": 2.0}}, "optim": {"lr": 2e-5},
+                   "train": {"max_steps": 30}},
+}
+PRETRAINED_WIDTH = 512  # recipe=auto: a model directory at least this wide (hidden size) counts as pretrained
+MODEL_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim")  # where HF configs keep the hidden size
+
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
@@ -217,7 +231,7 @@ class PDUSettings:
 
 @dataclass
 class ObjectiveConfig:
-    terms: dict[str, float] = _f({"npo": 1.0, "retain_nll": 2.0},
+    terms: dict[str, float] = _f(RECIPES["benchmark"]["objective"]["terms"],
                                  "Weighted objective terms, name -> weight (ga, retain_nll, retain_kl, npo, "
                                  "simnpo, idk_dpo, refusal, rmu, undial, wga, satimp, ce_u, pdu; nll "
                                  "fine-tunes and is for ray-unlearn finetune only).")
@@ -252,7 +266,7 @@ class OptimConfig:
     name: str = _f("sophia", "Optimizer: sophia (SOUL, second order), adamw (first order) or influence (influence "
                              "unlearning: steps preconditioned by the retain loss's diagonal Fisher, lr = eta; one "
                              "step over the whole forget set is the one-shot form).")
-    lr: float = _f(1e-4, "Peak learning rate.")
+    lr: float = _f(RECIPES["benchmark"]["optim"]["lr"], "Peak learning rate.")
     weight_decay: float = _f(0.1, "Decoupled weight decay.")
     betas: list[float] = _f([0.9, 0.95], "(beta1, beta2): momentum and Hessian EMA (Sophia) / AdamW betas.")
     rho: float = _f(0.04, "Sophia clipping threshold rho.")
@@ -311,7 +325,7 @@ class LocalizeConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _f(110, "Optimizer steps of unlearning.")
+    max_steps: int = _f(RECIPES["benchmark"]["train"]["max_steps"], "Optimizer steps of unlearning.")
     batch_size: int = _f(8, "Forget items per worker per micro-batch (retain batches are the same size).")
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step (when global_batch_size is 0).")
     global_batch_size: int = _f(0, "Forget items per optimizer step over all workers; accumulation follows as "
@@ -599,19 +613,6 @@ class AuditConfig:
     request_id: str = _f("", "Id of this unlearning request, recorded in the run's audit.json; empty = a new "
                              "UUID4 per run (written into the run's config.yaml).")
 
-
-# What objective.terms, optim.lr and train.max_steps default to where a job leaves them out (`recipe`).
-RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    # the built-in benchmark's models and others trained from scratch at that size (tuned on `small` forget10)
-    "benchmark": {"objective": {"terms": {"npo": 1.0, "retain_nll": 2.0}}, "optim": {"lr": 1e-4},
-                  "train": {"max_steps": 110}},
-    # models pretrained at scale, where NPO's ascent breaks every answer within a few steps (measured on
-    # SmolLM2-135M-Instruct by benchmarks/real_model.py; README "A real pretrained model")
-    "pretrained": {"objective": {"terms": {"idk_dpo": 1.0, "retain_nll": 2.0}}, "optim": {"lr": 2e-5},
-                   "train": {"max_steps": 30}},
-}
-PRETRAINED_WIDTH = 512  # recipe=auto: a model directory at least this wide (hidden size) counts as pretrained
-MODEL_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim")  # where HF configs keep the hidden size
 
 
 @dataclass
