@@ -383,9 +383,10 @@ class RayConfig:
                               "see ray.zero_stage).")
     zero_stage: int | None = _f(None, "DeepSpeed only: ZeRO stage 1 (optimizer state partitioned), 2 (and "
                                       "gradients; the default) or 3 (and parameters and the reference model).")
-    offload: str = _f("none", "DeepSpeed only: ZeRO-Offload of the optimizer state (optimizer) or of it and the "
-                              "parameters (params, ZeRO 3) to CPU memory, for GPU workers; none keeps all on "
-                              "the device.")
+    offload: str = _f("none", "GPU workers only: keep state in CPU memory. DeepSpeed: ZeRO-Offload of the "
+                              "optimizer state (optimizer) or of it and the parameters (params, ZeRO 3). fsdp2: "
+                              "params (FSDP2's CPU offload: parameter shards, gradients and optimizer state, "
+                              "gathered to the GPU one block at a time). none keeps all on the device.")
     address: str = _f("", "Ray cluster address; empty = start or join a local one.")
     storage_path: str = _f("", "Where Ray Train keeps the run's checkpoints: a directory every node shares, or "
                                "an s3:// or gs:// URI (multi-node runs need one: Ray does not copy worker disks "
@@ -408,12 +409,17 @@ class RayConfig:
         from ray_unlearn.storage import check_location
 
         check_location("ray.storage_path", self.storage_path)
-        if self.strategy != "deepspeed" and (self.zero_stage is not None or self.offload != "none"):
-            key = "ray.zero_stage" if self.zero_stage is not None else "ray.offload"
-            raise UnlearnError(f"{key} is a DeepSpeed option; set ray.strategy=deepspeed or drop it")
+        if self.strategy != "deepspeed" and self.zero_stage is not None:
+            raise UnlearnError("ray.zero_stage is a DeepSpeed option; set ray.strategy=deepspeed or drop it")
+        if self.strategy == "ddp" and self.offload != "none":
+            raise UnlearnError(f"ray.offload={self.offload} needs a sharded strategy: ray.strategy=fsdp2 "
+                               "(ray.offload=params) or deepspeed, or drop it")
+        if self.strategy == "fsdp2" and self.offload == "optimizer":
+            raise UnlearnError("ray.offload=optimizer is DeepSpeed's; fsdp2 offloads parameter shards, gradients "
+                               "and optimizer state together: use ray.offload=params")
         if self.zero_stage is not None and self.zero_stage not in (1, 2, 3):
             raise UnlearnError(f"ray.zero_stage: {self.zero_stage!r} is not one of 1, 2, 3")
-        if self.offload == "params" and self.zero != 3:
+        if self.strategy == "deepspeed" and self.offload == "params" and self.zero != 3:
             raise UnlearnError("ray.offload=params needs ray.zero_stage=3 (only ZeRO 3 partitions the parameters)")
         if self.offload != "none" and not self.use_gpu:
             raise UnlearnError(f"ray.offload={self.offload} moves state from the GPU to CPU memory; CPU workers "

@@ -168,6 +168,8 @@ def strategy_options(cfg: JobConfig) -> dict[str, Any]:
     if cfg.ray.strategy == "deepspeed":
         return dict(zero_stage=cfg.ray.zero, offload=cfg.ray.offload, dtype=cfg.model.dtype,
                     micro_batch_size=cfg.train.batch_size, grad_clip=cfg.optim.grad_clip)
+    if cfg.ray.strategy == "fsdp2":
+        return dict(offload=cfg.ray.offload)
     return {}
 
 

@@ -203,9 +203,15 @@ class Strategy:
 
     # ---------------------------------------------------------------- reductions
     def all_reduce_sum_(self, t: Tensor) -> Tensor:
-        """Sum `t` over ranks in place (no-op on one rank); returns `t`."""
+        """Sum `t` over ranks in place (no-op on one rank); returns `t`. A tensor on another device than the
+        process group's (fsdp2's CPU-offloaded shards under NCCL) is reduced on a copy on this rank's device."""
         if self.distributed:
-            torch.distributed.all_reduce(t)
+            if t.device == self.device:
+                torch.distributed.all_reduce(t)
+            else:
+                on_device = t.to(self.device)
+                torch.distributed.all_reduce(on_device)
+                t.copy_(on_device)
         return t
 
     def all_reduce_mean_(self, tensors: Iterable[Tensor]) -> None:

@@ -18,7 +18,7 @@ from typing import Any, ContextManager, Iterator
 import torch
 
 from ray_unlearn.models.lora import is_lora
-from ray_unlearn.parallel.base import Strategy, local_tensor, write_hf_weights
+from ray_unlearn.parallel.base import Strategy, local_part, local_tensor, write_hf_weights
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -55,8 +55,9 @@ class FSDP2Strategy(Strategy):
     def starts_on_meta(cls, **options: Any) -> bool:
         return True
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, offload: str = "none", **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.offload = offload  # "params": FSDP2's CPUOffloadPolicy (shards, gradients, optimizer state on CPU)
         # rank 0's full weights and buffers, kept until the reference model has them too
         self._source: dict[str, torch.Tensor] | None = None
         self._source_buffers: dict[str, torch.Tensor] = {}
@@ -66,25 +67,46 @@ class FSDP2Strategy(Strategy):
         parameters with rank 0's weights and every rank's buffers with rank 0's."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         # mixed precision: gathered parameters cast to compute_dtype, gradients reduced in float32
         policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32) \
             if self.compute_dtype is not None else MixedPrecisionPolicy()
+        # CPU offload: the shards live in (pinned) CPU memory, each unit's are copied to the device to be
+        # all-gathered, and the reduce-scattered gradients come back to CPU, where the optimizer steps
+        offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.offload == "params" \
+            else OffloadPolicy()
         for unit in _units(model):
-            fully_shard(unit, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)  # moves the shards (not the full model) to the device
+            fully_shard(unit, mesh=mesh, mp_policy=policy, offload_policy=offload)
+        fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)  # moves the shards to the device
         if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-            model.to_empty(device=self.device)
-        set_model_state_dict(model, dict(self._source) if self.rank == 0 else {},  # it rewrites the dict it gets
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            # CPU offload: the shards on CPU, where FSDP2 keeps them, and the (unsharded) buffers on the device
+            model.to_empty(device="cpu" if self.offload == "params" else self.device)
+            if self.offload == "params":
+                _buffers_to(model, self.device)
+        if self.offload == "params":
+            self._fill_offloaded(model)
+        else:
+            set_model_state_dict(model, dict(self._source) if self.rank == 0 else {},  # it rewrites the dict it gets
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) are in no state dict
             buf = local_tensor(buf)
             if self.rank == 0:
                 buf.copy_(self._source_buffers[name])
             torch.distributed.broadcast(buf, src=0)
         return model
+
+    def _fill_offloaded(self, model: torch.nn.Module) -> None:
+        """Rank 0's weights into CPU-offloaded shards, one parameter at a time: broadcast whole on the rank's
+        device (NCCL carries no CPU tensors, and `set_model_state_dict` would broadcast from where the shards
+        are), then each rank copies its own part into its CPU shard."""
+        for name, p in model.named_parameters():
+            full = self._source[name].to(self.device, copy=True) if self.rank == 0 else \
+                torch.empty(p.shape, dtype=p.dtype, device=self.device)
+            torch.distributed.broadcast(full, src=0)
+            with torch.no_grad():
+                local_tensor(p).copy_(local_part(p, full))
 
     def casts_parameters(self, model: torch.nn.Module) -> bool:
         return self.distributed  # its MixedPrecisionPolicy (policy and reference); a world of one is a plain module
@@ -104,6 +126,13 @@ class FSDP2Strategy(Strategy):
             return self._shard(ref.eval().requires_grad_(False))
         finally:
             self._source, self._source_buffers = None, {}  # rank 0's full copy is no longer needed
+
+    def wrap_with_optimizer(self, model: torch.nn.Module, make_optimizer: Any) -> tuple[torch.nn.Module, Any]:
+        wrapped, optimizer = super().wrap_with_optimizer(model, make_optimizer)
+        if self.offload == "params" and hasattr(optimizer, "sum_over_ranks"):
+            # Sophia's clip-rate counts sit with the CPU shards: summed through the rank's device (NCCL)
+            optimizer.sum_over_ranks = self.all_reduce_sum_
+        return wrapped, optimizer
 
     def accumulate(self, model: torch.nn.Module, sync: bool) -> ContextManager:
         return _gradient_sync(model, sync)
@@ -135,6 +164,14 @@ class FSDP2Strategy(Strategy):
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             write_hf_weights(out, module, full, self.max_shard_size)
+
+
+def _buffers_to(model: torch.nn.Module, device: torch.device) -> None:
+    """Move every buffer of `model` (not its parameters) to `device`, keeping which are persistent."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
 
 
 def _trained(module: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:

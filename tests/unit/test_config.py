@@ -8,6 +8,7 @@ import yaml
 
 from ray_unlearn.config import RECIPES, JobConfig, dump_config, load_config, parse_overrides, to_dict
 from ray_unlearn.errors import UnlearnError
+from ray_unlearn.loop import strategy_options
 
 
 def expect_error(match, path=None, overrides=()):
@@ -270,6 +271,8 @@ def test_deepspeed_options():
     assert load_config(None, ["ray.strategy=deepspeed", "ray.zero_stage=3"]).ray.zero == 3
     cfg = load_config(None, ["ray.strategy=deepspeed", "ray.zero_stage=3", "ray.offload=params", "ray.use_gpu=true"])
     assert cfg.ray.offload == "params"
+    cfg = load_config(None, ["ray.strategy=fsdp2", "ray.offload=params", "ray.use_gpu=true"])  # FSDP2's CPU offload
+    assert cfg.ray.offload == "params" and strategy_options(cfg) == {"offload": "params"}
     # its checkpoints resume on any worker count, so its runs can be elastic
     cfg = load_config(None, ["ray.strategy=deepspeed", "ray.num_workers=[1, 2]", "train.global_batch_size=16"])
     assert cfg.ray.elastic and cfg.ray.strategy == "deepspeed"
@@ -277,7 +280,11 @@ def test_deepspeed_options():
 
 @pytest.mark.parametrize("overrides, message", [
     (["ray.zero_stage=2"], r"^ray.zero_stage is a DeepSpeed option; set ray.strategy=deepspeed or drop it$"),
-    (["ray.strategy=fsdp2", "ray.offload=optimizer"], r"^ray.offload is a DeepSpeed option"),
+    (["ray.strategy=fsdp2", "ray.offload=optimizer", "ray.use_gpu=true"],
+     r"^ray.offload=optimizer is DeepSpeed's; fsdp2 offloads .* use ray.offload=params$"),
+    (["ray.offload=params", "ray.use_gpu=true"], r"^ray.offload=params needs a sharded strategy: ray.strategy=fsdp2"),
+    (["ray.strategy=fsdp2", "ray.offload=params"], r"^ray.offload=params moves state from the GPU .* "
+                                                   r"set ray.use_gpu=true or ray.offload=none$"),
     (["ray.strategy=deepspeed", "ray.zero_stage=4"], r"^ray.zero_stage: 4 is not one of 1, 2, 3$"),
     (["ray.strategy=deepspeed", "ray.offload=disk"], r"^ray.offload: 'disk' is not one of none, optimizer, params$"),
     (["ray.strategy=deepspeed", "ray.offload=params", "ray.use_gpu=true"], r"^ray.offload=params needs ray.zero_stage=3"),

@@ -244,3 +244,30 @@ def test_zero3_gathers_each_decoder_block_whole():
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     _gather_per_block(plain)
     assert not any(z3_leaf_module(m) for m in plain.modules())
+
+
+def test_zero3_fp32_masters_share_the_model_partitions():
+    """zero._share_fp32_masters: a float32 master becomes the model's own partition (same storage, its values,
+    the optimizer's tensor keeps its identity); a bf16 partition keeps its float32 master, and an empty
+    (swapped-out) master is left alone. DeepSpeed means to share in float32 but its device check never matches
+    (a torch.device against a device-name string), so each rank held its parameters twice."""
+    from types import SimpleNamespace
+
+    from ray_unlearn.parallel.zero import _share_fp32_masters
+
+    low, master = torch.arange(6.0), torch.arange(6.0) + 0.5  # the masters are what the optimizer stepped
+    low16, master16 = torch.arange(4.0).bfloat16(), torch.arange(4.0)
+    swapped = torch.empty(0)
+    zero3 = SimpleNamespace(fp16_partitioned_groups_flat=[low, low16, torch.zeros(3)],
+                            fp32_partitioned_groups_flat=[master, master16, swapped])
+    ident = id(master)
+    assert _share_fp32_masters(zero3) == 1
+    assert id(zero3.fp32_partitioned_groups_flat[0]) == ident
+    assert master.untyped_storage().data_ptr() == low.untyped_storage().data_ptr()
+    assert torch.equal(low, torch.arange(6.0) + 0.5) and torch.equal(master, low)
+    master.add_(1.0)  # a step on the master is a step on the model's partition
+    assert torch.equal(low, torch.arange(6.0) + 1.5)
+    assert master16.untyped_storage().data_ptr() != low16.untyped_storage().data_ptr()
+    assert swapped.numel() == 0
+    assert _share_fp32_masters(zero3) == 1  # again: nothing more to do
+    assert _share_fp32_masters(SimpleNamespace()) == 0  # not a ZeRO 3 optimizer
