@@ -71,6 +71,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, overrides:
     from ray_unlearn.config import load_config
     from ray_unlearn.loop import LoopEnv, UnlearnData, Unlearner, strategy_options
     from ray_unlearn.parallel import STRATEGIES as REGISTRY
+    from ray_unlearn.parallel.local import exit_rank
     from ray_unlearn.parallel.zero import _import_deepspeed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -98,8 +99,10 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, overrides:
             unlearner.train_step()
         peak = (_rss_kib("VmHWM") - baseline) / 2**20
         Path(out, f"peak{rank}.json").write_text(json.dumps({"peak_gib": peak, "start_gib": start}))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_rank()  # skip the interpreter's teardown, which now and then aborts (local.exit_rank)
 
 
 def measure(name: str, args: argparse.Namespace) -> float:

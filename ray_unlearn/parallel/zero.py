@@ -136,8 +136,7 @@ class DeepSpeedStrategy(DDPStrategy):
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
         self.engine, _, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
                                                     config=self.config(_hidden_size(model)))
-        if self.zero_stage == 3:
-            _share_fp32_masters(self.engine.optimizer)
+        _share_fp32_masters(self.engine.optimizer)
         if hasattr(optimizer, "sum_over_ranks"):
             optimizer.sum_over_ranks = self.all_reduce_sum_  # its params are this rank's partitions
         return self.engine, optimizer
@@ -412,29 +411,42 @@ class DeepSpeedStrategy(DDPStrategy):
             write_hf_weights(out, module, full, self.max_shard_size)
 
 
-def _share_fp32_masters(zero3: Any) -> int:
-    """Under ZeRO 3 with float32 parameters, make each fp32 master partition the model's own partition
-    (one tensor, not two); returns how many sub-groups now share. Nothing changes for bf16/fp16
+def _share_fp32_masters(zero: Any) -> int:
+    """With float32 parameters, make each fp32 master partition this rank's partition of the model's own
+    parameters (one tensor, not two); returns how many groups now share. Nothing changes for bf16/fp16
     parameters, whose masters are float32 copies, or with offload (masters on another device).
 
-    DeepSpeed means to share them (stage3.py `_create_fp32_partitions`: "weights ... already in and
-    updated using fp32 ... we don't need another copy"), but its test compares the partition's
-    `torch.device` with the accelerator's device *name*, a string, which is never equal, so it keeps a
-    full second copy of this rank's parameters: 0.23 GiB per rank of a 125M model at 2 ranks, what kept
-    ZeRO 3 at 0.67 of ddp's peak (scale_memory.py). The values are the same either way: after each step
-    DeepSpeed copies the masters into the model's partitions, a copy onto itself once they share. The
-    optimizer's tensor keeps its identity (its state and param group are keyed by it)."""
-    shared = 0
-    for low, master in zip(getattr(zero3, "fp16_partitioned_groups_flat", ()),
-                           getattr(zero3, "fp32_partitioned_groups_flat", ())):
+    ZeRO 3 (`fp16_partitioned_groups_flat` / `fp32_partitioned_groups_flat`): DeepSpeed means to share them
+    (stage3.py `_create_fp32_partitions`: "weights ... already in and updated using fp32 ... we don't need
+    another copy"), but its test compares the partition's `torch.device` with the accelerator's device
+    *name*, a string, which is never equal. ZeRO 1/2 (`parallel_partitioned_bit16_groups` /
+    `single_partition_of_fp32_groups`) always clone. Either way each rank held its parameters' partition
+    twice: 0.23 GiB per rank of a 125M model at 2 ranks (scale_memory.py: ZeRO 3 0.67 -> 0.59 of ddp's
+    peak, ZeRO 2 0.77 -> 0.69). The values are the same either way: after each step DeepSpeed copies the
+    masters into the model's partitions, a copy onto itself once they share. The optimizer's tensor keeps
+    its identity (its state and param group are keyed by it); ZeRO 1/2's per-parameter views of the masters
+    (`_hp_mapping`, what `safe_get_full_fp32_param` reads) are linked again, as DeepSpeed does after a load."""
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO 3
+        pairs = list(zip(zero.fp16_partitioned_groups_flat, zero.fp32_partitioned_groups_flat))
+    elif hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO 1/2
+        pairs = [(zero.parallel_partitioned_bit16_groups[i][torch.distributed.get_rank(zero.real_dp_process_group[i])],
+                  master) for i, master in enumerate(zero.single_partition_of_fp32_groups)]
+    else:
+        return 0
+    shared = moved = 0
+    for low, master in pairs:
         if (low is None or master is None or low.dtype != master.dtype or low.device != master.device
                 or low.shape != master.shape or master.untyped_storage().nbytes() == 0):
             continue
-        if low.untyped_storage().data_ptr() != master.untyped_storage().data_ptr():
+        if low.untyped_storage().data_ptr() != master.untyped_storage().data_ptr() \
+                or low.storage_offset() != master.storage_offset():
             with torch.no_grad():
                 low.copy_(master)  # equal already; the masters are what the optimizer steps
             master.data = low.data
+            moved += 1
         shared += 1
+    if moved and hasattr(zero, "_link_all_hp_params"):
+        zero._link_all_hp_params()
     return shared
 
 

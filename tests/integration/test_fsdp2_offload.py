@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from ray_unlearn.parallel.local import free_port
+from ray_unlearn.parallel.local import exit_rank, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +79,12 @@ def _rank(rank: int, port: int, out: str) -> None:
             assert all(torch.equal(plain[k], offloaded[k]) for k in plain)
             assert all(not torch.equal(plain[k], start[k]) for k in plain)  # it trained
             assert rate == plain_rate and 0 < rate <= 1
+        # leave together: rank 0 hosts the rendezvous store, and a rank still in a collective when rank 0 tears
+        # it down aborts in C++ ("terminate called without an active exception"), as local._rank_main says
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_rank()  # (see its docstring)
 
 
 def test_fsdp2_cpu_offload_trains_as_without_it_and_checkpoints(tmp_path):
