@@ -62,9 +62,10 @@ def test_fsdp2_cpu_offload_on_cuda_trains_as_without_it(micro_bench, bench_cache
     workers (weights filled from rank 0 through the device, the clip rate summed there); AdamW and Sophia end
     where the run without offload does (the same reductions on the device: within 1e-6 and 1e-4 of the
     coordinates beyond 1e-6)."""
-    for optim, bound in ((["optim.name=adamw"], None), (["optim.hessian=gnb", "optim.hessian_interval=2"], 1e-4)):
-        plain = _run(tmp_path / "plain", bench_cache, "fsdp2", *optim)
-        offloaded = _run(tmp_path / "offload", bench_cache, "fsdp2", "ray.offload=params", *optim)
+    for name, optim, bound in (("adamw", ["optim.name=adamw"], None),
+                               ("sophia", ["optim.hessian=gnb", "optim.hessian_interval=2"], 1e-4)):
+        plain = _run(tmp_path / f"plain-{name}", bench_cache, "fsdp2", *optim)
+        offloaded = _run(tmp_path / f"offload-{name}", bench_cache, "fsdp2", "ray.offload=params", *optim)
         diff = torch.cat([(plain[k] - offloaded[k]).abs().flatten() for k in plain])
         if bound is None:
             assert float(diff.max()) <= 1e-6
