@@ -155,6 +155,10 @@ RUNS: dict[str, list[str]] = {
     "defaults": [],
     "defaults + general anchor": [ANCHOR],
     "defaults + general anchor, 4 x retain NLL": [ANCHOR, "objective.terms={idk_dpo: 1.0, retain_nll: 4.0}"],
+    "defaults + general anchor, 4 x retain NLL, IdkDPO beta 0.5": [
+        ANCHOR, "objective.terms={idk_dpo: 1.0, retain_nll: 4.0}", "objective.dpo_beta=0.5"],
+    "defaults + general anchor, 4 x retain NLL, lr 4e-5 linear decay": [
+        ANCHOR, "objective.terms={idk_dpo: 1.0, retain_nll: 4.0}", "optim.lr=4e-5", "train.lr_schedule=linear"],
     "defaults, Sophia rho 4": ["optim.rho=4"],
     "defaults, AdamW": ["optim.name=adamw"],
     "benchmark recipe (NPO + retain NLL, lr 1e-4, 10 warmup steps)": ["recipe=benchmark", "train.max_steps=30",
