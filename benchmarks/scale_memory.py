@@ -66,19 +66,13 @@ def _model(args: argparse.Namespace, meta: bool) -> torch.nn.Module:
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, overrides: list[str], out: str) -> None:
     """One worker: build, wrap, take the steps, write its peak."""
-    import torch.distributed as dist
-
     from ray_unlearn.config import load_config
     from ray_unlearn.loop import LoopEnv, UnlearnData, Unlearner, strategy_options
     from ray_unlearn.parallel import STRATEGIES as REGISTRY
-    from ray_unlearn.parallel.local import exit_rank
+    from ray_unlearn.parallel.local import rank_group
     from ray_unlearn.parallel.zero import _import_deepspeed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with rank_group(rank, world, port):  # joins, then leaves together and ends the process
         cfg = load_config(None, [*overrides, f"ray.num_workers={world}", f"train.max_steps={args.steps}",
                                  "train.batch_size=2", f"train.global_batch_size={2 * world}", "optim.hessian=gnb",
                                  "eval.enabled=false"])
@@ -99,10 +93,6 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, overrides:
             unlearner.train_step()
         peak = (_rss_kib("VmHWM") - baseline) / 2**20
         Path(out, f"peak{rank}.json").write_text(json.dumps({"peak_gib": peak, "start_gib": start}))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    exit_rank()  # skip the interpreter's teardown, which now and then aborts (local.exit_rank)
 
 
 def measure(name: str, args: argparse.Namespace) -> float:

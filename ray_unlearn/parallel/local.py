@@ -8,12 +8,13 @@ and for benchmarks that compare against Ray; `ray-unlearn run` goes through Ray 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -28,25 +29,35 @@ def free_port() -> int:
 def _rank_main(rank: int, world_size: int, port: int, cfg_dict: dict[str, Any], inputs: Any, root: str,
                resume_from: str | None) -> None:
     """One rank: join the process group, load, run the loop, leave."""
-    import torch.distributed as dist
-
     from ray_unlearn.config import JobConfig, from_dict
     from ray_unlearn.loop import LoopEnv, Unlearner, load_run
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))  # as torchrun (and Ray Train) set
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with rank_group(rank, world_size, port):
         cfg = from_dict(JobConfig, cfg_dict)
         torch.manual_seed(cfg.train.seed + rank)
         model, ref, data, tokenizer = load_run(cfg, inputs, rank, world_size)
         env = LoopEnv(rank=rank, world_size=world_size, checkpoint_dir=Path(root) / f"rank{rank}",
                       resume_from=Path(resume_from) if resume_from else None)
         Unlearner(cfg, model, ref, data, tokenizer.pad_token_id, env).run()
-        # Leave together: rank 0 hosts the rendezvous store, and a rank still in a collective or
-        # in the store when rank 0 tears it down aborts in C++ ("terminate called without an
-        # active exception", seen once in CI on the scale-equality test).
+
+
+@contextlib.contextmanager
+def rank_group(rank: int, world_size: int, port: int) -> Iterator[None]:
+    """The body of one spawned rank: join a gloo process group on loopback (the environment torchrun and Ray
+    Train set, one torch thread), run the body, then leave together and end the process (`exit_rank`).
+
+    Leaving together: rank 0 hosts the rendezvous store, and a rank still in a collective or in the store
+    when rank 0 tears it down aborts in C++ ("terminate called without an active exception", seen once in CI
+    on the scale-equality test), so the ranks pass a barrier first. A body that raises destroys the group
+    and fails the rank as usual."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))  # as torchrun (and Ray Train) set
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        yield
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from ray_unlearn.parallel.local import exit_rank, free_port
+from ray_unlearn.parallel.local import free_port, rank_group
 
 pytestmark = pytest.mark.slow
 
@@ -64,13 +64,7 @@ def _train(rank: int, offload: str, ckpt: str | None = None) -> tuple[dict[str, 
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with rank_group(rank, 2, port):
         plain, plain_rate = _train(rank, "none")
         offloaded, rate = _train(rank, "params", ckpt=os.path.join(out, "ckpt"))
         if rank == 0:
@@ -79,12 +73,6 @@ def _rank(rank: int, port: int, out: str) -> None:
             assert all(torch.equal(plain[k], offloaded[k]) for k in plain)
             assert all(not torch.equal(plain[k], start[k]) for k in plain)  # it trained
             assert rate == plain_rate and 0 < rate <= 1
-        # leave together: rank 0 hosts the rendezvous store, and a rank still in a collective when rank 0 tears
-        # it down aborts in C++ ("terminate called without an active exception"), as local._rank_main says
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    exit_rank()  # (see its docstring)
 
 
 def test_fsdp2_cpu_offload_trains_as_without_it_and_checkpoints(tmp_path):

@@ -10,28 +10,22 @@ test_scale_equality.py would still pass with a second copy, only the memory woul
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from ray_unlearn.parallel.local import exit_rank, free_port
+from ray_unlearn.parallel.local import free_port, rank_group
 
 pytestmark = pytest.mark.slow
 
 
 def _rank(rank: int, port: int, stage: int) -> None:
-    import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ray_unlearn.optim.sophia import SophiaG
     from ray_unlearn.parallel import build_strategy
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with rank_group(rank, 2, port):
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False)
@@ -60,12 +54,6 @@ def _rank(rank: int, port: int, stage: int) -> None:
                 assert torch.equal(p.detach(), master)
             moved += int(not torch.equal(master, old))
         assert moved == len(before)  # Sophia moved every weight, and the model has the moved values
-        # leave together: rank 0 hosts the rendezvous store, and a rank still in a collective when rank 0 tears
-        # it down aborts in C++ ("terminate called without an active exception"), as local._rank_main says
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    exit_rank()  # (see its docstring)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
